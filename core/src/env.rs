@@ -131,7 +131,9 @@ mod tests {
         a.stream("sealer").fill_bytes(&mut z);
         assert_ne!(x, z, "a second stream for one label must differ");
         let mut w = [0u8; 32];
-        SeededEntropy::from_u64(43).stream("sealer").fill_bytes(&mut w);
+        SeededEntropy::from_u64(43)
+            .stream("sealer")
+            .fill_bytes(&mut w);
         assert_ne!(x, w, "different seeds must differ");
     }
 

@@ -1,0 +1,448 @@
+//! The store keyring and its seal under the device KEK.
+//!
+//! A keyring holds everything secret a device knows about one store: its
+//! own identity, `K_index`, the relay token, and one data key per epoch,
+//! plus the member list. On disk it exists only sealed:
+//!
+//! ```text
+//! sealed keyring v1 = version u8 (=1) ‖ nonce [12] ‖ AES-256-GCM-SIV(KEK, nonce,
+//!                     aad = "persist/keyring/v1" ‖ store_id, postcard(KeyringWire))
+//! ```
+//!
+//! GCM-SIV is used because the KEK seals many keyrings over a device's life
+//! with random nonces; misuse resistance makes a nonce collision harmless
+//! beyond revealing equality.
+//!
+//! # Invariants
+//! - `current` names an epoch present in `epochs` with its key.
+//! - Epoch numbers only grow: [`Keyring::add_epoch`] refuses a number not
+//!   above the current one.
+//! - The plaintext encoding exists only in zeroizing buffers.
+
+use std::collections::BTreeMap;
+
+use aes_gcm_siv::aead::AeadInOut;
+use aes_gcm_siv::{Aes256GcmSiv, KeyInit};
+use rand_core::CryptoRng;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
+
+use crate::hlc::Hlc;
+use crate::ids::{DeviceId, Epoch, StoreId};
+use crate::keys::{DeviceIdentity, IndexKey, Secret32};
+
+/// Sealed keyring format version.
+pub const SEALED_KEYRING_V1: u8 = 1;
+/// Domain separation for the sealed keyring's associated data.
+pub const DOMAIN_KEYRING: &[u8] = b"persist/keyring/v1";
+/// Domain separation for epoch announcement hashes.
+pub const DOMAIN_EPOCH: &[u8] = b"persist/epoch/v1";
+
+/// Where an epoch is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum EpochState {
+    /// New writes are sealed under it.
+    Current = 0,
+    /// Superseded; records under it are being resealed.
+    Rotating = 1,
+    /// No record uses it; its key is kept for history.
+    Retired = 2,
+    /// Its key has been deleted.
+    Purged = 3,
+}
+
+/// One epoch's entry.
+pub struct EpochEntry {
+    /// Its state.
+    pub state: EpochState,
+    /// `DEK_e`, or `None` once purged.
+    pub key: Option<Secret32>,
+    /// SHA-256 of its announcement; orders concurrent epochs of one number.
+    pub announcement: [u8; 32],
+}
+
+/// A member device of the store.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Its id.
+    pub device_id: DeviceId,
+    /// Its Ed25519 public key (verifies its envelopes).
+    pub ed25519_public: [u8; 32],
+    /// Its X25519 public key (receives wrapped keys).
+    pub x25519_public: [u8; 32],
+    /// A name for people.
+    pub name: String,
+    /// Who added it (itself for the store's creator).
+    pub added_by: DeviceId,
+    /// When, by the adder's HLC.
+    pub added_at: Hlc,
+}
+
+/// Everything secret a device holds for one store.
+pub struct Keyring {
+    /// The store.
+    pub store_id: StoreId,
+    /// This device's identity.
+    pub device: DeviceIdentity,
+    /// `K_index`.
+    pub index_key: IndexKey,
+    /// The relay access token (the relay keeps only its SHA-256).
+    pub relay_token: Secret32,
+    /// Data keys by epoch.
+    pub epochs: BTreeMap<Epoch, EpochEntry>,
+    /// The epoch new writes use.
+    pub current: Epoch,
+    /// Member devices.
+    pub members: Vec<Member>,
+}
+
+/// A keyring that cannot be unsealed or decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyringError {
+    /// The blob is too short or has an unknown version.
+    #[error("sealed keyring is malformed ({0})")]
+    Malformed(&'static str),
+    /// Authentication failed: wrong KEK, or the blob was altered or belongs to another store.
+    #[error(
+        "cannot unseal the keyring: the device key does not match this store \
+         (was the key file or keychain entry replaced?) or the keyring is corrupted"
+    )]
+    WrongKeyOrCorrupt,
+    /// The decrypted keyring is inconsistent.
+    #[error("keyring content is invalid: {0}")]
+    Invalid(&'static str),
+}
+
+impl Keyring {
+    /// A keyring for a brand-new store, created by `device`.
+    pub fn create(
+        device: DeviceIdentity,
+        name: &str,
+        now: Hlc,
+        rng: &mut (impl CryptoRng + ?Sized),
+    ) -> Self {
+        let mut store = [0u8; 16];
+        rng.fill_bytes(&mut store);
+        let store_id = StoreId(store);
+        let device_id = device.device_id();
+        let me = Member {
+            device_id,
+            ed25519_public: device.verifying_key().to_bytes(),
+            x25519_public: device.x25519_public(),
+            name: name.to_owned(),
+            added_by: device_id,
+            added_at: now,
+        };
+        let mut ring = Self {
+            store_id,
+            device,
+            index_key: IndexKey::new(Secret32::random(rng)),
+            relay_token: Secret32::random(rng),
+            epochs: BTreeMap::new(),
+            current: Epoch::FIRST,
+            members: vec![me],
+        };
+        let key = Secret32::random(rng);
+        let announcement = ring.announcement(Epoch::FIRST, device_id, rng);
+        ring.epochs.insert(
+            Epoch::FIRST,
+            EpochEntry {
+                state: EpochState::Current,
+                key: Some(key),
+                announcement,
+            },
+        );
+        ring
+    }
+
+    /// This device's id.
+    pub fn device_id(&self) -> DeviceId {
+        self.device.device_id()
+    }
+
+    /// The current epoch's data key.
+    pub fn current_key(&self) -> &Secret32 {
+        match self.epochs.get(&self.current).and_then(|e| e.key.as_ref()) {
+            Some(k) => k,
+            // `open` and every mutation keep the invariant that the current
+            // epoch has its key; a violation is a bug, not bad input.
+            None => unreachable!("keyring invariant: current epoch has its key"),
+        }
+    }
+
+    /// The data key of `epoch`, if held and not purged.
+    pub fn key(&self, epoch: Epoch) -> Option<&Secret32> {
+        self.epochs.get(&epoch).and_then(|e| e.key.as_ref())
+    }
+
+    /// The announcement hash of an epoch made by `creator`:
+    /// `SHA-256(DOMAIN_EPOCH ‖ store_id ‖ epoch ‖ creator ‖ 16 random bytes)`.
+    pub fn announcement(
+        &self,
+        epoch: Epoch,
+        creator: DeviceId,
+        rng: &mut (impl CryptoRng + ?Sized),
+    ) -> [u8; 32] {
+        let mut salt = [0u8; 16];
+        rng.fill_bytes(&mut salt);
+        let mut h = Sha256::new();
+        h.update(DOMAIN_EPOCH);
+        h.update(self.store_id.as_bytes());
+        h.update(epoch.0.to_be_bytes());
+        h.update(creator.0);
+        h.update(salt);
+        h.finalize().into()
+    }
+
+    /// Seals the keyring under `kek`.
+    pub fn seal(&self, kek: &Secret32, rng: &mut (impl CryptoRng + ?Sized)) -> Vec<u8> {
+        let wire = self.to_wire();
+        let mut buf = Zeroizing::new(
+            postcard::to_stdvec(&wire)
+                .unwrap_or_else(|e| unreachable!("postcard to Vec cannot fail: {e}")),
+        );
+        let mut nonce = [0u8; 12];
+        rng.fill_bytes(&mut nonce);
+        let cipher = Aes256GcmSiv::new(kek.expose().into());
+        let aad = [DOMAIN_KEYRING, self.store_id.as_bytes()].concat();
+        let tag = cipher
+            .encrypt_inout_detached(&nonce.into(), &aad, buf.as_mut_slice().into())
+            .unwrap_or_else(|_| unreachable!("keyring is far below GCM-SIV's length limit"));
+        let mut out = Vec::with_capacity(1 + 12 + buf.len() + 16);
+        out.push(SEALED_KEYRING_V1);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(&buf);
+        out.extend_from_slice(&tag);
+        out
+    }
+
+    /// Unseals a keyring of `store_id` under `kek`.
+    pub fn open(sealed: &[u8], store_id: &StoreId, kek: &Secret32) -> Result<Self, KeyringError> {
+        if sealed.len() < 1 + 12 + 16 {
+            return Err(KeyringError::Malformed("too short"));
+        }
+        if sealed[0] != SEALED_KEYRING_V1 {
+            return Err(KeyringError::Malformed("unknown version"));
+        }
+        let mut nonce = [0u8; 12];
+        nonce.copy_from_slice(&sealed[1..13]);
+        let body = &sealed[13..];
+        let (ct, tag) = body.split_at(body.len() - 16);
+        let mut tag_arr = [0u8; 16];
+        tag_arr.copy_from_slice(tag);
+        let mut buf = Zeroizing::new(ct.to_vec());
+        let cipher = Aes256GcmSiv::new(kek.expose().into());
+        let aad = [DOMAIN_KEYRING, store_id.as_bytes()].concat();
+        cipher
+            .decrypt_inout_detached(
+                &nonce.into(),
+                &aad,
+                buf.as_mut_slice().into(),
+                &tag_arr.into(),
+            )
+            .map_err(|_| KeyringError::WrongKeyOrCorrupt)?;
+        let wire: KeyringWire =
+            postcard::from_bytes(&buf).map_err(|_| KeyringError::Invalid("undecodable"))?;
+        let ring = Self::from_wire(&wire)?;
+        if ring.store_id != *store_id {
+            return Err(KeyringError::Invalid("store id differs"));
+        }
+        Ok(ring)
+    }
+
+    fn to_wire(&self) -> KeyringWire {
+        KeyringWire {
+            store_id: self.store_id.0,
+            ed25519: *self.device.ed25519_secret().expose(),
+            x25519: *self.device.x25519_secret().expose(),
+            index_key: *self.index_key.secret().expose(),
+            relay_token: *self.relay_token.expose(),
+            current: self.current.0,
+            epochs: self
+                .epochs
+                .iter()
+                .map(|(e, entry)| EpochWire {
+                    epoch: e.0,
+                    state: entry.state as u8,
+                    key: entry.key.as_ref().map(|k| *k.expose()),
+                    announcement: entry.announcement,
+                })
+                .collect(),
+            members: self.members.iter().map(MemberWire::from).collect(),
+        }
+    }
+
+    fn from_wire(w: &KeyringWire) -> Result<Self, KeyringError> {
+        let mut epochs = BTreeMap::new();
+        for e in &w.epochs {
+            let state = match e.state {
+                0 => EpochState::Current,
+                1 => EpochState::Rotating,
+                2 => EpochState::Retired,
+                3 => EpochState::Purged,
+                _ => return Err(KeyringError::Invalid("unknown epoch state")),
+            };
+            if (state == EpochState::Purged) != e.key.is_none() {
+                return Err(KeyringError::Invalid(
+                    "purged epochs, and only they, lack keys",
+                ));
+            }
+            epochs.insert(
+                Epoch(e.epoch),
+                EpochEntry {
+                    state,
+                    key: e.key.map(Secret32::from_bytes),
+                    announcement: e.announcement,
+                },
+            );
+        }
+        let current = Epoch(w.current);
+        if epochs.get(&current).is_none_or(|e| e.key.is_none()) {
+            return Err(KeyringError::Invalid("current epoch has no key"));
+        }
+        Ok(Self {
+            store_id: StoreId(w.store_id),
+            device: DeviceIdentity::from_secrets(
+                &Secret32::from_bytes(w.ed25519),
+                &Secret32::from_bytes(w.x25519),
+            ),
+            index_key: IndexKey::new(Secret32::from_bytes(w.index_key)),
+            relay_token: Secret32::from_bytes(w.relay_token),
+            epochs,
+            current,
+            members: w.members.iter().map(Member::from).collect(),
+        })
+    }
+}
+
+/// The keyring's plaintext encoding. Private, zeroized on drop.
+#[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
+struct KeyringWire {
+    store_id: [u8; 16],
+    ed25519: [u8; 32],
+    x25519: [u8; 32],
+    index_key: [u8; 32],
+    relay_token: [u8; 32],
+    current: u32,
+    epochs: Vec<EpochWire>,
+    members: Vec<MemberWire>,
+}
+
+#[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
+struct EpochWire {
+    epoch: u32,
+    state: u8,
+    key: Option<[u8; 32]>,
+    announcement: [u8; 32],
+}
+
+#[derive(Serialize, Deserialize, Zeroize)]
+struct MemberWire {
+    device_id: [u8; 16],
+    ed25519_public: [u8; 32],
+    x25519_public: [u8; 32],
+    name: String,
+    added_by: [u8; 16],
+    added_at_ms: u64,
+    added_at_counter: u16,
+}
+
+impl From<&Member> for MemberWire {
+    fn from(m: &Member) -> Self {
+        Self {
+            device_id: m.device_id.0,
+            ed25519_public: m.ed25519_public,
+            x25519_public: m.x25519_public,
+            name: m.name.clone(),
+            added_by: m.added_by.0,
+            added_at_ms: m.added_at.ms,
+            added_at_counter: m.added_at.counter,
+        }
+    }
+}
+
+impl From<&MemberWire> for Member {
+    fn from(m: &MemberWire) -> Self {
+        Self {
+            device_id: DeviceId(m.device_id),
+            ed25519_public: m.ed25519_public,
+            x25519_public: m.x25519_public,
+            name: m.name.clone(),
+            added_by: DeviceId(m.added_by),
+            added_at: Hlc {
+                ms: m.added_at_ms,
+                counter: m.added_at_counter,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::env::{Entropy, SeededEntropy};
+
+    fn ring(seed: u64) -> Keyring {
+        let mut rng = SeededEntropy::from_u64(seed).stream("t");
+        let id = DeviceIdentity::generate(&mut rng);
+        Keyring::create(id, "laptop", Hlc { ms: 5, counter: 0 }, &mut rng)
+    }
+
+    #[test]
+    fn seal_open_round_trip() {
+        let r = ring(1);
+        let kek = Secret32::from_bytes([9; 32]);
+        let mut rng = SeededEntropy::from_u64(2).stream("seal");
+        let sealed = r.seal(&kek, &mut rng);
+        let back = Keyring::open(&sealed, &r.store_id, &kek).unwrap();
+        assert_eq!(back.store_id, r.store_id);
+        assert_eq!(back.device_id(), r.device_id());
+        assert!(back.current_key() == r.current_key());
+        assert!(back.relay_token == r.relay_token);
+        assert!(back.index_key.secret() == r.index_key.secret());
+        assert_eq!(back.members, r.members);
+        assert_eq!(back.current, Epoch::FIRST);
+    }
+
+    #[test]
+    fn wrong_kek_other_store_and_tampering_are_refused() {
+        let r = ring(1);
+        let kek = Secret32::from_bytes([9; 32]);
+        let mut rng = SeededEntropy::from_u64(2).stream("seal");
+        let sealed = r.seal(&kek, &mut rng);
+        let wrong = Secret32::from_bytes([8; 32]);
+        assert_eq!(
+            Keyring::open(&sealed, &r.store_id, &wrong).err(),
+            Some(KeyringError::WrongKeyOrCorrupt)
+        );
+        assert_eq!(
+            Keyring::open(&sealed, &StoreId([0; 16]), &kek).err(),
+            Some(KeyringError::WrongKeyOrCorrupt)
+        );
+        for i in 0..sealed.len() {
+            let mut t = sealed.clone();
+            t[i] ^= 0x40;
+            assert!(Keyring::open(&t, &r.store_id, &kek).is_err(), "byte {i}");
+        }
+        assert!(Keyring::open(&sealed[..20], &r.store_id, &kek).is_err());
+        assert!(Keyring::open(&[], &r.store_id, &kek).is_err());
+    }
+
+    #[test]
+    fn sealed_keyring_holds_no_key_bytes_in_clear() {
+        let r = ring(3);
+        let kek = Secret32::from_bytes([7; 32]);
+        let mut rng = SeededEntropy::from_u64(4).stream("seal");
+        let sealed = r.seal(&kek, &mut rng);
+        for secret in [
+            r.current_key().expose(),
+            r.relay_token.expose(),
+            r.index_key.secret().expose(),
+        ] {
+            assert!(!sealed.windows(32).any(|w| w == secret));
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! The sealed record: what an envelope's body decrypts to.
+//!
+//! `Record { path, value, origin, hlc }` is postcard-encoded, then padded
+//! with zero bytes to its PADMÉ bucket so that a ciphertext's length says
+//! little about the path and value it hides.
+//!
+//! # Invariants
+//! - [`Record::decode`] accepts exactly what [`Record::encode_padded`]
+//!   produces: the padding must be all zeros and the total length must be
+//!   the PADMÉ bucket of the encoded length; anything else is an error.
+
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use crate::hlc::Hlc;
+use crate::ids::DeviceId;
+use crate::padding::padme;
+
+/// Longest record path, in bytes of UTF-8.
+pub const PATH_BYTES_MAX: usize = 1024;
+
+/// Largest value, in bytes of its encoding. Half the largest sync frame, so
+/// that one record always fits in a frame with room for its envelope.
+pub const VALUE_BYTES_MAX: usize = 8 * 1024 * 1024;
+
+/// A path, a value, and the version it was written with.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    /// The path the app wrote to.
+    pub path: String,
+    /// The encoded value; empty for a tombstone.
+    pub value: Vec<u8>,
+    /// The device that made the write (kept across reseals).
+    pub origin: DeviceId,
+    /// The write's HLC stamp (kept across reseals).
+    pub hlc: Hlc,
+}
+
+/// A record body that did not decode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordError {
+    /// The postcard encoding is malformed.
+    #[error("record body is malformed: {0}")]
+    Malformed(String),
+    /// The padding is not zeros of the right length.
+    #[error("record padding is malformed")]
+    BadPadding,
+    /// The path is empty, too long or not allowed.
+    #[error(transparent)]
+    Path(#[from] PathError),
+}
+
+/// A path that cannot name a record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PathError {
+    /// The path is the empty string.
+    #[error("a record path must not be empty")]
+    Empty,
+    /// The path is longer than [`PATH_BYTES_MAX`].
+    #[error("a record path may be at most {max} bytes of UTF-8, this one is {len}")]
+    TooLong {
+        /// Its length in bytes.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The path contains a NUL or another control character.
+    #[error("a record path must not contain control characters (found {found:?} at byte {at})")]
+    ControlCharacter {
+        /// The character found.
+        found: char,
+        /// Its byte offset.
+        at: usize,
+    },
+}
+
+/// Checks that `path` may name a record.
+pub fn validate_path(path: &str) -> Result<(), PathError> {
+    if path.is_empty() {
+        return Err(PathError::Empty);
+    }
+    if path.len() > PATH_BYTES_MAX {
+        return Err(PathError::TooLong {
+            len: path.len(),
+            max: PATH_BYTES_MAX,
+        });
+    }
+    if let Some((at, found)) = path.char_indices().find(|(_, c)| c.is_control()) {
+        return Err(PathError::ControlCharacter { found, at });
+    }
+    Ok(())
+}
+
+impl Record {
+    /// The postcard encoding, zero-padded to its PADMÉ bucket. The buffer
+    /// zeroizes on drop since it holds plaintext.
+    pub fn encode_padded(&self) -> Zeroizing<Vec<u8>> {
+        // Serializing a struct of strings, byte vectors and integers into a
+        // Vec cannot fail.
+        let mut out = Zeroizing::new(
+            postcard::to_stdvec(self)
+                .unwrap_or_else(|e| unreachable!("postcard to Vec cannot fail: {e}")),
+        );
+        let padded = padme(out.len());
+        out.resize(padded, 0);
+        out
+    }
+
+    /// Inverse of [`Record::encode_padded`].
+    pub fn decode(bytes: &[u8]) -> Result<Record, RecordError> {
+        let (record, rest): (Record, &[u8]) =
+            postcard::take_from_bytes(bytes).map_err(|e| RecordError::Malformed(e.to_string()))?;
+        let used = bytes.len() - rest.len();
+        if padme(used) != bytes.len() || rest.iter().any(|&b| b != 0) {
+            return Err(RecordError::BadPadding);
+        }
+        validate_path(&record.path)?;
+        Ok(record)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn paths_are_validated() {
+        assert_eq!(validate_path(""), Err(PathError::Empty));
+        assert!(matches!(
+            validate_path(&"a".repeat(PATH_BYTES_MAX + 1)),
+            Err(PathError::TooLong { len: 1025, .. })
+        ));
+        assert!(validate_path(&"é".repeat(PATH_BYTES_MAX / 2)).is_ok());
+        assert!(matches!(
+            validate_path("a\0b"),
+            Err(PathError::ControlCharacter { at: 1, .. })
+        ));
+        assert!(validate_path("users/42/profile").is_ok());
+    }
+
+    #[test]
+    fn bad_padding_is_refused() {
+        let r = Record {
+            path: "p".into(),
+            value: vec![1; 100],
+            origin: DeviceId([1; 16]),
+            hlc: Hlc { ms: 1, counter: 2 },
+        };
+        let mut enc = r.encode_padded().to_vec();
+        assert_eq!(Record::decode(&enc), Ok(r));
+        let last = enc.len() - 1;
+        enc[last] = 1;
+        assert_eq!(Record::decode(&enc), Err(RecordError::BadPadding));
+        enc[last] = 0;
+        enc.push(0);
+        assert_eq!(Record::decode(&enc), Err(RecordError::BadPadding));
+        assert!(Record::decode(&[0xff; 3]).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(path in "[a-z/]{1,40}", value in proptest::collection::vec(any::<u8>(), 0..3000),
+                      origin in any::<[u8; 16]>(), ms in any::<u64>(), counter in any::<u16>()) {
+            let r = Record { path, value, origin: DeviceId(origin), hlc: Hlc { ms, counter } };
+            let enc = r.encode_padded();
+            prop_assert_eq!(enc.len(), padme(enc.len()));
+            prop_assert_eq!(Record::decode(&enc), Ok(r));
+        }
+
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = Record::decode(&bytes);
+        }
+    }
+}
