@@ -1,1 +1,50 @@
-//! placeholder
+//! The actors of a Persist store, each a thin shell around `persist-core`.
+//!
+//! ```text
+//!                    StoreSupervisor
+//!          ┌───────────────┼────────────────┐
+//!      KeyManager      StorageWriter      Sealer
+//!   (keyring, KEK)   (only redb writer)  (HLC, seal)
+//! ```
+//!
+//! A put travels engine → [`Sealer`](sealer) (stamp, seal) →
+//! [`StorageWriter`](storage_writer) (LWW, group commit) → reply. Reads
+//! do not pass through actors: the engine opens a redb read transaction
+//! and opens the envelope with the [`KeySet`](keys::KeySet) that
+//! [`KeyManager`](key_manager) hands out. Decisions live in `persist-core`;
+//! these modules only move messages, so a simulation can drive the same
+//! code on a paused, single-threaded runtime.
+
+mod blocking;
+pub mod key_manager;
+pub mod keys;
+pub mod routes;
+pub mod sealer;
+pub mod storage_writer;
+pub mod supervisor;
+
+use persist_core::hlc::Hlc;
+use persist_storage::{LocalDb, StorageError};
+
+pub use keys::{KeySet, OpenRecordError};
+pub use routes::Routes;
+pub use sealer::WriteOp;
+pub use storage_writer::{AppliedChange, CommitReport, WriteError};
+pub use supervisor::{StoreArgs, StoreSupervisor, SupervisorMsg};
+
+/// The HLC high-water mark and last sequence number persisted in `db`
+/// (zero for a new store).
+pub fn read_marks(db: &LocalDb) -> Result<(Hlc, u64), StorageError> {
+    let txn = db.begin_read()?;
+    let hlc = txn
+        .meta(storage_writer::META_HLC)?
+        .and_then(|b| <[u8; Hlc::LEN]>::try_from(b.as_slice()).ok())
+        .map(Hlc::from_bytes)
+        .unwrap_or_default();
+    let seq = txn
+        .meta(storage_writer::META_SEQ)?
+        .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or_default();
+    Ok((hlc, seq))
+}

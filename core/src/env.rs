@@ -41,6 +41,35 @@ pub trait Entropy: Send + Sync + 'static {
     fn stream(&self, label: &str) -> RngStream;
 }
 
+/// The environment handed down to every actor: where time and randomness
+/// come from.
+#[derive(Clone)]
+pub struct Env {
+    /// The wall clock.
+    pub clock: Arc<dyn Clock>,
+    /// The randomness source.
+    pub entropy: Arc<dyn Entropy>,
+}
+
+impl Env {
+    /// A fully deterministic environment: a [`ManualClock`] at `now_ms`
+    /// and [`SeededEntropy`] from `seed`. For tests and simulations only.
+    pub fn deterministic(seed: u64, now_ms: u64) -> (Self, ManualClock) {
+        let clock = ManualClock::new(now_ms);
+        let env = Self {
+            clock: Arc::new(clock.clone()),
+            entropy: Arc::new(SeededEntropy::from_u64(seed)),
+        };
+        (env, clock)
+    }
+}
+
+impl core::fmt::Debug for Env {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Env").field("now_ms", &self.clock.now_ms()).finish_non_exhaustive()
+    }
+}
+
 /// A clock that moves only when told to. For tests and simulations.
 #[derive(Debug, Clone, Default)]
 pub struct ManualClock {

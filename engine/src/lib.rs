@@ -1,1 +1,70 @@
-//! placeholder
+//! Persist: an embedded, end-to-end-encrypted, local-first store.
+//!
+//! An app opens a [`Store`], then reads and writes plain Rust values by
+//! path. Every byte that reaches disk is ciphertext: each write is sealed
+//! in an envelope (AES-256-GCM under a per-write key derived from the
+//! store's current data key, signed with the device's Ed25519 key), and
+//! paths are stored only as keyed hashes. The data keys live in a keyring
+//! sealed under a device key (KEK) kept in the OS keychain or a 0600
+//! keyfile.
+//!
+//! # Architecture
+//!
+//! ```text
+//!   app ──► Store (this crate)
+//!              │ put/delete                 get/list (direct redb reads)
+//!              ▼                                   │
+//!   Sealer ──► StorageWriter ──► redb ◄────────────┘
+//!     ▲   (HLC, seal)   (LWW, group commit)
+//!     └── KeyManager (keyring, KEK)
+//! ```
+//!
+//! The actors (`persist-actors`) are supervised by one store supervisor;
+//! the decisions they make (envelope format, HLC, last-write-wins) live in
+//! `persist-core`, which does no IO, so simulations can drive them with a
+//! fixed clock and seeded randomness ([`Config::dangerous`]).
+//!
+//! # Example
+//!
+//! ```
+//! # #[tokio::main(flavor = "multi_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use persist::{Config, Store};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let store = Store::open(
+//!     Config::new(dir.path().join("store")).key_file(dir.path().join("keys/device.key")),
+//! )
+//! .await?;
+//!
+//! store.put("notes/1", &"buy milk").await?;
+//! store.put("notes/2", &"call mum").await?;
+//! assert_eq!(store.get::<String>("notes/1").await?.as_deref(), Some("buy milk"));
+//!
+//! store.delete("notes/1").await?;
+//! let notes: Vec<(String, String)> = store.list("notes/").await?;
+//! assert_eq!(notes, vec![("notes/2".to_string(), "call mum".to_string())]);
+//!
+//! store.close().await?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod codec;
+mod config;
+mod env;
+mod error;
+mod kek;
+mod store;
+
+pub use config::{Config, DangerousConfig};
+pub use error::{Error, OpenError, ReadError, WriteError};
+pub use kek::{KekError, KeySource};
+pub use persist_core::env::{Clock, Entropy, Env, ManualClock, SeededEntropy};
+pub use persist_core::record::{PATH_BYTES_MAX, PathError, VALUE_BYTES_MAX};
+pub use persist_core::{DeviceId, StoreId};
+pub use persist_storage::{Backend, MemoryBackend};
+pub use store::{
+    Batch, Change, DB_FILE, EpochStatus, Lagged, Status, Store, StoreInfo, WATCH_BUFFER_MAX,
+    WRITES_IN_FLIGHT_MAX,
+};

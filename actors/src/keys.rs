@@ -1,0 +1,126 @@
+//! The key material the Sealer and readers need, handed out by KeyManager.
+//!
+//! A [`KeySet`] holds the store's data keys and index key but never the
+//! device KEK, which stays inside KeyManager. It is immutable: a change
+//! (rotation, later) publishes a new one.
+
+use std::collections::BTreeMap;
+
+use ed25519_dalek::SigningKey;
+use persist_core::envelope::{self, Algorithm, Envelope, OpenError, SealContext};
+use persist_core::keyring::Keyring;
+use persist_core::keys::{IndexKey, Secret32, plain_locator};
+use persist_core::record::Record;
+use persist_core::{DeviceId, Epoch, Locator, StoreId};
+
+/// What a store needs to seal and open records.
+pub struct KeySet {
+    /// The store.
+    pub store_id: StoreId,
+    /// This device.
+    pub device_id: DeviceId,
+    /// Encryption keys, or `None` for an `encrypt(false)` store.
+    pub crypto: Option<CryptoKeys>,
+}
+
+/// Secret keys of an encrypted store.
+pub struct CryptoKeys {
+    index: IndexKey,
+    epochs: BTreeMap<Epoch, Secret32>,
+    current: Epoch,
+    signing: SigningKey,
+}
+
+impl KeySet {
+    /// The keys of an encrypted store, copied out of its keyring.
+    pub fn from_keyring(ring: &Keyring) -> Self {
+        let epochs = ring
+            .epochs
+            .iter()
+            .filter_map(|(e, entry)| entry.key.as_ref().map(|k| (*e, k.duplicate())))
+            .collect();
+        Self {
+            store_id: ring.store_id,
+            device_id: ring.device_id(),
+            crypto: Some(CryptoKeys {
+                index: IndexKey::new(ring.index_key.secret().duplicate()),
+                epochs,
+                current: ring.current,
+                signing: SigningKey::from_bytes(ring.device.ed25519_secret().expose()),
+            }),
+        }
+    }
+
+    /// The keys of a store that does not encrypt.
+    pub fn plain(store_id: StoreId, device_id: DeviceId) -> Self {
+        Self {
+            store_id,
+            device_id,
+            crypto: None,
+        }
+    }
+
+    /// The locator of `path`.
+    pub fn locator(&self, path: &str) -> Locator {
+        match &self.crypto {
+            Some(c) => c.index.locator(&self.store_id, path),
+            None => plain_locator(&self.store_id, path),
+        }
+    }
+
+    /// The epoch new writes are sealed under (0 for plain stores).
+    pub fn current_epoch(&self) -> Epoch {
+        self.crypto.as_ref().map_or(Epoch(0), |c| c.current)
+    }
+
+    /// The sealing context for the current epoch, if the store encrypts.
+    pub fn seal_context(&self) -> Option<SealContext<'_>> {
+        self.crypto.as_ref().map(|c| SealContext {
+            store_id: self.store_id,
+            epoch: c.current,
+            // `from_keyring` copies every keyed epoch and the keyring
+            // guarantees the current one has a key.
+            data_key: &c.epochs[&c.current],
+            signing_key: &c.signing,
+            signer: self.device_id,
+        })
+    }
+
+    /// Opens an envelope stored at `locator`: checks the AEAD tag (or, for
+    /// plain stores, the format), the locator and the version.
+    pub fn open(&self, locator: &Locator, bytes: &[u8]) -> Result<Record, OpenRecordError> {
+        let env = Envelope::parse(bytes).map_err(OpenError::from)?;
+        match (&self.crypto, env.header.algorithm) {
+            (Some(c), Algorithm::Aes256GcmEd25519) => {
+                let epoch = env.header.epoch;
+                let key = c
+                    .epochs
+                    .get(&epoch)
+                    .ok_or(OpenRecordError::UnknownEpoch(epoch))?;
+                Ok(envelope::open(&env, &self.store_id, locator, key, |p| {
+                    c.index.locator(&self.store_id, p)
+                })?)
+            }
+            (None, _) => Ok(envelope::open_plain(&env, locator, |p| {
+                plain_locator(&self.store_id, p)
+            })?),
+            (Some(_), found) => Err(OpenError::WrongAlgorithm {
+                found,
+                expected: Algorithm::Aes256GcmEd25519,
+            }
+            .into()),
+        }
+    }
+}
+
+/// A stored envelope that could not be opened.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenRecordError {
+    /// Sealed under an epoch whose key this device does not hold.
+    #[error("record is sealed under epoch {0}, whose key this device does not hold")]
+    UnknownEpoch(Epoch),
+    /// The envelope failed a check.
+    #[error(transparent)]
+    Envelope(#[from] OpenError),
+}

@@ -1,0 +1,193 @@
+//! Sealer: turns plain writes into sealed envelopes, in order.
+//!
+//! **Role.** Assigns each write its HLC stamp and the device's sequence
+//! number, seals it under the current epoch (or frames it plainly for an
+//! `encrypt(false)` store) and forwards the sealed batch to the
+//! StorageWriter with the caller's reply port. Sealing and forwarding
+//! happen in one handler, so commit order is stamp order. CPU-only: it
+//! never sees the KEK, only the [`KeySet`] that KeyManager handed it.
+//!
+//! **Messages.** [`SealerMsg::Seal`] with a batch of [`WriteOp`]s.
+//!
+//! **Supervisor.** The store supervisor. **On failure** it is restarted;
+//! it resumes its clock and sequence from the high-water marks the
+//! StorageWriter persists with every commit, so no stamp is reissued.
+
+use std::sync::Arc;
+
+use persist_core::env::{Clock, Entropy, RngStream};
+use persist_core::envelope::{self, Flags, SealError};
+use persist_core::hlc::{Hlc, HlcState};
+use persist_core::record::Record;
+use persist_storage::Row;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use crate::keys::KeySet;
+use crate::routes::Routes;
+use crate::storage_writer::{CommitReport, Marks, Priority, SealedWrite, WriteError, WriterMsg};
+
+/// One write as the app asked for it.
+#[derive(Clone, Debug)]
+pub enum WriteOp {
+    /// Set `path` to the encoded `value`.
+    Put {
+        /// The record path.
+        path: String,
+        /// The encoded value.
+        value: Vec<u8>,
+    },
+    /// Delete `path` (writes a tombstone).
+    Delete {
+        /// The record path.
+        path: String,
+    },
+}
+
+/// Messages to the Sealer.
+pub enum SealerMsg {
+    /// Seal `ops` and commit them as one atomic batch.
+    Seal {
+        /// The writes, applied in order.
+        ops: Vec<WriteOp>,
+        /// Answered once the batch is durable, or failed.
+        reply: RpcReplyPort<Result<CommitReport, WriteError>>,
+    },
+}
+
+/// What the Sealer starts from.
+#[derive(Clone)]
+pub struct SealerArgs {
+    /// The keys to seal with.
+    pub keys: Arc<KeySet>,
+    /// The wall clock.
+    pub clock: Arc<dyn Clock>,
+    /// The clock's persisted high-water mark.
+    pub hlc_mark: Hlc,
+    /// The last sequence number used.
+    pub seq_mark: u64,
+    /// The largest accepted drift of remote stamps, in ms.
+    pub max_drift_ms: u64,
+    /// Where to find the StorageWriter.
+    pub routes: Routes,
+    /// Randomness for seeds and nonces: the Sealer draws its own stream
+    /// at each start, so a restarted Sealer never repeats one.
+    pub entropy: Arc<dyn Entropy>,
+}
+
+/// The Sealer actor.
+pub struct Sealer;
+
+/// The Sealer's state.
+pub struct SealerState {
+    keys: Arc<KeySet>,
+    clock: Arc<dyn Clock>,
+    hlc: HlcState,
+    seq: u64,
+    rng: RngStream,
+    routes: Routes,
+}
+
+impl Actor for Sealer {
+    type Msg = SealerMsg;
+    type State = SealerState;
+    type Arguments = SealerArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: SealerArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let rng = args.entropy.stream("sealer");
+        Ok(SealerState {
+            keys: args.keys,
+            clock: args.clock,
+            hlc: HlcState::new(args.hlc_mark, args.max_drift_ms),
+            seq: args.seq_mark,
+            rng,
+            routes: args.routes,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let SealerMsg::Seal { ops, reply } = msg;
+        let writes = match state.seal_all(ops) {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return Ok(());
+            }
+        };
+        let marks = Marks {
+            hlc: state.hlc.high_water(),
+            seq: state.seq,
+        };
+        match state.routes.writer() {
+            Some(writer) => {
+                let msg = WriterMsg::Commit {
+                    writes,
+                    marks,
+                    priority: Priority::Foreground,
+                    reply,
+                };
+                if let Err(ractor::MessagingErr::SendErr(WriterMsg::Commit { reply, .. })) =
+                    writer.cast(msg)
+                {
+                    let _ = reply.send(Err(WriteError::Unavailable));
+                }
+            }
+            None => {
+                let _ = reply.send(Err(WriteError::Unavailable));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl SealerState {
+    fn seal_all(&mut self, ops: Vec<WriteOp>) -> Result<Vec<SealedWrite>, WriteError> {
+        let mut out = Vec::with_capacity(ops.len());
+        for op in ops {
+            let (path, value, tombstone) = match op {
+                WriteOp::Put { path, value } => (path, value, false),
+                WriteOp::Delete { path } => (path, Vec::new(), true),
+            };
+            let hlc = self.hlc.tick(self.clock.now_ms());
+            self.seq += 1;
+            let record = Record {
+                path,
+                value,
+                origin: self.keys.device_id,
+                hlc,
+            };
+            let locator = self.keys.locator(&record.path);
+            let flags = Flags {
+                tombstone,
+                resealed: false,
+            };
+            let envelope = match self.keys.seal_context() {
+                Some(ctx) => envelope::seal(&ctx, &locator, &record, flags, self.seq, &mut self.rng),
+                None => envelope::seal_plain(&record, flags, self.keys.device_id, self.seq),
+            }
+            .map_err(|e| match e {
+                SealError::Path(p) => WriteError::InvalidPath(p),
+                other => WriteError::Rejected(other.to_string()),
+            })?;
+            out.push(SealedWrite {
+                locator,
+                path: record.path,
+                value: record.value,
+                row: Row {
+                    epoch: self.keys.current_epoch(),
+                    tombstone,
+                    envelope,
+                },
+            });
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,333 @@
+//! StorageWriter: the only writer to the local database.
+//!
+//! **Role.** Applies sealed writes with last-write-wins and makes them
+//! durable. It group-commits: every write that arrives while a commit is
+//! being prepared joins it, so concurrent puts share one fsync, and a write
+//! is acknowledged only after the commit that holds it is durable.
+//! Foreground writes go first; background work (rotation, sync ingest, as
+//! they land) joins a commit only in slices of at most
+//! [`BACKGROUND_SLICE_WRITES_MAX`], so no foreground write waits behind more
+//! than about one commit.
+//!
+//! **Messages.** [`WriterMsg::Commit`] queues a batch; [`WriterMsg::Flush`],
+//! which the writer sends itself, commits what is queued.
+//!
+//! **Supervisor.** The store supervisor. **On failure** (a panic while
+//! committing) the requests of the failed commit see their reply port
+//! dropped, which callers report as "storage unavailable"; the supervisor
+//! restarts the writer over the same database, in which redb has rolled the
+//! failed transaction back.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use persist_core::Locator;
+use persist_core::envelope::Envelope;
+use persist_core::hlc::Hlc;
+use persist_core::lww;
+use persist_core::record::PathError;
+use persist_storage::{LocalDb, Row, StorageError};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+
+use crate::blocking::run_blocking;
+
+/// Most writes one commit takes. Bounds a commit's memory and latency; a
+/// burst larger than this spreads over several commits.
+pub const COMMIT_WRITES_MAX: usize = 16 * 1024;
+
+/// Most background writes added to one commit while foreground writes wait.
+pub const BACKGROUND_SLICE_WRITES_MAX: usize = 256;
+
+const _: () = assert!(
+    BACKGROUND_SLICE_WRITES_MAX < COMMIT_WRITES_MAX,
+    "a background slice must leave room for foreground writes"
+);
+
+/// Meta key of the persisted HLC high-water mark.
+pub const META_HLC: &str = "hlc";
+/// Meta key of the last used sequence number.
+pub const META_SEQ: &str = "seq";
+
+/// A sealed write, ready to apply.
+#[derive(Debug)]
+pub struct SealedWrite {
+    /// Where it goes.
+    pub locator: Locator,
+    /// The plaintext path, kept in memory only to report the change.
+    pub path: String,
+    /// The plaintext value, kept in memory only to report the change.
+    pub value: Vec<u8>,
+    /// The row to store.
+    pub row: Row,
+}
+
+/// High-water marks persisted with a commit.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Marks {
+    /// The sealer's HLC high-water mark.
+    pub hlc: Hlc,
+    /// The sealer's last sequence number.
+    pub seq: u64,
+}
+
+/// Who is waiting for a write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Priority {
+    /// An app's put or delete.
+    Foreground,
+    /// Rotation or sync ingest.
+    Background,
+}
+
+/// One applied change, reported back for watchers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AppliedChange {
+    /// The path.
+    pub path: String,
+    /// The new value, or `None` for a delete.
+    pub value: Option<Vec<u8>>,
+}
+
+/// The outcome of a committed batch.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CommitReport {
+    /// Writes that took effect, in order.
+    pub applied: Vec<AppliedChange>,
+    /// Writes that lost to a newer version already stored.
+    pub superseded: usize,
+}
+
+/// A write that did not become durable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WriteError {
+    /// The path is not valid.
+    #[error(transparent)]
+    InvalidPath(#[from] PathError),
+    /// The write was refused before it reached storage.
+    #[error("write refused: {0}")]
+    Rejected(String),
+    /// The commit failed; nothing of the batch was stored.
+    #[error("commit failed, nothing of this write was stored: {0}")]
+    Storage(String),
+    /// The store is closing or an actor it needs is restarting.
+    #[error("the store is closed or restarting; retry")]
+    Unavailable,
+}
+
+impl From<StorageError> for WriteError {
+    fn from(e: StorageError) -> Self {
+        WriteError::Storage(e.to_string())
+    }
+}
+
+/// Messages to the StorageWriter.
+pub enum WriterMsg {
+    /// Apply `writes` atomically and durably.
+    Commit {
+        /// The writes.
+        writes: Vec<SealedWrite>,
+        /// Marks to persist with them.
+        marks: Marks,
+        /// Foreground or background.
+        priority: Priority,
+        /// Answered after the commit.
+        reply: RpcReplyPort<Result<CommitReport, WriteError>>,
+    },
+    /// Commit what is queued (sent by the writer to itself).
+    Flush,
+}
+
+/// What the StorageWriter starts from.
+#[derive(Clone)]
+pub struct WriterArgs {
+    /// The database.
+    pub db: Arc<LocalDb>,
+}
+
+/// The StorageWriter actor.
+pub struct StorageWriter;
+
+struct Pending {
+    writes: Vec<SealedWrite>,
+    marks: Marks,
+    reply: RpcReplyPort<Result<CommitReport, WriteError>>,
+}
+
+/// The StorageWriter's state.
+pub struct WriterState {
+    db: Arc<LocalDb>,
+    foreground: VecDeque<Pending>,
+    background: VecDeque<Pending>,
+    flush_scheduled: bool,
+}
+
+impl Actor for StorageWriter {
+    type Msg = WriterMsg;
+    type State = WriterState;
+    type Arguments = WriterArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: WriterArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(WriterState {
+            db: args.db,
+            foreground: VecDeque::new(),
+            background: VecDeque::new(),
+            flush_scheduled: false,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            WriterMsg::Commit {
+                writes,
+                marks,
+                priority,
+                reply,
+            } => {
+                let pending = Pending {
+                    writes,
+                    marks,
+                    reply,
+                };
+                match priority {
+                    Priority::Foreground => state.foreground.push_back(pending),
+                    Priority::Background => state.background.push_back(pending),
+                }
+                if !state.flush_scheduled {
+                    // The Flush lands behind every message already queued,
+                    // so all of them join the next commit.
+                    myself.cast(WriterMsg::Flush)?;
+                    state.flush_scheduled = true;
+                }
+            }
+            WriterMsg::Flush => {
+                state.flush_scheduled = false;
+                state.flush();
+                if !(state.foreground.is_empty() && state.background.is_empty()) {
+                    myself.cast(WriterMsg::Flush)?;
+                    state.flush_scheduled = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        for p in state.foreground.drain(..).chain(state.background.drain(..)) {
+            let _ = p.reply.send(Err(WriteError::Unavailable));
+        }
+        Ok(())
+    }
+}
+
+impl WriterState {
+    /// Takes a commit's worth of queued batches and commits them.
+    fn flush(&mut self) {
+        let mut batch = Vec::new();
+        let mut writes = 0usize;
+        take_batches(&mut self.foreground, &mut batch, &mut writes, COMMIT_WRITES_MAX);
+        let background_room = if batch.is_empty() {
+            COMMIT_WRITES_MAX
+        } else {
+            BACKGROUND_SLICE_WRITES_MAX
+        };
+        let mut bg_writes = 0usize;
+        take_batches(&mut self.background, &mut batch, &mut bg_writes, background_room);
+        if batch.is_empty() {
+            return;
+        }
+        let db = self.db.clone();
+        let outcome = run_blocking(|| commit(&db, &mut batch));
+        match outcome {
+            Ok(reports) => {
+                for (p, report) in batch.into_iter().zip(reports) {
+                    let _ = p.reply.send(Ok(report));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "commit failed; its writes were not stored");
+                for p in batch {
+                    let _ = p.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+}
+
+/// Moves whole batches from `queue` to `out` while they fit in `room`
+/// writes; always takes at least one so an oversized batch cannot starve.
+fn take_batches(queue: &mut VecDeque<Pending>, out: &mut Vec<Pending>, taken: &mut usize, room: usize) {
+    while let Some(front) = queue.front() {
+        let n = front.writes.len();
+        if *taken > 0 && *taken + n > room {
+            break;
+        }
+        *taken += n;
+        if let Some(p) = queue.pop_front() {
+            out.push(p);
+        }
+        if *taken >= room {
+            break;
+        }
+    }
+}
+
+/// Applies `batch` in one durable transaction.
+fn commit(db: &LocalDb, batch: &mut [Pending]) -> Result<Vec<CommitReport>, WriteError> {
+    let mut txn = db.begin_write()?;
+    let mut reports = Vec::with_capacity(batch.len());
+    let mut marks = Marks::default();
+    for p in batch.iter_mut() {
+        let mut report = CommitReport::default();
+        for w in p.writes.drain(..) {
+            if let Some(existing) = txn.record(&w.locator)? {
+                if !newer_than(&w.row, &existing) {
+                    report.superseded += 1;
+                    continue;
+                }
+            }
+            txn.put_record(&w.locator, &w.row)?;
+            report.applied.push(AppliedChange {
+                path: w.path,
+                value: (!w.row.tombstone).then_some(w.value),
+            });
+        }
+        marks.hlc = marks.hlc.max(p.marks.hlc);
+        marks.seq = marks.seq.max(p.marks.seq);
+        reports.push(report);
+    }
+    // Background batches carry no marks; the sealer's marks only grow, so
+    // the largest in this commit is the one to keep.
+    if marks.seq > 0 {
+        txn.set_meta(META_HLC, &marks.hlc.to_bytes())?;
+        txn.set_meta(META_SEQ, &marks.seq.to_be_bytes())?;
+    }
+    txn.commit()?;
+    Ok(reports)
+}
+
+/// Whether `candidate` replaces `existing` under last-write-wins. A stored
+/// row whose header does not parse loses to any valid write, so a corrupt
+/// record can be repaired by writing it again.
+fn newer_than(candidate: &Row, existing: &Row) -> bool {
+    let Ok(new) = Envelope::parse(&candidate.envelope) else {
+        return false;
+    };
+    match Envelope::parse(&existing.envelope) {
+        Ok(old) => lww::wins(new.header.precedence(), old.header.precedence()),
+        Err(_) => true,
+    }
+}

@@ -1,0 +1,201 @@
+//! The store supervisor: starts, restarts and stops a store's actors.
+//!
+//! **Role.** Spawns KeyManager, StorageWriter and Sealer (in that order:
+//! each depends only on those before it), publishes their addresses in
+//! [`Routes`], restarts a child that fails, and shuts them down in the
+//! reverse order: the Sealer first so no new write enters, then the
+//! StorageWriter after it has committed everything queued, then KeyManager.
+//!
+//! **Messages.** [`SupervisorMsg::Shutdown`].
+//!
+//! **Supervisor.** None: the engine's `Store` owns it. **On failure** of a
+//! child it restarts that child, at most [`RESTARTS_MAX`] times over the
+//! store's life; past that it stops the store rather than loop, and the
+//! engine reports the store closed.
+
+use std::sync::Arc;
+
+use persist_core::env::Env;
+use persist_core::hlc::Hlc;
+use persist_storage::LocalDb;
+use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+
+use crate::key_manager::{KeyManager, KeyManagerArgs};
+use crate::routes::Routes;
+use crate::sealer::{Sealer, SealerArgs};
+use crate::storage_writer::{StorageWriter, WriterArgs};
+
+/// Most child restarts before the supervisor gives up on the store.
+pub const RESTARTS_MAX: u32 = 16;
+
+/// Everything a store's actor tree starts from.
+#[derive(Clone)]
+pub struct StoreArgs {
+    /// The database.
+    pub db: Arc<LocalDb>,
+    /// Time and randomness.
+    pub env: Env,
+    /// KeyManager's start.
+    pub key_manager: KeyManagerArgs,
+    /// The HLC high-water mark read from the database.
+    pub hlc_mark: Hlc,
+    /// The last sequence number read from the database.
+    pub seq_mark: u64,
+    /// Largest accepted drift of remote stamps, in ms.
+    pub max_drift_ms: u64,
+    /// Where the children's addresses are published.
+    pub routes: Routes,
+}
+
+/// Messages to the supervisor.
+pub enum SupervisorMsg {
+    /// Stop every child in order, then stop; answered when done.
+    Shutdown(RpcReplyPort<()>),
+}
+
+/// The store supervisor actor.
+pub struct StoreSupervisor;
+
+/// The supervisor's state.
+pub struct SupervisorState {
+    args: StoreArgs,
+    restarts: u32,
+    shutting_down: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Child {
+    KeyManager,
+    Writer,
+    Sealer,
+}
+
+impl Actor for StoreSupervisor {
+    type Msg = SupervisorMsg;
+    type State = SupervisorState;
+    type Arguments = StoreArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: StoreArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let state = SupervisorState {
+            args,
+            restarts: 0,
+            shutting_down: false,
+        };
+        for child in [Child::KeyManager, Child::Writer, Child::Sealer] {
+            state.start(myself.get_cell(), child).await?;
+        }
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let SupervisorMsg::Shutdown(reply) = msg;
+        state.shutting_down = true;
+        let routes = &state.args.routes;
+        if let Some(sealer) = routes.sealer() {
+            routes.set_sealer(None);
+            // Let the Sealer forward what it already accepted.
+            let _ = sealer.drain_and_wait(None).await;
+        }
+        if let Some(writer) = routes.writer() {
+            routes.set_writer(None);
+            // Draining processes every queued Commit and the Flushes they
+            // schedule, so every accepted write is answered.
+            let _ = writer.drain_and_wait(None).await;
+        }
+        if let Some(km) = routes.key_manager() {
+            routes.set_key_manager(None);
+            let _ = km.stop_and_wait(None, None).await;
+        }
+        let _ = reply.send(());
+        myself.stop(None);
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let SupervisionEvent::ActorFailed(cell, err) = event else {
+            return Ok(());
+        };
+        if state.shutting_down {
+            return Ok(());
+        }
+        let Some(child) = state.which(&cell) else {
+            return Ok(());
+        };
+        state.restarts += 1;
+        if state.restarts > RESTARTS_MAX {
+            tracing::error!(?child, %err, "actor failed too often; closing the store");
+            myself.stop(Some("too many actor failures".into()));
+            return Ok(());
+        }
+        tracing::warn!(?child, %err, restarts = state.restarts, "actor failed; restarting it");
+        state.start(myself.get_cell(), child).await
+    }
+}
+
+impl SupervisorState {
+    fn which(&self, cell: &ActorCell) -> Option<Child> {
+        let r = &self.args.routes;
+        let id = cell.get_id();
+        if r.key_manager().is_some_and(|a| a.get_id() == id) {
+            Some(Child::KeyManager)
+        } else if r.writer().is_some_and(|a| a.get_id() == id) {
+            Some(Child::Writer)
+        } else if r.sealer().is_some_and(|a| a.get_id() == id) {
+            Some(Child::Sealer)
+        } else {
+            None
+        }
+    }
+
+    async fn start(&self, supervisor: ActorCell, child: Child) -> Result<(), ActorProcessingErr> {
+        let a = &self.args;
+        match child {
+            Child::KeyManager => {
+                let (r, _) =
+                    Actor::spawn_linked(None, KeyManager, a.key_manager.clone(), supervisor).await?;
+                a.routes.set_key_manager(Some(r));
+            }
+            Child::Writer => {
+                let args = WriterArgs { db: a.db.clone() };
+                let (r, _) = Actor::spawn_linked(None, StorageWriter, args, supervisor).await?;
+                a.routes.set_writer(Some(r));
+            }
+            Child::Sealer => {
+                let (hlc_mark, seq_mark) = self.marks()?;
+                let args = SealerArgs {
+                    keys: a.key_manager.keys.clone(),
+                    clock: a.env.clock.clone(),
+                    hlc_mark,
+                    seq_mark,
+                    max_drift_ms: a.max_drift_ms,
+                    routes: a.routes.clone(),
+                    entropy: a.env.entropy.clone(),
+                };
+                let (r, _) = Actor::spawn_linked(None, Sealer, args, supervisor).await?;
+                a.routes.set_sealer(Some(r));
+            }
+        }
+        Ok(())
+    }
+
+    /// The marks to (re)start the Sealer from: the larger of those given at
+    /// open and those the writer has persisted since.
+    fn marks(&self) -> Result<(Hlc, u64), ActorProcessingErr> {
+        let (hlc, seq) = crate::read_marks(&self.args.db)?;
+        Ok((hlc.max(self.args.hlc_mark), seq.max(self.args.seq_mark)))
+    }
+}

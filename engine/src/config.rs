@@ -1,0 +1,139 @@
+//! How a store is opened.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use persist_core::env::Env;
+use persist_core::hlc::MAX_DRIFT_MS_DEFAULT;
+use persist_storage::Backend;
+
+use crate::kek::KeySource;
+
+/// Options for [`Store::open`](crate::Store::open).
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), persist::Error> {
+/// let store = persist::Store::open(
+///     persist::Config::new("/var/lib/myapp/store").name("laptop"),
+/// )
+/// .await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Config {
+    pub(crate) path: PathBuf,
+    pub(crate) name: String,
+    pub(crate) encrypt: bool,
+    pub(crate) key_source: KeySource,
+    pub(crate) key_dir: Option<PathBuf>,
+    pub(crate) max_clock_drift: Duration,
+    pub(crate) backend: Option<Box<dyn Backend>>,
+    pub(crate) env: Option<Env>,
+}
+
+impl Config {
+    /// A store in directory `path` (created if missing), encrypted, with
+    /// its device key in the OS keychain or, where there is none, a keyfile.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            name: String::from("device"),
+            encrypt: true,
+            key_source: KeySource::Auto,
+            key_dir: None,
+            max_clock_drift: Duration::from_millis(MAX_DRIFT_MS_DEFAULT),
+            backend: None,
+            env: None,
+        }
+    }
+
+    /// This device's name, shown to other members (default `"device"`).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Whether records are encrypted (default `true`). A store keeps the
+    /// choice it was created with; opening it with the other is an error.
+    /// `encrypt(false)` stores plain records and exists for baselines and
+    /// debugging.
+    pub fn encrypt(mut self, encrypt: bool) -> Self {
+        self.encrypt = encrypt;
+        self
+    }
+
+    /// Where the device key lives (default [`KeySource::Auto`]).
+    pub fn key_source(mut self, source: KeySource) -> Self {
+        self.key_source = source;
+        self
+    }
+
+    /// Keeps the device key in the keyfile at `path` (created 0600 in a
+    /// 0700 directory). Shorthand for `key_source(KeySource::KeyFile(path))`.
+    pub fn key_file(self, path: impl Into<PathBuf>) -> Self {
+        self.key_source(KeySource::KeyFile(path.into()))
+    }
+
+    /// Where [`KeySource::Auto`] puts keyfiles when there is no keychain
+    /// (default `$XDG_CONFIG_HOME/persist/keys`, else
+    /// `~/.config/persist/keys`).
+    pub fn key_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.key_dir = Some(dir.into());
+        self
+    }
+
+    /// How far ahead of this device's clock a remote version may be before
+    /// it is refused (default 10 minutes).
+    pub fn max_clock_drift(mut self, drift: Duration) -> Self {
+        self.max_clock_drift = drift;
+        self
+    }
+
+    /// Keeps the database in `backend` instead of a file (for tests and
+    /// simulations: an in-memory or fault-injecting byte store).
+    pub fn storage_backend(mut self, backend: Box<dyn Backend>) -> Self {
+        self.backend = Some(backend);
+        self
+    }
+
+    /// Options that weaken security; for tests and simulations.
+    pub fn dangerous(self) -> DangerousConfig {
+        DangerousConfig(self)
+    }
+
+    /// The store directory.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(crate) fn default_key_dir(&self) -> PathBuf {
+        if let Some(d) = &self.key_dir {
+            return d.clone();
+        }
+        let base = std::env::var_os("XDG_CONFIG_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+            .unwrap_or_else(|| self.path.join(".."));
+        base.join("persist").join("keys")
+    }
+}
+
+/// Options that weaken security. Reached only through
+/// [`Config::dangerous`], so that they stand out in review.
+#[derive(Debug)]
+pub struct DangerousConfig(Config);
+
+impl DangerousConfig {
+    /// Replaces the system clock and OS randomness with `env`. With a
+    /// seeded environment every key this store makes is predictable from
+    /// the seed: only for tests and simulations.
+    pub fn env(mut self, env: Env) -> Self {
+        self.0.env = Some(env);
+        self
+    }
+
+    /// Back to the ordinary options.
+    pub fn done(self) -> Config {
+        self.0
+    }
+}

@@ -1,0 +1,139 @@
+//! Errors: one enum per operation, each convertible into [`Error`].
+
+use std::path::PathBuf;
+
+use persist_core::record::PathError;
+
+use crate::kek::KekError;
+
+/// Any Persist error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Opening a store failed.
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    /// A write failed.
+    #[error(transparent)]
+    Write(#[from] WriteError),
+    /// A read failed.
+    #[error(transparent)]
+    Read(#[from] ReadError),
+}
+
+/// Opening a store failed; nothing in the store was changed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The store directory could not be created or read.
+    #[error("cannot use store directory {path}: {source}")]
+    Directory {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The database could not be opened.
+    #[error(transparent)]
+    Storage(#[from] persist_storage::OpenError),
+    /// The device key could not be loaded or created.
+    #[error(transparent)]
+    Key(#[from] KekError),
+    /// The device key does not unseal this store's keyring.
+    #[error(
+        "the device key at {location} does not open the store at {path}: it was replaced, \
+         or belongs to another store. Restore the original key (or import an export of \
+         the store's keys) — the store's data is unchanged"
+    )]
+    WrongKey {
+        /// The store directory.
+        path: PathBuf,
+        /// Where the key was found.
+        location: String,
+    },
+    /// The store was created with the other `encrypt` setting.
+    #[error(
+        "the store at {path} was created with encrypt({stored}); open it with the same setting"
+    )]
+    EncryptionMismatch {
+        /// The store directory.
+        path: PathBuf,
+        /// The setting it was created with.
+        stored: bool,
+    },
+    /// The store's metadata is damaged.
+    #[error("the store at {path} is damaged: {detail}")]
+    Corrupted {
+        /// The store directory.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The actors could not start.
+    #[error("the store could not start: {0}")]
+    Start(String),
+}
+
+/// A write (put, delete, batch) failed; nothing of it was stored.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WriteError {
+    /// The path cannot name a record.
+    #[error("invalid path: {0}")]
+    InvalidPath(#[from] PathError),
+    /// The value could not be encoded.
+    #[error("cannot encode the value for {path}: {detail}")]
+    Encode {
+        /// The path.
+        path: String,
+        /// The encoder's message.
+        detail: String,
+    },
+    /// The value is larger than a record may be.
+    #[error("the value for {path} is {len} bytes; the limit is {max}")]
+    TooLarge {
+        /// The path.
+        path: String,
+        /// Its encoded size.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The commit failed.
+    #[error("the write was not stored: {0}")]
+    Storage(String),
+    /// The store is closed.
+    #[error("the store is closed")]
+    Closed,
+}
+
+/// A read (get, list) failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadError {
+    /// The path cannot name a record.
+    #[error("invalid path: {0}")]
+    InvalidPath(#[from] PathError),
+    /// The stored value does not decode into the type asked for.
+    #[error("the value at {path} does not decode as {type_name}: {detail}")]
+    Decode {
+        /// The path.
+        path: String,
+        /// The Rust type asked for.
+        type_name: &'static str,
+        /// The decoder's message.
+        detail: String,
+    },
+    /// The stored record failed its integrity check: it was altered on
+    /// disk, or sealed under a key this device lacks.
+    #[error("the record at {what} failed its integrity check ({detail}); other records are unaffected")]
+    Integrity {
+        /// The path asked for, or the record's locator when listing.
+        what: String,
+        /// What failed.
+        detail: String,
+    },
+    /// The database could not be read.
+    #[error("cannot read the store: {0}")]
+    Storage(String),
+}

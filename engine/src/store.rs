@@ -1,0 +1,715 @@
+//! The store: open, read, write, watch, close.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures::Stream;
+use persist_actors::key_manager::KeyManagerArgs;
+use persist_actors::sealer::SealerMsg;
+use persist_actors::{
+    CommitReport, KeySet, OpenRecordError, Routes, StoreArgs, StoreSupervisor, SupervisorMsg,
+    WriteOp,
+};
+use persist_core::env::Env;
+use persist_core::hlc::Hlc;
+use persist_core::keyring::{EpochState, Keyring};
+use persist_core::keys::{DeviceIdentity, Secret32};
+use rand_core::Rng;
+use persist_core::record::{VALUE_BYTES_MAX, validate_path};
+use persist_core::{DeviceId, Epoch, Locator, StoreId};
+use persist_storage::{LocalDb, Row};
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorRef};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::{Semaphore, broadcast};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::BroadcastStream;
+use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
+
+use crate::config::Config;
+use crate::error::{OpenError, ReadError, WriteError};
+use crate::kek::{self, KeyLocation};
+use crate::{codec, env};
+
+/// File name of the database inside a store directory.
+pub const DB_FILE: &str = "persist.redb";
+
+/// Most writes in flight (sent, not yet acknowledged) per store. Past it,
+/// writers wait: this bounds the actors' mailboxes.
+pub const WRITES_IN_FLIGHT_MAX: usize = 4096;
+
+/// Most changes buffered for a slow watcher before it is told it lagged.
+pub const WATCH_BUFFER_MAX: usize = 1024;
+
+/// Records read per page when listing.
+const LIST_PAGE_RECORDS: usize = 1024;
+
+const META_STORE_ID: &str = "store_id";
+const META_DEVICE_ID: &str = "device_id";
+const META_ENCRYPTED: &str = "encrypted";
+const META_KEYRING: &str = "keyring";
+const META_NAME: &str = "name";
+const META_KEY_LOCATION: &str = "key_location";
+
+/// An open store. Cheap to clone; all clones share one actor tree.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Arc<LocalDb>,
+    keys: Arc<KeySet>,
+    routes: Routes,
+    supervisor: ActorRef<SupervisorMsg>,
+    changes: broadcast::Sender<Change>,
+    writes_in_flight: Semaphore,
+    info: StoreInfo,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // A store dropped without `close`: acknowledged writes are already
+        // durable; stop the actors so they do not outlive it.
+        self.supervisor.stop_children(None);
+        self.supervisor.stop(None);
+    }
+}
+
+/// Facts about an open store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreInfo {
+    /// The store.
+    pub store_id: StoreId,
+    /// This device.
+    pub device_id: DeviceId,
+    /// This device's name.
+    pub name: String,
+    /// The store directory.
+    pub path: PathBuf,
+    /// Whether records are encrypted.
+    pub encrypted: bool,
+    /// Where the device key lives (`None` for stores that do not encrypt).
+    pub key_location: Option<String>,
+}
+
+/// A snapshot of a store's state, as `persist status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct Status {
+    /// The store id, hex.
+    pub store_id: String,
+    /// This device's id, hex.
+    pub device_id: String,
+    /// This device's name.
+    pub name: String,
+    /// Live (not deleted) records.
+    pub records: u64,
+    /// Whether records are encrypted.
+    pub encrypted: bool,
+    /// The epoch new writes use.
+    pub current_epoch: u32,
+    /// Every epoch with its state and how many stored records (deletions
+    /// included) it seals.
+    pub epochs: Vec<EpochStatus>,
+    /// Where the device key lives.
+    pub key_source: Option<String>,
+}
+
+/// One epoch in a [`Status`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct EpochStatus {
+    /// The epoch number.
+    pub epoch: u32,
+    /// `current`, `rotating`, `retired` or `purged`.
+    pub state: &'static str,
+    /// Records sealed under it.
+    pub records: u64,
+}
+
+/// A change seen by [`Store::watch`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Change {
+    /// `path` was set.
+    Put {
+        /// The path.
+        path: String,
+        /// The encoded value; decode with [`Change::value`].
+        value: Vec<u8>,
+    },
+    /// `path` was deleted.
+    Delete {
+        /// The path.
+        path: String,
+    },
+}
+
+impl Change {
+    /// The path that changed.
+    pub fn path(&self) -> &str {
+        match self {
+            Change::Put { path, .. } | Change::Delete { path } => path,
+        }
+    }
+
+    /// The new value decoded as `T`, or `None` for a delete.
+    pub fn value<T: DeserializeOwned>(&self) -> Result<Option<T>, ReadError> {
+        match self {
+            Change::Put { path, value } => decode_value(path, value).map(Some),
+            Change::Delete { .. } => Ok(None),
+        }
+    }
+}
+
+/// A watcher fell behind and missed changes; re-read what it cares about.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the watcher fell behind and missed {missed} changes; re-read the paths it watches")]
+pub struct Lagged {
+    /// How many changes were missed.
+    pub missed: u64,
+}
+
+/// Writes applied together, atomically: all or none become durable.
+#[must_use = "a batch does nothing until committed"]
+pub struct Batch {
+    store: Store,
+    ops: Vec<WriteOp>,
+    error: Option<WriteError>,
+}
+
+impl Batch {
+    /// Adds a put.
+    pub fn put<T: Serialize + ?Sized>(&mut self, path: &str, value: &T) -> &mut Self {
+        if self.error.is_none() {
+            match encode_op(path, value) {
+                Ok(op) => self.ops.push(op),
+                Err(e) => self.error = Some(e),
+            }
+        }
+        self
+    }
+
+    /// Adds a delete.
+    pub fn delete(&mut self, path: &str) -> &mut Self {
+        if self.error.is_none() {
+            match validate_path(path) {
+                Ok(()) => self.ops.push(WriteOp::Delete {
+                    path: path.to_owned(),
+                }),
+                Err(e) => self.error = Some(e.into()),
+            }
+        }
+        self
+    }
+
+    /// How many writes the batch holds.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Commits every write in one durable transaction.
+    pub async fn commit(self) -> Result<(), WriteError> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        if self.ops.is_empty() {
+            return Ok(());
+        }
+        self.store.write(self.ops).await
+    }
+}
+
+impl Store {
+    /// Opens the store at `config.path`, creating it if the directory holds
+    /// none.
+    ///
+    /// A new encrypted store gets a fresh device identity, store id, data
+    /// key and index key, and a new device key (KEK) in the OS keychain or
+    /// a keyfile; an existing one loads its KEK and unseals its keyring.
+    pub async fn open(config: Config) -> Result<Store, OpenError> {
+        let env = config.env.clone().unwrap_or_else(env::system);
+        let dir = config.path.clone();
+        ensure_dir(&dir)?;
+        let Config {
+            backend,
+            ..
+        } = config;
+        let config_rest = ConfigView {
+            path: dir.clone(),
+            name: config.name,
+            encrypt: config.encrypt,
+            key_source: config.key_source,
+            key_dir: config.key_dir,
+            max_drift_ms: u64::try_from(config.max_clock_drift.as_millis()).unwrap_or(u64::MAX),
+        };
+        let db = Arc::new(LocalDb::open(&dir.join(DB_FILE), backend)?);
+        let boot = bootstrap(&db, &config_rest, &env)?;
+        let (hlc_mark, seq_mark) =
+            persist_actors::read_marks(&db).map_err(|e| OpenError::Corrupted {
+                path: dir.clone(),
+                detail: e.to_string(),
+            })?;
+        let routes = Routes::default();
+        let args = StoreArgs {
+            db: db.clone(),
+            env,
+            key_manager: KeyManagerArgs {
+                keyring: boot.keyring.map(Arc::new),
+                keys: boot.keys.clone(),
+            },
+            hlc_mark,
+            seq_mark,
+            max_drift_ms: config_rest.max_drift_ms,
+            routes: routes.clone(),
+        };
+        let (supervisor, _) = Actor::spawn(None, StoreSupervisor, args)
+            .await
+            .map_err(|e| OpenError::Start(e.to_string()))?;
+        tracing::info!(
+            store = %boot.info.store_id,
+            device = %boot.info.device_id,
+            key = boot.info.key_location.as_deref().unwrap_or("none (not encrypted)"),
+            "store open"
+        );
+        let (changes, _) = broadcast::channel(WATCH_BUFFER_MAX);
+        Ok(Store {
+            inner: Arc::new(Inner {
+                db,
+                keys: boot.keys,
+                routes,
+                supervisor,
+                changes,
+                writes_in_flight: Semaphore::new(WRITES_IN_FLIGHT_MAX),
+                info: boot.info,
+            }),
+        })
+    }
+
+    /// Facts about this store.
+    pub fn info(&self) -> &StoreInfo {
+        &self.inner.info
+    }
+
+    /// Sets `path` to `value`. Returns once the write is durable.
+    pub async fn put<T: Serialize + ?Sized>(&self, path: &str, value: &T) -> Result<(), WriteError> {
+        let op = encode_op(path, value)?;
+        self.write(vec![op]).await
+    }
+
+    /// Deletes `path` (a no-op for a path that holds nothing, apart from
+    /// recording the deletion). Returns once the deletion is durable.
+    pub async fn delete(&self, path: &str) -> Result<(), WriteError> {
+        validate_path(path)?;
+        self.write(vec![WriteOp::Delete {
+            path: path.to_owned(),
+        }])
+        .await
+    }
+
+    /// A batch of writes committed atomically by [`Batch::commit`].
+    pub fn batch(&self) -> Batch {
+        Batch {
+            store: self.clone(),
+            ops: Vec::new(),
+            error: None,
+        }
+    }
+
+    /// The value at `path` decoded as `T`, or `None` if there is none.
+    pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<Option<T>, ReadError> {
+        validate_path(path)?;
+        let keys = &self.inner.keys;
+        let locator = keys.locator(path);
+        let txn = self.inner.db.begin_read().map_err(storage_read_error)?;
+        let Some(row) = txn.record(&locator).map_err(|e| integrity_or_storage(path, e))? else {
+            return Ok(None);
+        };
+        if row.tombstone {
+            return Ok(None);
+        }
+        let record = open_row(keys, &locator, &row).map_err(|e| ReadError::Integrity {
+            what: path.to_owned(),
+            detail: e.to_string(),
+        })?;
+        decode_value(path, &record.value).map(Some)
+    }
+
+    /// Every live record whose path starts with `prefix`, sorted by path,
+    /// decoded as `T`.
+    ///
+    /// Paths are hidden behind locators, so listing opens every record;
+    /// it costs one decryption per record in the store.
+    pub async fn list<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<(String, T)>, ReadError> {
+        let keys = &self.inner.keys;
+        let txn = self.inner.db.begin_read().map_err(storage_read_error)?;
+        let mut out = Vec::new();
+        let mut after: Option<Locator> = None;
+        loop {
+            let page = txn
+                .records_page(after.as_ref(), LIST_PAGE_RECORDS)
+                .map_err(storage_read_error)?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(*last);
+            for (locator, row) in &page {
+                if row.tombstone {
+                    continue;
+                }
+                let record = open_row(keys, locator, row).map_err(|e| ReadError::Integrity {
+                    what: format!("locator {locator}"),
+                    detail: e.to_string(),
+                })?;
+                if record.path.starts_with(prefix) {
+                    let value = decode_value(&record.path, &record.value)?;
+                    out.push((record.path, value));
+                }
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// A stream of the changes to paths under `prefix`, from now on.
+    ///
+    /// A watcher that falls more than [`WATCH_BUFFER_MAX`] changes behind
+    /// receives `Err(Lagged)` and then continues with newer changes.
+    pub fn watch(&self, prefix: &str) -> impl Stream<Item = Result<Change, Lagged>> + Send + 'static {
+        let prefix = prefix.to_owned();
+        BroadcastStream::new(self.inner.changes.subscribe()).filter_map(move |item| match item {
+            Ok(change) if change.path().starts_with(&prefix) => Some(Ok(change)),
+            Ok(_) => None,
+            Err(BroadcastStreamRecvError::Lagged(missed)) => Some(Err(Lagged { missed })),
+        })
+    }
+
+    /// Counts, epochs and key location.
+    pub async fn status(&self) -> Result<Status, ReadError> {
+        let txn = self.inner.db.begin_read().map_err(storage_read_error)?;
+        let records = txn.live_count().map_err(storage_read_error)?;
+        let counts = txn.epoch_counts().map_err(storage_read_error)?;
+        let states = self.epoch_states().await;
+        let info = &self.inner.info;
+        let mut epochs: Vec<EpochStatus> = states
+            .iter()
+            .map(|(e, s)| EpochStatus {
+                epoch: e.0,
+                state: state_name(*s),
+                records: counts.get(e).copied().unwrap_or(0),
+            })
+            .collect();
+        if !info.encrypted {
+            epochs.push(EpochStatus {
+                epoch: 0,
+                state: "plain",
+                records: counts.get(&Epoch(0)).copied().unwrap_or(0),
+            });
+        }
+        Ok(Status {
+            store_id: info.store_id.to_string(),
+            device_id: info.device_id.to_string(),
+            name: info.name.clone(),
+            records,
+            encrypted: info.encrypted,
+            current_epoch: self.inner.keys.current_epoch().0,
+            epochs,
+            key_source: info.key_location.clone(),
+        })
+    }
+
+    /// Stops the store's actors after every accepted write is committed.
+    pub async fn close(self) -> Result<(), WriteError> {
+        let supervisor = self.inner.supervisor.clone();
+        match supervisor.call(SupervisorMsg::Shutdown, None).await {
+            Ok(CallResult::Success(())) => Ok(()),
+            _ => Err(WriteError::Closed),
+        }
+    }
+
+    async fn epoch_states(&self) -> Vec<(Epoch, EpochState)> {
+        let Some(km) = self.inner.routes.key_manager() else {
+            return Vec::new();
+        };
+        match km
+            .call(persist_actors::key_manager::KeyManagerMsg::Describe, None)
+            .await
+        {
+            Ok(CallResult::Success(v)) => v,
+            _ => Vec::new(),
+        }
+    }
+
+    async fn write(&self, ops: Vec<WriteOp>) -> Result<(), WriteError> {
+        // The semaphore lives as long as the store and is never closed.
+        let n = u32::try_from(ops.len()).unwrap_or(u32::MAX).min(WRITES_IN_FLIGHT_MAX as u32);
+        let _permit = self
+            .inner
+            .writes_in_flight
+            .acquire_many(n)
+            .await
+            .map_err(|_| WriteError::Closed)?;
+        let sealer = self.inner.routes.sealer().ok_or(WriteError::Closed)?;
+        let outcome = sealer
+            .call(|reply| SealerMsg::Seal { ops, reply }, None)
+            .await
+            .map_err(|_| WriteError::Closed)?;
+        let report: CommitReport = match outcome {
+            CallResult::Success(Ok(report)) => report,
+            CallResult::Success(Err(e)) => return Err(map_write_error(e)),
+            CallResult::Timeout | CallResult::SenderError => return Err(WriteError::Closed),
+        };
+        for change in report.applied {
+            let change = match change.value {
+                Some(value) => Change::Put {
+                    path: change.path,
+                    value,
+                },
+                None => Change::Delete { path: change.path },
+            };
+            // No watcher is not an error.
+            let _ = self.inner.changes.send(change);
+        }
+        Ok(())
+    }
+}
+
+/// The parts of [`Config`] that bootstrap reads.
+struct ConfigView {
+    path: PathBuf,
+    name: String,
+    encrypt: bool,
+    key_source: kek::KeySource,
+    key_dir: Option<PathBuf>,
+    max_drift_ms: u64,
+}
+
+impl ConfigView {
+    fn key_dir(&self) -> PathBuf {
+        if let Some(d) = &self.key_dir {
+            return d.clone();
+        }
+        Config::new(&self.path).default_key_dir()
+    }
+}
+
+struct Boot {
+    keyring: Option<Keyring>,
+    keys: Arc<KeySet>,
+    info: StoreInfo,
+}
+
+/// Creates the store's identity and keys, or loads them.
+fn bootstrap(db: &LocalDb, cfg: &ConfigView, env: &Env) -> Result<Boot, OpenError> {
+    let corrupted = |detail: String| OpenError::Corrupted {
+        path: cfg.path.clone(),
+        detail,
+    };
+    let txn = db.begin_read().map_err(|e| corrupted(e.to_string()))?;
+    let meta = |k: &str| txn.meta(k).map_err(|e| corrupted(e.to_string()));
+    let Some(store_id) = meta(META_STORE_ID)? else {
+        drop(txn);
+        return create(db, cfg, env);
+    };
+    let store_id = StoreId(
+        store_id
+            .try_into()
+            .map_err(|_| corrupted("store id is not 16 bytes".into()))?,
+    );
+    let device_id = DeviceId(
+        meta(META_DEVICE_ID)?
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| corrupted("device id missing".into()))?,
+    );
+    let encrypted = meta(META_ENCRYPTED)?.as_deref() != Some(&[0]);
+    if encrypted != cfg.encrypt {
+        return Err(OpenError::EncryptionMismatch {
+            path: cfg.path.clone(),
+            stored: encrypted,
+        });
+    }
+    let name = meta(META_NAME)?
+        .and_then(|b| String::from_utf8(b).ok())
+        .unwrap_or_default();
+    if !encrypted {
+        return Ok(Boot {
+            keyring: None,
+            keys: Arc::new(KeySet::plain(store_id, device_id)),
+            info: StoreInfo {
+                store_id,
+                device_id,
+                name,
+                path: cfg.path.clone(),
+                encrypted,
+                key_location: None,
+            },
+        });
+    }
+    let sealed = meta(META_KEYRING)?.ok_or_else(|| corrupted("keyring missing".into()))?;
+    let (kek, location) = kek::load(&cfg.key_source, &cfg.key_dir(), &store_id.to_string())?;
+    let kek = Secret32::from_bytes(*kek.as_bytes());
+    let keyring = Keyring::open(&sealed, &store_id, &kek).map_err(|_| OpenError::WrongKey {
+        path: cfg.path.clone(),
+        location: location.to_string(),
+    })?;
+    if keyring.device_id() != device_id {
+        return Err(corrupted("keyring belongs to another device".into()));
+    }
+    Ok(Boot {
+        keys: Arc::new(KeySet::from_keyring(&keyring)),
+        keyring: Some(keyring),
+        info: StoreInfo {
+            store_id,
+            device_id,
+            name,
+            path: cfg.path.clone(),
+            encrypted,
+            key_location: Some(location.to_string()),
+        },
+    })
+}
+
+fn create(db: &LocalDb, cfg: &ConfigView, env: &Env) -> Result<Boot, OpenError> {
+    let mut rng = env.entropy.stream("bootstrap");
+    let identity = DeviceIdentity::generate(&mut rng);
+    let device_id = identity.device_id();
+    let now = Hlc {
+        ms: env.clock.now_ms(),
+        counter: 0,
+    };
+    let storage_err = |e: persist_storage::StorageError| OpenError::Corrupted {
+        path: cfg.path.clone(),
+        detail: e.to_string(),
+    };
+    let mut txn = db.begin_write().map_err(storage_err)?;
+    let (keyring, store_id, key_location) = if cfg.encrypt {
+        let ring = Keyring::create(identity, &cfg.name, now, &mut rng);
+        // The key is made before anything is written, so a failure here
+        // leaves no half-created store behind.
+        let (kek, location) =
+            kek::create(&cfg.key_source, &cfg.key_dir(), &ring.store_id.to_string(), &mut rng)?;
+        let kek = Secret32::from_bytes(*kek.as_bytes());
+        txn.set_meta(META_KEYRING, &ring.seal(&kek, &mut rng))
+            .map_err(storage_err)?;
+        let store_id = ring.store_id;
+        (Some(ring), store_id, Some(location))
+    } else {
+        let mut id = [0u8; 16];
+        rng.fill_bytes(&mut id);
+        (None, StoreId(id), None)
+    };
+    txn.set_meta(META_STORE_ID, store_id.as_bytes()).map_err(storage_err)?;
+    txn.set_meta(META_DEVICE_ID, device_id.as_bytes()).map_err(storage_err)?;
+    txn.set_meta(META_ENCRYPTED, &[u8::from(cfg.encrypt)]).map_err(storage_err)?;
+    txn.set_meta(META_NAME, cfg.name.as_bytes()).map_err(storage_err)?;
+    if let Some(loc) = &key_location {
+        txn.set_meta(META_KEY_LOCATION, loc.to_string().as_bytes())
+            .map_err(storage_err)?;
+    }
+    txn.commit().map_err(storage_err)?;
+    tracing::info!(store = %store_id, device = %device_id, "created a new store");
+    let keys = match &keyring {
+        Some(r) => KeySet::from_keyring(r),
+        None => KeySet::plain(store_id, device_id),
+    };
+    Ok(Boot {
+        keyring,
+        keys: Arc::new(keys),
+        info: StoreInfo {
+            store_id,
+            device_id,
+            name: cfg.name.clone(),
+            path: cfg.path.clone(),
+            encrypted: cfg.encrypt,
+            key_location: key_location.as_ref().map(KeyLocation::to_string),
+        },
+    })
+}
+
+fn ensure_dir(dir: &Path) -> Result<(), OpenError> {
+    let err = |source| OpenError::Directory {
+        path: dir.to_owned(),
+        source,
+    };
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).map_err(err)
+}
+
+fn encode_op<T: Serialize + ?Sized>(path: &str, value: &T) -> Result<WriteOp, WriteError> {
+    validate_path(path)?;
+    let value = codec::encode(value).map_err(|detail| WriteError::Encode {
+        path: path.to_owned(),
+        detail,
+    })?;
+    if value.len() > VALUE_BYTES_MAX {
+        return Err(WriteError::TooLarge {
+            path: path.to_owned(),
+            len: value.len(),
+            max: VALUE_BYTES_MAX,
+        });
+    }
+    Ok(WriteOp::Put {
+        path: path.to_owned(),
+        value,
+    })
+}
+
+fn decode_value<T: DeserializeOwned>(path: &str, bytes: &[u8]) -> Result<T, ReadError> {
+    codec::decode(bytes).map_err(|detail| ReadError::Decode {
+        path: path.to_owned(),
+        type_name: std::any::type_name::<T>(),
+        detail,
+    })
+}
+
+fn open_row(
+    keys: &KeySet,
+    locator: &Locator,
+    row: &Row,
+) -> Result<persist_core::record::Record, OpenRecordError> {
+    keys.open(locator, &row.envelope)
+}
+
+fn state_name(s: EpochState) -> &'static str {
+    match s {
+        EpochState::Current => "current",
+        EpochState::Rotating => "rotating",
+        EpochState::Retired => "retired",
+        EpochState::Purged => "purged",
+        _ => "unknown",
+    }
+}
+
+fn storage_read_error(e: persist_storage::StorageError) -> ReadError {
+    ReadError::Storage(e.to_string())
+}
+
+fn integrity_or_storage(path: &str, e: persist_storage::StorageError) -> ReadError {
+    match e {
+        persist_storage::StorageError::CorruptRow { .. } => ReadError::Integrity {
+            what: path.to_owned(),
+            detail: e.to_string(),
+        },
+        other => storage_read_error(other),
+    }
+}
+
+fn map_write_error(e: persist_actors::WriteError) -> WriteError {
+    match e {
+        persist_actors::WriteError::InvalidPath(p) => WriteError::InvalidPath(p),
+        persist_actors::WriteError::Unavailable => WriteError::Closed,
+        other => WriteError::Storage(other.to_string()),
+    }
+}

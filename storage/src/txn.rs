@@ -1,0 +1,487 @@
+//! Read and write transactions over the local schema.
+//!
+//! A [`WriteTxn`] keeps the derived bookkeeping (live-row counter, per-epoch
+//! counts, change log appends) in memory and writes it once, at commit, so a
+//! put touches only the `records` table. [`WriteTxn::records`] opens that
+//! table once for a whole batch of puts.
+
+use std::cell::OnceCell;
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+use persist_core::{Epoch, Locator};
+use redb::{ReadableTable, ReadableTableMetadata};
+
+use crate::error::StorageError;
+use crate::row::{self, Row, RowFacts};
+use crate::schema::{
+    CHANGES, EPOCH_COUNTS, LAST_CHANGE_SEQ_KEY, LIVE_ROWS_KEY, META, RECORDS, is_reserved_meta_key,
+    meta_u64,
+};
+
+/// The largest envelope the local database stores: a record must fit in one
+/// sync frame (16 MiB), envelope and framing included.
+pub const ENVELOPE_BYTES_MAX: usize = 16 * 1024 * 1024;
+// redb refuses values over 3 GiB; ours must always fit.
+const _: () = assert!(ENVELOPE_BYTES_MAX + row::HEADER_BYTES < 3 * 1024 * 1024 * 1024);
+
+type RecordsTable = redb::ReadOnlyTable<[u8; 32], &'static [u8]>;
+
+/// A snapshot of the database as of its last commit.
+///
+/// Methods open the tables they need; the `records` table is opened once, on
+/// first use, and kept for the life of the transaction.
+pub struct ReadTxn {
+    txn: redb::ReadTransaction,
+    records: OnceCell<RecordsTable>,
+}
+
+impl std::fmt::Debug for ReadTxn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadTxn").finish_non_exhaustive()
+    }
+}
+
+impl ReadTxn {
+    pub(crate) fn new(txn: redb::ReadTransaction) -> Self {
+        Self {
+            txn,
+            records: OnceCell::new(),
+        }
+    }
+
+    fn records(&self) -> Result<&RecordsTable, StorageError> {
+        if let Some(table) = self.records.get() {
+            return Ok(table);
+        }
+        let table = self.txn.open_table(RECORDS)?;
+        Ok(self.records.get_or_init(|| table))
+    }
+
+    /// The row at `locator`, or `None` if there is none.
+    ///
+    /// A row whose checksum fails is [`StorageError::CorruptRow`].
+    pub fn record(&self, locator: &Locator) -> Result<Option<Row>, StorageError> {
+        let Some(guard) = self.records()?.get(&locator.0)? else {
+            return Ok(None);
+        };
+        row::decode(guard.value())
+            .map(Some)
+            .ok_or(StorageError::CorruptRow { locator: *locator })
+    }
+
+    /// Up to `limit` rows in locator order, strictly after `after` (from the
+    /// first row if `None`). An empty page means there are no more rows.
+    ///
+    /// A damaged row ends a page early; when it would come first, the call
+    /// fails with [`StorageError::CorruptRow`] instead. Continuing after the
+    /// last locator returned, or after the damaged one, visits every row
+    /// exactly once.
+    pub fn records_page(
+        &self,
+        after: Option<&Locator>,
+        limit: usize,
+    ) -> Result<Vec<(Locator, Row)>, StorageError> {
+        let mut page = Vec::new();
+        if limit == 0 {
+            return Ok(page);
+        }
+        let start = after.map_or(Bound::Unbounded, |after| Bound::Excluded(after.0));
+        for entry in self.records()?.range((start, Bound::Unbounded))? {
+            let (key, value) = entry?;
+            let locator = Locator(key.value());
+            match row::decode(value.value()) {
+                Some(row) => page.push((locator, row)),
+                None if page.is_empty() => return Err(StorageError::CorruptRow { locator }),
+                None => break,
+            }
+            if page.len() == limit {
+                break;
+            }
+        }
+        Ok(page)
+    }
+
+    /// The number of rows that are not tombstones. O(1): kept as a counter.
+    pub fn live_count(&self) -> Result<u64, StorageError> {
+        meta_u64(&self.txn.open_table(META)?, LIVE_ROWS_KEY)
+    }
+
+    /// The number of rows, tombstones included. O(1).
+    pub fn row_count(&self) -> Result<u64, StorageError> {
+        Ok(self.records()?.len()?)
+    }
+
+    /// For every epoch that seals at least one row, how many rows it seals
+    /// (tombstones included).
+    pub fn epoch_counts(&self) -> Result<BTreeMap<Epoch, u64>, StorageError> {
+        let table = self.txn.open_table(EPOCH_COUNTS)?;
+        let mut counts = BTreeMap::new();
+        for entry in table.iter()? {
+            let (epoch, count) = entry?;
+            counts.insert(Epoch(epoch.value()), count.value());
+        }
+        Ok(counts)
+    }
+
+    /// The meta entry under `key`.
+    pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        let table = self.txn.open_table(META)?;
+        Ok(table.get(key)?.map(|value| value.value().to_vec()))
+    }
+
+    /// Up to `limit` change log entries with a sequence number above
+    /// `after_seq`, in order. An empty result means the caller is caught up.
+    pub fn changes_since(
+        &self,
+        after_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, Locator)>, StorageError> {
+        let table = self.txn.open_table(CHANGES)?;
+        let mut changes = Vec::new();
+        if limit == 0 {
+            return Ok(changes);
+        }
+        for entry in table.range((Bound::Excluded(after_seq), Bound::Unbounded))? {
+            let (seq, locator) = entry?;
+            changes.push((seq.value(), Locator(locator.value())));
+            if changes.len() == limit {
+                break;
+            }
+        }
+        Ok(changes)
+    }
+
+    /// The sequence number of the last change, 0 if there was none.
+    pub fn last_change_seq(&self) -> Result<u64, StorageError> {
+        meta_u64(&self.txn.open_table(META)?, LAST_CHANGE_SEQ_KEY)
+    }
+}
+
+/// The one write transaction. Nothing it does is visible to readers, or
+/// durable, before [`WriteTxn::commit`]; dropping it aborts.
+///
+/// After an error other than [`StorageError::CorruptRow`],
+/// [`StorageError::EnvelopeTooLarge`] or [`StorageError::ReservedMetaKey`]
+/// (which change nothing), the transaction refuses to commit.
+pub struct WriteTxn {
+    txn: redb::WriteTransaction,
+    book: Bookkeeping,
+    /// Reused buffer for encoding rows, so a put does not allocate.
+    scratch: Vec<u8>,
+    /// Set when an operation failed half-way: committing would store a
+    /// state the counters do not describe.
+    failed: bool,
+}
+
+impl std::fmt::Debug for WriteTxn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteTxn")
+            .field("live_rows", &self.book.live_rows)
+            .field("last_change_seq", &self.book.last_change_seq())
+            .field("failed", &self.failed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WriteTxn {
+    pub(crate) fn new(txn: redb::WriteTransaction) -> Result<Self, StorageError> {
+        let (live_rows, committed_seq) = {
+            let meta = txn.open_table(META)?;
+            (
+                meta_u64(&meta, LIVE_ROWS_KEY)?,
+                meta_u64(&meta, LAST_CHANGE_SEQ_KEY)?,
+            )
+        };
+        Ok(Self {
+            txn,
+            book: Bookkeeping {
+                live_rows,
+                committed_seq,
+                appended: Vec::new(),
+                epoch_deltas: BTreeMap::new(),
+            },
+            scratch: Vec::new(),
+            failed: false,
+        })
+    }
+
+    /// Opens the `records` table for a batch of puts and removes.
+    pub fn records(&mut self) -> Result<RecordsMut<'_>, StorageError> {
+        let table = self.txn.open_table(RECORDS)?;
+        Ok(RecordsMut {
+            table,
+            book: &mut self.book,
+            scratch: &mut self.scratch,
+            failed: &mut self.failed,
+        })
+    }
+
+    /// The row at `locator` as this transaction sees it.
+    pub fn record(&self, locator: &Locator) -> Result<Option<Row>, StorageError> {
+        let table = self.txn.open_table(RECORDS)?;
+        get_row(&table, locator)
+    }
+
+    /// Stores `row` at `locator`, replacing any row there, and returns the
+    /// change sequence number it was logged under. See [`RecordsMut::put`].
+    pub fn put_record(&mut self, locator: &Locator, row: &Row) -> Result<u64, StorageError> {
+        self.records()?.put(locator, row)
+    }
+
+    /// Physically removes the row at `locator`. See [`RecordsMut::remove`].
+    pub fn remove_record(&mut self, locator: &Locator) -> Result<Option<u64>, StorageError> {
+        self.records()?.remove(locator)
+    }
+
+    /// The meta entry under `key` as this transaction sees it.
+    pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        let table = self.txn.open_table(META)?;
+        Ok(table.get(key)?.map(|value| value.value().to_vec()))
+    }
+
+    /// Sets the meta entry `key`. Keys starting with `'\0'`, and `"format"`,
+    /// are reserved for this crate.
+    pub fn set_meta(&mut self, key: &str, value: &[u8]) -> Result<(), StorageError> {
+        if is_reserved_meta_key(key) {
+            return Err(StorageError::ReservedMetaKey { key: key.into() });
+        }
+        let mut table = self.txn.open_table(META)?;
+        table
+            .insert(key, value)
+            .map_err(|err| failed(&mut self.failed, err))?;
+        Ok(())
+    }
+
+    /// Removes the meta entry `key`; returns whether there was one.
+    pub fn remove_meta(&mut self, key: &str) -> Result<bool, StorageError> {
+        if is_reserved_meta_key(key) {
+            return Err(StorageError::ReservedMetaKey { key: key.into() });
+        }
+        let mut table = self.txn.open_table(META)?;
+        let removed = table
+            .remove(key)
+            .map_err(|err| failed(&mut self.failed, err))?;
+        Ok(removed.is_some())
+    }
+
+    /// The number of non-tombstone rows as this transaction sees it.
+    pub fn live_count(&self) -> u64 {
+        self.book.live_rows
+    }
+
+    /// The last change sequence number handed out, this transaction included.
+    pub fn last_change_seq(&self) -> u64 {
+        self.book.last_change_seq()
+    }
+
+    /// Makes everything this transaction did durable (redb
+    /// `Durability::Immediate`), or nothing of it.
+    pub fn commit(mut self) -> Result<(), StorageError> {
+        if self.failed {
+            return Err(StorageError::Unusable {
+                detail: "an earlier operation of this transaction failed half-way".into(),
+            });
+        }
+        self.write_bookkeeping()?;
+        self.txn.commit()?;
+        Ok(())
+    }
+
+    /// Discards everything this transaction did.
+    pub fn abort(self) -> Result<(), StorageError> {
+        Ok(self.txn.abort()?)
+    }
+
+    /// Writes the change log appends, epoch counts and counters.
+    fn write_bookkeeping(&mut self) -> Result<(), StorageError> {
+        let book = &mut self.book;
+        if book.appended.is_empty() {
+            debug_assert!(
+                book.epoch_deltas.is_empty(),
+                "every row change appends to the change log"
+            );
+            return Ok(());
+        }
+        {
+            let mut changes = self.txn.open_table(CHANGES)?;
+            for (seq, locator) in (book.committed_seq + 1..).zip(&book.appended) {
+                changes.insert(seq, locator)?;
+            }
+        }
+        {
+            let mut counts = self.txn.open_table(EPOCH_COUNTS)?;
+            for (&epoch, &delta) in &book.epoch_deltas {
+                let stored = counts.get(epoch)?.map_or(0, |count| count.value());
+                let count = stored.checked_add_signed(delta).ok_or_else(|| {
+                    StorageError::corrupted(format!(
+                        "count of epoch {epoch} would go from {stored} by {delta}"
+                    ))
+                })?;
+                if count == 0 {
+                    counts.remove(epoch)?;
+                } else {
+                    counts.insert(epoch, count)?;
+                }
+            }
+        }
+        let mut meta = self.txn.open_table(META)?;
+        meta.insert(LIVE_ROWS_KEY, book.live_rows.to_le_bytes().as_slice())?;
+        meta.insert(
+            LAST_CHANGE_SEQ_KEY,
+            book.last_change_seq().to_le_bytes().as_slice(),
+        )?;
+        Ok(())
+    }
+}
+
+/// The `records` table opened for writing within a [`WriteTxn`]: put and
+/// remove many rows while opening the table once.
+pub struct RecordsMut<'txn> {
+    table: redb::Table<'txn, [u8; 32], &'static [u8]>,
+    book: &'txn mut Bookkeeping,
+    scratch: &'txn mut Vec<u8>,
+    failed: &'txn mut bool,
+}
+
+impl std::fmt::Debug for RecordsMut<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RecordsMut").finish_non_exhaustive()
+    }
+}
+
+impl RecordsMut<'_> {
+    /// The row at `locator` as this transaction sees it.
+    pub fn get(&self, locator: &Locator) -> Result<Option<Row>, StorageError> {
+        get_row(&self.table, locator)
+    }
+
+    /// Stores `row` at `locator`, replacing any row there; updates the epoch
+    /// counts and live count and appends the locator to the change log.
+    /// Returns the change's sequence number.
+    ///
+    /// Replacing a damaged row fails with [`StorageError::CorruptRow`] and
+    /// leaves it in place: its epoch and tombstone flag cannot be trusted, so
+    /// the counts could not be kept right.
+    pub fn put(&mut self, locator: &Locator, row: &Row) -> Result<u64, StorageError> {
+        if row.envelope.len() > ENVELOPE_BYTES_MAX {
+            return Err(StorageError::EnvelopeTooLarge {
+                bytes: row.envelope.len(),
+                max: ENVELOPE_BYTES_MAX,
+            });
+        }
+        self.scratch.clear();
+        row::encode(row.epoch, row.tombstone, &row.envelope, self.scratch);
+        let replaced = self
+            .table
+            .insert(&locator.0, self.scratch.as_slice())
+            .map_err(|err| failed(self.failed, err))?
+            .map(|old| row::verify(old.value()).ok_or_else(|| old.value().to_vec()));
+        let old = self.keep_damaged(locator, replaced)?;
+        self.book
+            .replace(old, Some(row.facts()))
+            .map_err(|err| failed(self.failed, err))?;
+        Ok(self.book.append(locator))
+    }
+
+    /// Physically removes the row at `locator` (for purges; a delete is a
+    /// tombstone put). Returns the change sequence number, or `None` if there
+    /// was no row, in which case nothing is logged.
+    ///
+    /// A damaged row is left in place, as for [`RecordsMut::put`].
+    pub fn remove(&mut self, locator: &Locator) -> Result<Option<u64>, StorageError> {
+        let removed = self
+            .table
+            .remove(&locator.0)
+            .map_err(|err| failed(self.failed, err))?
+            .map(|old| row::verify(old.value()).ok_or_else(|| old.value().to_vec()));
+        let Some(old) = self.keep_damaged(locator, removed)? else {
+            return Ok(None);
+        };
+        self.book
+            .replace(Some(old), None)
+            .map_err(|err| failed(self.failed, err))?;
+        Ok(Some(self.book.append(locator)))
+    }
+
+    /// Puts a damaged row that was just replaced or removed back, and reports
+    /// it; passes the facts of an intact one through.
+    fn keep_damaged(
+        &mut self,
+        locator: &Locator,
+        old: Option<Result<RowFacts, Vec<u8>>>,
+    ) -> Result<Option<RowFacts>, StorageError> {
+        match old {
+            None => Ok(None),
+            Some(Ok(facts)) => Ok(Some(facts)),
+            Some(Err(damaged)) => {
+                self.table
+                    .insert(&locator.0, damaged.as_slice())
+                    .map_err(|err| failed(self.failed, err))?;
+                Err(StorageError::CorruptRow { locator: *locator })
+            }
+        }
+    }
+}
+
+/// Marks a write transaction as failed half-way and passes the error on.
+fn failed(flag: &mut bool, err: impl Into<StorageError>) -> StorageError {
+    *flag = true;
+    err.into()
+}
+
+fn get_row(
+    table: &impl ReadableTable<[u8; 32], &'static [u8]>,
+    locator: &Locator,
+) -> Result<Option<Row>, StorageError> {
+    let Some(guard) = table.get(&locator.0)? else {
+        return Ok(None);
+    };
+    row::decode(guard.value())
+        .map(Some)
+        .ok_or(StorageError::CorruptRow { locator: *locator })
+}
+
+/// What a write transaction has changed in the derived tables, written at
+/// commit.
+struct Bookkeeping {
+    live_rows: u64,
+    /// The last change sequence number committed before this transaction.
+    committed_seq: u64,
+    /// Locators logged by this transaction, at `committed_seq + 1..`.
+    appended: Vec<[u8; 32]>,
+    /// Change of each epoch's row count.
+    epoch_deltas: BTreeMap<u32, i64>,
+}
+
+impl Bookkeeping {
+    fn last_change_seq(&self) -> u64 {
+        self.committed_seq + self.appended.len() as u64
+    }
+
+    fn append(&mut self, locator: &Locator) -> u64 {
+        self.appended.push(locator.0);
+        self.last_change_seq()
+    }
+
+    /// Accounts for the row `old` becoming `new` (`None`: no row).
+    fn replace(
+        &mut self,
+        old: Option<RowFacts>,
+        new: Option<RowFacts>,
+    ) -> Result<(), StorageError> {
+        let live = |facts: Option<RowFacts>| u64::from(facts.is_some_and(|f| !f.tombstone));
+        self.live_rows = (self.live_rows + live(new))
+            .checked_sub(live(old))
+            .ok_or_else(|| StorageError::corrupted("live row counter is below the live rows"))?;
+        if old.map(|f| f.epoch) != new.map(|f| f.epoch) {
+            if let Some(old) = old {
+                *self.epoch_deltas.entry(old.epoch.0).or_default() -= 1;
+            }
+            if let Some(new) = new {
+                *self.epoch_deltas.entry(new.epoch.0).or_default() += 1;
+            }
+        }
+        Ok(())
+    }
+}
