@@ -77,7 +77,12 @@ impl Actor for KeyManager {
                 let epochs = state
                     .keyring
                     .as_ref()
-                    .map(|r| r.epochs.iter().map(|(e, entry)| (*e, entry.state)).collect())
+                    .map(|r| {
+                        r.epochs
+                            .iter()
+                            .map(|(e, entry)| (*e, entry.state))
+                            .collect()
+                    })
                     .unwrap_or_default();
                 let _ = reply.send(epochs);
             }

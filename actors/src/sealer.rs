@@ -170,7 +170,9 @@ impl SealerState {
                 resealed: false,
             };
             let envelope = match self.keys.seal_context() {
-                Some(ctx) => envelope::seal(&ctx, &locator, &record, flags, self.seq, &mut self.rng),
+                Some(ctx) => {
+                    envelope::seal(&ctx, &locator, &record, flags, self.seq, &mut self.rng)
+                }
                 None => envelope::seal_plain(&record, flags, self.keys.device_id, self.seq),
             }
             .map_err(|e| match e {

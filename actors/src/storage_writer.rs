@@ -95,6 +95,9 @@ pub struct CommitReport {
     pub applied: Vec<AppliedChange>,
     /// Writes that lost to a newer version already stored.
     pub superseded: usize,
+    /// Which of this writer's commits made the batch durable; batches that
+    /// shared one group commit share this number.
+    pub commit: u64,
 }
 
 /// A write that did not become durable.
@@ -160,6 +163,7 @@ pub struct WriterState {
     foreground: VecDeque<Pending>,
     background: VecDeque<Pending>,
     flush_scheduled: bool,
+    commits: u64,
 }
 
 impl Actor for StorageWriter {
@@ -177,6 +181,7 @@ impl Actor for StorageWriter {
             foreground: VecDeque::new(),
             background: VecDeque::new(),
             flush_scheduled: false,
+            commits: 0,
         })
     }
 
@@ -238,22 +243,34 @@ impl WriterState {
     fn flush(&mut self) {
         let mut batch = Vec::new();
         let mut writes = 0usize;
-        take_batches(&mut self.foreground, &mut batch, &mut writes, COMMIT_WRITES_MAX);
+        take_batches(
+            &mut self.foreground,
+            &mut batch,
+            &mut writes,
+            COMMIT_WRITES_MAX,
+        );
         let background_room = if batch.is_empty() {
             COMMIT_WRITES_MAX
         } else {
             BACKGROUND_SLICE_WRITES_MAX
         };
         let mut bg_writes = 0usize;
-        take_batches(&mut self.background, &mut batch, &mut bg_writes, background_room);
+        take_batches(
+            &mut self.background,
+            &mut batch,
+            &mut bg_writes,
+            background_room,
+        );
         if batch.is_empty() {
             return;
         }
         let db = self.db.clone();
         let outcome = run_blocking(|| commit(&db, &mut batch));
+        self.commits += 1;
         match outcome {
             Ok(reports) => {
-                for (p, report) in batch.into_iter().zip(reports) {
+                for (p, mut report) in batch.into_iter().zip(reports) {
+                    report.commit = self.commits;
                     let _ = p.reply.send(Ok(report));
                 }
             }
@@ -269,7 +286,12 @@ impl WriterState {
 
 /// Moves whole batches from `queue` to `out` while they fit in `room`
 /// writes; always takes at least one so an oversized batch cannot starve.
-fn take_batches(queue: &mut VecDeque<Pending>, out: &mut Vec<Pending>, taken: &mut usize, room: usize) {
+fn take_batches(
+    queue: &mut VecDeque<Pending>,
+    out: &mut Vec<Pending>,
+    taken: &mut usize,
+    room: usize,
+) {
     while let Some(front) = queue.front() {
         let n = front.writes.len();
         if *taken > 0 && *taken + n > room {
@@ -293,11 +315,11 @@ fn commit(db: &LocalDb, batch: &mut [Pending]) -> Result<Vec<CommitReport>, Writ
     for p in batch.iter_mut() {
         let mut report = CommitReport::default();
         for w in p.writes.drain(..) {
-            if let Some(existing) = txn.record(&w.locator)? {
-                if !newer_than(&w.row, &existing) {
-                    report.superseded += 1;
-                    continue;
-                }
+            if let Some(existing) = txn.record(&w.locator)?
+                && !newer_than(&w.row, &existing)
+            {
+                report.superseded += 1;
+                continue;
             }
             txn.put_record(&w.locator, &w.row)?;
             report.applied.push(AppliedChange {

@@ -166,7 +166,8 @@ impl SupervisorState {
         match child {
             Child::KeyManager => {
                 let (r, _) =
-                    Actor::spawn_linked(None, KeyManager, a.key_manager.clone(), supervisor).await?;
+                    Actor::spawn_linked(None, KeyManager, a.key_manager.clone(), supervisor)
+                        .await?;
                 a.routes.set_key_manager(Some(r));
             }
             Child::Writer => {

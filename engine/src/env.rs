@@ -5,6 +5,9 @@
 //! receives them through [`Env`]. Tests and simulations pass
 //! [`Env::deterministic`] instead, via [`crate::Config::dangerous`].
 
+// allow-nondeterminism: this module is the injected environment itself.
+#![allow(clippy::disallowed_methods, clippy::disallowed_types)]
+
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -26,7 +29,6 @@ pub(crate) fn system() -> Env {
 struct SystemClock;
 
 impl Clock for SystemClock {
-    #[allow(clippy::disallowed_methods)]
     fn now_ms(&self) -> u64 {
         // allow-nondeterminism: this is the injected production clock.
         let now = SystemTime::now();
@@ -42,7 +44,6 @@ impl Clock for SystemClock {
 struct OsEntropy;
 
 impl Entropy for OsEntropy {
-    #[allow(clippy::disallowed_types)]
     fn stream(&self, _label: &str) -> RngStream {
         let mut seed = zeroize::Zeroizing::new([0u8; 32]);
         // allow-nondeterminism: this is the injected production entropy.

@@ -126,7 +126,9 @@ pub enum ReadError {
     },
     /// The stored record failed its integrity check: it was altered on
     /// disk, or sealed under a key this device lacks.
-    #[error("the record at {what} failed its integrity check ({detail}); other records are unaffected")]
+    #[error(
+        "the record at {what} failed its integrity check ({detail}); other records are unaffected"
+    )]
     Integrity {
         /// The path asked for, or the record's locator when listing.
         what: String,

@@ -14,12 +14,12 @@ use persist_core::env::Env;
 use persist_core::hlc::Hlc;
 use persist_core::keyring::{EpochState, Keyring};
 use persist_core::keys::{DeviceIdentity, Secret32};
-use rand_core::Rng;
 use persist_core::record::{VALUE_BYTES_MAX, validate_path};
 use persist_core::{DeviceId, Epoch, Locator, StoreId};
 use persist_storage::{LocalDb, Row};
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
+use rand_core::Rng;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tokio::sync::{Semaphore, broadcast};
@@ -239,10 +239,7 @@ impl Store {
         let env = config.env.clone().unwrap_or_else(env::system);
         let dir = config.path.clone();
         ensure_dir(&dir)?;
-        let Config {
-            backend,
-            ..
-        } = config;
+        let Config { backend, .. } = config;
         let config_rest = ConfigView {
             path: dir.clone(),
             name: config.name,
@@ -300,7 +297,11 @@ impl Store {
     }
 
     /// Sets `path` to `value`. Returns once the write is durable.
-    pub async fn put<T: Serialize + ?Sized>(&self, path: &str, value: &T) -> Result<(), WriteError> {
+    pub async fn put<T: Serialize + ?Sized>(
+        &self,
+        path: &str,
+        value: &T,
+    ) -> Result<(), WriteError> {
         let op = encode_op(path, value)?;
         self.write(vec![op]).await
     }
@@ -330,7 +331,10 @@ impl Store {
         let keys = &self.inner.keys;
         let locator = keys.locator(path);
         let txn = self.inner.db.begin_read().map_err(storage_read_error)?;
-        let Some(row) = txn.record(&locator).map_err(|e| integrity_or_storage(path, e))? else {
+        let Some(row) = txn
+            .record(&locator)
+            .map_err(|e| integrity_or_storage(path, e))?
+        else {
             return Ok(None);
         };
         if row.tombstone {
@@ -348,7 +352,10 @@ impl Store {
     ///
     /// Paths are hidden behind locators, so listing opens every record;
     /// it costs one decryption per record in the store.
-    pub async fn list<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<(String, T)>, ReadError> {
+    pub async fn list<T: DeserializeOwned>(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, T)>, ReadError> {
         let keys = &self.inner.keys;
         let txn = self.inner.db.begin_read().map_err(storage_read_error)?;
         let mut out = Vec::new();
@@ -381,7 +388,10 @@ impl Store {
     ///
     /// A watcher that falls more than [`WATCH_BUFFER_MAX`] changes behind
     /// receives `Err(Lagged)` and then continues with newer changes.
-    pub fn watch(&self, prefix: &str) -> impl Stream<Item = Result<Change, Lagged>> + Send + 'static {
+    pub fn watch(
+        &self,
+        prefix: &str,
+    ) -> impl Stream<Item = Result<Change, Lagged>> + Send + 'static {
         let prefix = prefix.to_owned();
         BroadcastStream::new(self.inner.changes.subscribe()).filter_map(move |item| match item {
             Ok(change) if change.path().starts_with(&prefix) => Some(Ok(change)),
@@ -448,7 +458,9 @@ impl Store {
 
     async fn write(&self, ops: Vec<WriteOp>) -> Result<(), WriteError> {
         // The semaphore lives as long as the store and is never closed.
-        let n = u32::try_from(ops.len()).unwrap_or(u32::MAX).min(WRITES_IN_FLIGHT_MAX as u32);
+        let n = u32::try_from(ops.len())
+            .unwrap_or(u32::MAX)
+            .min(WRITES_IN_FLIGHT_MAX as u32);
         let _permit = self
             .inner
             .writes_in_flight
@@ -592,8 +604,12 @@ fn create(db: &LocalDb, cfg: &ConfigView, env: &Env) -> Result<Boot, OpenError> 
         let ring = Keyring::create(identity, &cfg.name, now, &mut rng);
         // The key is made before anything is written, so a failure here
         // leaves no half-created store behind.
-        let (kek, location) =
-            kek::create(&cfg.key_source, &cfg.key_dir(), &ring.store_id.to_string(), &mut rng)?;
+        let (kek, location) = kek::create(
+            &cfg.key_source,
+            &cfg.key_dir(),
+            &ring.store_id.to_string(),
+            &mut rng,
+        )?;
         let kek = Secret32::from_bytes(*kek.as_bytes());
         txn.set_meta(META_KEYRING, &ring.seal(&kek, &mut rng))
             .map_err(storage_err)?;
@@ -604,10 +620,14 @@ fn create(db: &LocalDb, cfg: &ConfigView, env: &Env) -> Result<Boot, OpenError> 
         rng.fill_bytes(&mut id);
         (None, StoreId(id), None)
     };
-    txn.set_meta(META_STORE_ID, store_id.as_bytes()).map_err(storage_err)?;
-    txn.set_meta(META_DEVICE_ID, device_id.as_bytes()).map_err(storage_err)?;
-    txn.set_meta(META_ENCRYPTED, &[u8::from(cfg.encrypt)]).map_err(storage_err)?;
-    txn.set_meta(META_NAME, cfg.name.as_bytes()).map_err(storage_err)?;
+    txn.set_meta(META_STORE_ID, store_id.as_bytes())
+        .map_err(storage_err)?;
+    txn.set_meta(META_DEVICE_ID, device_id.as_bytes())
+        .map_err(storage_err)?;
+    txn.set_meta(META_ENCRYPTED, &[u8::from(cfg.encrypt)])
+        .map_err(storage_err)?;
+    txn.set_meta(META_NAME, cfg.name.as_bytes())
+        .map_err(storage_err)?;
     if let Some(loc) = &key_location {
         txn.set_meta(META_KEY_LOCATION, loc.to_string().as_bytes())
             .map_err(storage_err)?;
