@@ -66,7 +66,9 @@ impl Env {
 
 impl core::fmt::Debug for Env {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        f.debug_struct("Env").field("now_ms", &self.clock.now_ms()).finish_non_exhaustive()
+        f.debug_struct("Env")
+            .field("now_ms", &self.clock.now_ms())
+            .finish_non_exhaustive()
     }
 }
 

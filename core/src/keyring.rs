@@ -158,6 +158,85 @@ impl Keyring {
         ring
     }
 
+    /// A keyring for an existing store whose keys come from an export:
+    /// `device` is this (new) device's own identity.
+    pub fn from_export(
+        device: DeviceIdentity,
+        keys: crate::export::ExportedKeys,
+        name: &str,
+        now: Hlc,
+    ) -> Self {
+        let device_id = device.device_id();
+        let me = Member {
+            device_id,
+            ed25519_public: device.verifying_key().to_bytes(),
+            x25519_public: device.x25519_public(),
+            name: name.to_owned(),
+            added_by: device_id,
+            added_at: now,
+        };
+        Self {
+            store_id: keys.store_id,
+            device,
+            index_key: IndexKey::new(keys.index_key),
+            relay_token: keys.relay_token,
+            epochs: keys.epochs.into_iter().collect(),
+            current: keys.current,
+            members: vec![me],
+        }
+    }
+
+    /// Starts epoch `current + 1` with a fresh data key and makes it
+    /// current; every older epoch that still has records to reseal becomes
+    /// [`EpochState::Rotating`]. Returns the new epoch, or `None` if the
+    /// epoch numbers are exhausted.
+    pub fn rotate(&mut self, rng: &mut (impl CryptoRng + ?Sized)) -> Option<Epoch> {
+        let next = self.current.next()?;
+        let announcement = self.announcement(next, self.device_id(), rng);
+        for entry in self.epochs.values_mut() {
+            if entry.state == EpochState::Current {
+                entry.state = EpochState::Rotating;
+            }
+        }
+        self.epochs.insert(
+            next,
+            EpochEntry {
+                state: EpochState::Current,
+                key: Some(Secret32::random(rng)),
+                announcement,
+            },
+        );
+        debug_assert!(next > self.current, "epochs never go backwards");
+        self.current = next;
+        Some(next)
+    }
+
+    /// Marks every rotating epoch retired: no local record uses it any more.
+    /// Returns the epochs retired.
+    pub fn retire_rotating(&mut self) -> Vec<Epoch> {
+        let mut retired = Vec::new();
+        for (n, entry) in self.epochs.iter_mut() {
+            if entry.state == EpochState::Rotating {
+                entry.state = EpochState::Retired;
+                retired.push(*n);
+            }
+        }
+        retired
+    }
+
+    /// Deletes the keys of retired epochs. Returns the epochs purged.
+    pub fn purge_retired(&mut self) -> Vec<Epoch> {
+        let mut purged = Vec::new();
+        for (n, entry) in self.epochs.iter_mut() {
+            if entry.state == EpochState::Retired {
+                entry.state = EpochState::Purged;
+                entry.key = None;
+                purged.push(*n);
+            }
+        }
+        purged
+    }
+
     /// This device's id.
     pub fn device_id(&self) -> DeviceId {
         self.device.device_id()
@@ -429,6 +508,28 @@ mod tests {
         }
         assert!(Keyring::open(&sealed[..20], &r.store_id, &kek).is_err());
         assert!(Keyring::open(&[], &r.store_id, &kek).is_err());
+    }
+
+    #[test]
+    fn rotation_retirement_and_purge() {
+        let mut r = ring(5);
+        let mut rng = SeededEntropy::from_u64(6).stream("rot");
+        let first = r.current_key().duplicate();
+        assert_eq!(r.rotate(&mut rng), Some(Epoch(2)));
+        assert!(*r.current_key() != first, "a rotation makes a new key");
+        assert_eq!(r.epochs[&Epoch(1)].state, EpochState::Rotating);
+        assert_eq!(r.rotate(&mut rng), Some(Epoch(3)));
+        assert_eq!(r.epochs[&Epoch(2)].state, EpochState::Rotating);
+        assert!(r.key(Epoch(1)).is_some(), "old keys stay until purged");
+        assert_eq!(r.retire_rotating(), vec![Epoch(1), Epoch(2)]);
+        assert_eq!(r.purge_retired(), vec![Epoch(1), Epoch(2)]);
+        assert!(r.key(Epoch(1)).is_none());
+        let kek = Secret32::from_bytes([1; 32]);
+        let back = Keyring::open(&r.seal(&kek, &mut rng), &r.store_id, &kek).unwrap();
+        assert_eq!(back.current, Epoch(3));
+        assert_eq!(back.epochs[&Epoch(1)].state, EpochState::Purged);
+        assert!(back.key(Epoch(2)).is_none());
+        assert!(back.key(Epoch(3)).is_some());
     }
 
     #[test]

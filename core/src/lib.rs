@@ -49,6 +49,7 @@
 
 pub mod env;
 pub mod envelope;
+pub mod export;
 pub mod hlc;
 pub mod ids;
 pub mod keyring;
