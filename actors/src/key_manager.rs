@@ -1,40 +1,108 @@
 //! KeyManager: the owner of the device KEK and the store keyring.
 //!
-//! **Role.** Holds the unsealed [`Keyring`] and the KEK that seals it, and
-//! hands out [`KeySet`]s (data keys and index key, never the KEK) to the
-//! Sealer and to readers. Key lifecycle operations (rotation, export,
-//! invites, revocation) are its messages as they land.
+//! **Role.** Holds the unsealed [`Keyring`] and the KEK that seals it. It
+//! publishes the store's [`KeySet`] (data keys and index key, never the
+//! KEK) through a [`KeyHandle`], and performs the key lifecycle: rotation
+//! (a new epoch, current for new writes, made durable in one commit before
+//! it is used), retirement of epochs the Rotator has emptied, purging of
+//! retired keys, and exports.
 //!
-//! **Messages.** [`KeyManagerMsg::Keys`] returns the current key set;
-//! [`KeyManagerMsg::Describe`] returns the epochs and their states.
+//! **Messages.** [`KeyManagerMsg`]: `Describe`, `Rotate`, `RotationDone`,
+//! `PurgeRetired`, `Export`.
 //!
-//! **Supervisor.** The store supervisor. **On failure** it is restarted
-//! from the same keyring and KEK; it holds no state that is not already
-//! durable in the sealed keyring.
+//! **Supervisor.** The store supervisor. **On failure** it is restarted and
+//! reloads the keyring from the database, where every change it made was
+//! committed before it was acknowledged; a change whose commit failed is
+//! rolled back the same way.
 
 use std::sync::Arc;
 
 use persist_core::Epoch;
+use persist_core::StoreId;
+use persist_core::env::{Entropy, RngStream};
+use persist_core::export::{ExportedKeys, KdfParams, generate_passphrase};
 use persist_core::keyring::{EpochState, Keyring};
+use persist_core::keys::Secret32;
+use persist_storage::LocalDb;
+use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::sync::watch;
+use zeroize::Zeroizing;
 
-use crate::keys::KeySet;
+use crate::blocking::run_blocking;
+use crate::keys::{KeyHandle, KeySet};
+use crate::meta;
+use crate::rotator::{RotationProgress, RotatorMsg};
+use crate::routes::Routes;
+use crate::storage_writer::{Marks, Priority, WriteError, WriterMsg};
+
+/// A key operation that did not happen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The store does not encrypt, so it has no keys.
+    #[error("this store was created with encrypt(false): it has no keys")]
+    NotEncrypted,
+    /// Epoch numbers are exhausted (after 4 billion rotations).
+    #[error("no epoch numbers are left")]
+    EpochsExhausted,
+    /// The keyring could not be made durable; nothing changed.
+    #[error("the keyring change could not be stored, nothing changed: {0}")]
+    Storage(String),
+    /// The export could not be made.
+    #[error("export failed: {0}")]
+    Export(String),
+}
+
+/// A finished export.
+pub struct Export {
+    /// The export text.
+    pub text: String,
+    /// The generated passphrase, if the caller supplied none.
+    pub generated_passphrase: Option<Zeroizing<String>>,
+}
 
 /// Messages to the KeyManager.
 pub enum KeyManagerMsg {
-    /// The current key set.
-    Keys(RpcReplyPort<Arc<KeySet>>),
     /// The epochs and their states.
     Describe(RpcReplyPort<Vec<(Epoch, EpochState)>>),
+    /// Start a new epoch and make it current; answers with its number.
+    Rotate(RpcReplyPort<Result<Epoch, KeyError>>),
+    /// The Rotator resealed every record of the rotating epochs: retire them.
+    RotationDone(RpcReplyPort<Result<Vec<Epoch>, KeyError>>),
+    /// Delete the keys of retired epochs; answers with the epochs purged.
+    PurgeRetired(RpcReplyPort<Result<Vec<Epoch>, KeyError>>),
+    /// Export the store's keys.
+    Export {
+        /// The passphrase to wrap under; `None` generates one.
+        passphrase: Option<Zeroizing<String>>,
+        /// Argon2id costs.
+        params: KdfParams,
+        /// `true` for an unwrapped export (the engine's `dangerous()` door).
+        raw: bool,
+        /// The export.
+        reply: RpcReplyPort<Result<Export, KeyError>>,
+    },
 }
 
 /// What KeyManager starts from.
 #[derive(Clone)]
 pub struct KeyManagerArgs {
-    /// The unsealed keyring, or `None` for a store that does not encrypt.
-    pub keyring: Option<Arc<Keyring>>,
-    /// The key set derived from it (or the plain one).
-    pub keys: Arc<KeySet>,
+    /// The database holding the sealed keyring.
+    pub db: Arc<LocalDb>,
+    /// The store.
+    pub store_id: StoreId,
+    /// The device KEK, or `None` for a store that does not encrypt.
+    pub kek: Option<Arc<Secret32>>,
+    /// Where the current key set is published.
+    pub keys: KeyHandle,
+    /// Where the writer and the Rotator are.
+    pub routes: Routes,
+    /// Randomness for new keys and seals.
+    pub entropy: Arc<dyn Entropy>,
+    /// Rotation progress: marked active as soon as a rotation is durable,
+    /// so that a waiter never sees the state from before it.
+    pub progress: Arc<watch::Sender<RotationProgress>>,
 }
 
 /// The KeyManager actor.
@@ -42,8 +110,9 @@ pub struct KeyManager;
 
 /// KeyManager's state.
 pub struct KeyManagerState {
-    keyring: Option<Arc<Keyring>>,
-    keys: Arc<KeySet>,
+    args: KeyManagerArgs,
+    keyring: Option<Keyring>,
+    rng: RngStream,
 }
 
 impl Actor for KeyManager {
@@ -56,10 +125,12 @@ impl Actor for KeyManager {
         _myself: ActorRef<Self::Msg>,
         args: KeyManagerArgs,
     ) -> Result<Self::State, ActorProcessingErr> {
-        Ok(KeyManagerState {
-            keyring: args.keyring,
-            keys: args.keys,
-        })
+        let keyring = load_keyring(&args)?;
+        if let Some(ring) = &keyring {
+            args.keys.set(KeySet::from_keyring(ring));
+        }
+        let rng = args.entropy.stream("key-manager");
+        Ok(KeyManagerState { args, keyring, rng })
     }
 
     async fn handle(
@@ -68,11 +139,9 @@ impl Actor for KeyManager {
         msg: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
+        // Replies go to callers that may have given up waiting; a closed
+        // reply port is not an error here.
         match msg {
-            KeyManagerMsg::Keys(reply) => {
-                // The caller may have given up waiting; nothing to undo.
-                let _ = reply.send(state.keys.clone());
-            }
             KeyManagerMsg::Describe(reply) => {
                 let epochs = state
                     .keyring
@@ -86,7 +155,134 @@ impl Actor for KeyManager {
                     .unwrap_or_default();
                 let _ = reply.send(epochs);
             }
+            KeyManagerMsg::Rotate(reply) => {
+                let outcome = state.rotate().await;
+                if outcome.is_ok() {
+                    state.args.progress.send_modify(|p| p.active = true);
+                    if let Some(rotator) = state.args.routes.rotator() {
+                        let _ = rotator.cast(RotatorMsg::Start);
+                    }
+                }
+                let _ = reply.send(outcome);
+            }
+            KeyManagerMsg::RotationDone(reply) => {
+                let rotating = state
+                    .keyring
+                    .as_ref()
+                    .is_some_and(|r| r.epochs.values().any(|e| e.state == EpochState::Rotating));
+                let outcome = if rotating {
+                    state.change(|ring, _| Ok(ring.retire_rotating())).await
+                } else {
+                    Ok(Vec::new())
+                };
+                let _ = reply.send(outcome);
+            }
+            KeyManagerMsg::PurgeRetired(reply) => {
+                let outcome = state.change(|ring, _| Ok(ring.purge_retired())).await;
+                let _ = reply.send(outcome);
+            }
+            KeyManagerMsg::Export {
+                passphrase,
+                params,
+                raw,
+                reply,
+            } => {
+                let _ = reply.send(state.export(passphrase, params, raw));
+            }
         }
         Ok(())
+    }
+}
+
+impl KeyManagerState {
+    async fn rotate(&mut self) -> Result<Epoch, KeyError> {
+        self.change(|ring, rng| ring.rotate(rng).ok_or(KeyError::EpochsExhausted))
+            .await
+    }
+
+    /// Applies `f` to the keyring, commits the sealed result, then publishes
+    /// the new key set. If the commit fails the keyring is reloaded from
+    /// the database, undoing `f`.
+    async fn change<T>(
+        &mut self,
+        f: impl FnOnce(&mut Keyring, &mut RngStream) -> Result<T, KeyError>,
+    ) -> Result<T, KeyError> {
+        let (Some(ring), Some(kek)) = (self.keyring.as_mut(), self.args.kek.as_ref()) else {
+            return Err(KeyError::NotEncrypted);
+        };
+        let out = f(ring, &mut self.rng)?;
+        let sealed = ring.seal(kek, &mut self.rng);
+        if let Err(e) = commit_meta(&self.args.routes, vec![(meta::KEYRING, Some(sealed))]).await {
+            self.keyring =
+                load_keyring(&self.args).map_err(|e| KeyError::Storage(e.to_string()))?;
+            return Err(KeyError::Storage(e.to_string()));
+        }
+        self.args.keys.set(KeySet::from_keyring(ring));
+        Ok(out)
+    }
+
+    fn export(
+        &mut self,
+        passphrase: Option<Zeroizing<String>>,
+        params: KdfParams,
+        raw: bool,
+    ) -> Result<Export, KeyError> {
+        let ring = self.keyring.as_ref().ok_or(KeyError::NotEncrypted)?;
+        let keys = ExportedKeys::from_keyring(ring);
+        if raw {
+            return Ok(Export {
+                text: keys.raw().to_string(),
+                generated_passphrase: None,
+            });
+        }
+        let (pass, generated) = match passphrase {
+            Some(p) => (p, false),
+            None => (generate_passphrase(&mut self.rng), true),
+        };
+        let rng = &mut self.rng;
+        // Argon2id at its default costs takes a noticeable fraction of a
+        // second; keep it off the async workers.
+        let text = run_blocking(|| keys.wrap(&pass, params, rng))
+            .map_err(|e| KeyError::Export(e.to_string()))?;
+        Ok(Export {
+            text,
+            generated_passphrase: generated.then_some(pass),
+        })
+    }
+}
+
+fn load_keyring(args: &KeyManagerArgs) -> Result<Option<Keyring>, ActorProcessingErr> {
+    let Some(kek) = &args.kek else {
+        return Ok(None);
+    };
+    let txn = args.db.begin_read()?;
+    let sealed = txn
+        .meta(meta::KEYRING)?
+        .ok_or("the store's keyring is missing")?;
+    Ok(Some(Keyring::open(&sealed, &args.store_id, kek)?))
+}
+
+/// Commits meta entries through the StorageWriter, as a foreground write.
+pub(crate) async fn commit_meta(
+    routes: &Routes,
+    meta: Vec<(&'static str, Option<Vec<u8>>)>,
+) -> Result<(), WriteError> {
+    let writer = routes.writer().ok_or(WriteError::Unavailable)?;
+    let outcome = writer
+        .call(
+            |reply| WriterMsg::Commit {
+                writes: Vec::new(),
+                marks: Marks::default(),
+                meta,
+                priority: Priority::Foreground,
+                reply,
+            },
+            None,
+        )
+        .await
+        .map_err(|_| WriteError::Unavailable)?;
+    match outcome {
+        CallResult::Success(r) => r.map(|_| ()),
+        _ => Err(WriteError::Unavailable),
     }
 }

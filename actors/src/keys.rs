@@ -5,6 +5,7 @@
 //! (rotation, later) publishes a new one.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
 
 use ed25519_dalek::SigningKey;
 use persist_core::envelope::{self, Algorithm, Envelope, OpenError, SealContext};
@@ -12,6 +13,28 @@ use persist_core::keyring::Keyring;
 use persist_core::keys::{IndexKey, Secret32, plain_locator};
 use persist_core::record::Record;
 use persist_core::{DeviceId, Epoch, Locator, StoreId};
+
+/// The current [`KeySet`], swapped by KeyManager when keys change and read
+/// by the Sealer, the Rotator and the engine's readers.
+#[derive(Clone)]
+pub struct KeyHandle(Arc<RwLock<Arc<KeySet>>>);
+
+impl KeyHandle {
+    /// A handle holding `keys`.
+    pub fn new(keys: KeySet) -> Self {
+        Self(Arc::new(RwLock::new(Arc::new(keys))))
+    }
+
+    /// The current keys.
+    pub fn current(&self) -> Arc<KeySet> {
+        // A poisoned lock still holds a whole Arc: the writer only swaps it.
+        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub(crate) fn set(&self, keys: KeySet) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
+    }
+}
 
 /// What a store needs to seal and open records.
 pub struct KeySet {
@@ -66,6 +89,13 @@ impl KeySet {
             Some(c) => c.index.locator(&self.store_id, path),
             None => plain_locator(&self.store_id, path),
         }
+    }
+
+    /// Whether this device holds the key of `epoch`.
+    pub fn has_epoch(&self, epoch: Epoch) -> bool {
+        self.crypto
+            .as_ref()
+            .is_some_and(|c| c.epochs.contains_key(&epoch))
     }
 
     /// The epoch new writes are sealed under (0 for plain stores).

@@ -1,10 +1,10 @@
 //! The actors of a Persist store, each a thin shell around `persist-core`.
 //!
 //! ```text
-//!                    StoreSupervisor
-//!          ┌───────────────┼────────────────┐
-//!      KeyManager      StorageWriter      Sealer
-//!   (keyring, KEK)   (only redb writer)  (HLC, seal)
+//!                          StoreSupervisor
+//!          ┌───────────────┬───────┴────────┬──────────────┐
+//!      KeyManager     StorageWriter       Sealer         Rotator
+//!   (keyring, KEK)  (only redb writer)  (HLC, seal)  (background reseal)
 //! ```
 //!
 //! A put travels engine → [`Sealer`](sealer) (stamp, seal) →
@@ -18,6 +18,8 @@
 mod blocking;
 pub mod key_manager;
 pub mod keys;
+pub mod meta;
+pub mod rotator;
 pub mod routes;
 pub mod sealer;
 pub mod storage_writer;
@@ -26,7 +28,7 @@ pub mod supervisor;
 use persist_core::hlc::Hlc;
 use persist_storage::{LocalDb, StorageError};
 
-pub use keys::{KeySet, OpenRecordError};
+pub use keys::{KeyHandle, KeySet, OpenRecordError};
 pub use routes::Routes;
 pub use sealer::WriteOp;
 pub use storage_writer::{AppliedChange, CommitReport, WriteError};
@@ -37,12 +39,12 @@ pub use supervisor::{StoreArgs, StoreSupervisor, SupervisorMsg};
 pub fn read_marks(db: &LocalDb) -> Result<(Hlc, u64), StorageError> {
     let txn = db.begin_read()?;
     let hlc = txn
-        .meta(storage_writer::META_HLC)?
+        .meta(meta::HLC)?
         .and_then(|b| <[u8; Hlc::LEN]>::try_from(b.as_slice()).ok())
         .map(Hlc::from_bytes)
         .unwrap_or_default();
     let seq = txn
-        .meta(storage_writer::META_SEQ)?
+        .meta(meta::SEQ)?
         .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
         .map(u64::from_be_bytes)
         .unwrap_or_default();

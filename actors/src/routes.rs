@@ -10,6 +10,7 @@ use std::sync::{Arc, RwLock};
 use ractor::ActorRef;
 
 use crate::key_manager::KeyManagerMsg;
+use crate::rotator::RotatorMsg;
 use crate::sealer::SealerMsg;
 use crate::storage_writer::WriterMsg;
 
@@ -22,6 +23,7 @@ struct Slots {
     key_manager: Option<ActorRef<KeyManagerMsg>>,
     sealer: Option<ActorRef<SealerMsg>>,
     writer: Option<ActorRef<WriterMsg>>,
+    rotator: Option<ActorRef<RotatorMsg>>,
 }
 
 impl Routes {
@@ -38,6 +40,15 @@ impl Routes {
     /// The StorageWriter, if running.
     pub fn writer(&self) -> Option<ActorRef<WriterMsg>> {
         self.read(|s| s.writer.clone())
+    }
+
+    /// The Rotator, if running.
+    pub fn rotator(&self) -> Option<ActorRef<RotatorMsg>> {
+        self.read(|s| s.rotator.clone())
+    }
+
+    pub(crate) fn set_rotator(&self, r: Option<ActorRef<RotatorMsg>>) {
+        self.write(|s| s.rotator = r);
     }
 
     pub(crate) fn set_key_manager(&self, r: Option<ActorRef<KeyManagerMsg>>) {

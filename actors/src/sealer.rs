@@ -22,7 +22,7 @@ use persist_core::record::Record;
 use persist_storage::Row;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use crate::keys::KeySet;
+use crate::keys::{KeyHandle, KeySet};
 use crate::routes::Routes;
 use crate::storage_writer::{CommitReport, Marks, Priority, SealedWrite, WriteError, WriterMsg};
 
@@ -57,8 +57,9 @@ pub enum SealerMsg {
 /// What the Sealer starts from.
 #[derive(Clone)]
 pub struct SealerArgs {
-    /// The keys to seal with.
-    pub keys: Arc<KeySet>,
+    /// The keys to seal with (read at each batch, so a rotation takes
+    /// effect for the next batch).
+    pub keys: KeyHandle,
     /// The wall clock.
     pub clock: Arc<dyn Clock>,
     /// The clock's persisted high-water mark.
@@ -79,7 +80,7 @@ pub struct Sealer;
 
 /// The Sealer's state.
 pub struct SealerState {
-    keys: Arc<KeySet>,
+    keys: KeyHandle,
     clock: Arc<dyn Clock>,
     hlc: HlcState,
     seq: u64,
@@ -131,6 +132,7 @@ impl Actor for Sealer {
                 let msg = WriterMsg::Commit {
                     writes,
                     marks,
+                    meta: Vec::new(),
                     priority: Priority::Foreground,
                     reply,
                 };
@@ -150,6 +152,7 @@ impl Actor for Sealer {
 
 impl SealerState {
     fn seal_all(&mut self, ops: Vec<WriteOp>) -> Result<Vec<SealedWrite>, WriteError> {
+        let keys: Arc<KeySet> = self.keys.current();
         let mut out = Vec::with_capacity(ops.len());
         for op in ops {
             let (path, value, tombstone) = match op {
@@ -161,19 +164,19 @@ impl SealerState {
             let record = Record {
                 path,
                 value,
-                origin: self.keys.device_id,
+                origin: keys.device_id,
                 hlc,
             };
-            let locator = self.keys.locator(&record.path);
+            let locator = keys.locator(&record.path);
             let flags = Flags {
                 tombstone,
                 resealed: false,
             };
-            let envelope = match self.keys.seal_context() {
+            let envelope = match keys.seal_context() {
                 Some(ctx) => {
                     envelope::seal(&ctx, &locator, &record, flags, self.seq, &mut self.rng)
                 }
-                None => envelope::seal_plain(&record, flags, self.keys.device_id, self.seq),
+                None => envelope::seal_plain(&record, flags, keys.device_id, self.seq),
             }
             .map_err(|e| match e {
                 SealError::Path(p) => WriteError::InvalidPath(p),
@@ -184,10 +187,11 @@ impl SealerState {
                 path: record.path,
                 value: record.value,
                 row: Row {
-                    epoch: self.keys.current_epoch(),
+                    epoch: keys.current_epoch(),
                     tombstone,
                     envelope,
                 },
+                expect: None,
             });
         }
         Ok(out)

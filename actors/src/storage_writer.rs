@@ -24,12 +24,13 @@ use std::sync::Arc;
 use persist_core::Locator;
 use persist_core::envelope::Envelope;
 use persist_core::hlc::Hlc;
-use persist_core::lww;
+use persist_core::lww::{self, Precedence};
 use persist_core::record::PathError;
 use persist_storage::{LocalDb, Row, StorageError};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
 use crate::blocking::run_blocking;
+use crate::meta;
 
 /// Most writes one commit takes. Bounds a commit's memory and latency; a
 /// burst larger than this spreads over several commits.
@@ -43,11 +44,6 @@ const _: () = assert!(
     "a background slice must leave room for foreground writes"
 );
 
-/// Meta key of the persisted HLC high-water mark.
-pub const META_HLC: &str = "hlc";
-/// Meta key of the last used sequence number.
-pub const META_SEQ: &str = "seq";
-
 /// A sealed write, ready to apply.
 #[derive(Debug)]
 pub struct SealedWrite {
@@ -59,6 +55,9 @@ pub struct SealedWrite {
     pub value: Vec<u8>,
     /// The row to store.
     pub row: Row,
+    /// Compare-and-swap: apply only if the stored row has exactly this
+    /// precedence (a rotation reseal must not replace a newer write).
+    pub expect: Option<Precedence>,
 }
 
 /// High-water marks persisted with a commit.
@@ -132,6 +131,9 @@ pub enum WriterMsg {
         writes: Vec<SealedWrite>,
         /// Marks to persist with them.
         marks: Marks,
+        /// Meta entries to set (`Some`) or remove (`None`) in the same
+        /// transaction.
+        meta: Vec<(&'static str, Option<Vec<u8>>)>,
         /// Foreground or background.
         priority: Priority,
         /// Answered after the commit.
@@ -154,6 +156,7 @@ pub struct StorageWriter;
 struct Pending {
     writes: Vec<SealedWrite>,
     marks: Marks,
+    meta: Vec<(&'static str, Option<Vec<u8>>)>,
     reply: RpcReplyPort<Result<CommitReport, WriteError>>,
 }
 
@@ -195,12 +198,14 @@ impl Actor for StorageWriter {
             WriterMsg::Commit {
                 writes,
                 marks,
+                meta,
                 priority,
                 reply,
             } => {
                 let pending = Pending {
                     writes,
                     marks,
+                    meta,
                     reply,
                 };
                 match priority {
@@ -315,9 +320,19 @@ fn commit(db: &LocalDb, batch: &mut [Pending]) -> Result<Vec<CommitReport>, Writ
     for p in batch.iter_mut() {
         let mut report = CommitReport::default();
         for w in p.writes.drain(..) {
-            if let Some(existing) = txn.record(&w.locator)?
-                && !newer_than(&w.row, &existing)
-            {
+            let existing = match txn.record(&w.locator) {
+                Ok(row) => row,
+                // A damaged row loses to any valid write, which heals it.
+                Err(StorageError::CorruptRow { .. }) => None,
+                Err(e) => return Err(e.into()),
+            };
+            let applies = match (&w.expect, &existing) {
+                (Some(expected), Some(row)) => precedence(row) == Some(*expected),
+                (Some(_), None) => false,
+                (None, Some(row)) => newer_than(&w.row, row),
+                (None, None) => true,
+            };
+            if !applies {
                 report.superseded += 1;
                 continue;
             }
@@ -327,6 +342,14 @@ fn commit(db: &LocalDb, batch: &mut [Pending]) -> Result<Vec<CommitReport>, Writ
                 value: (!w.row.tombstone).then_some(w.value),
             });
         }
+        for (key, value) in p.meta.drain(..) {
+            match value {
+                Some(v) => txn.set_meta(key, &v)?,
+                None => {
+                    txn.remove_meta(key)?;
+                }
+            }
+        }
         marks.hlc = marks.hlc.max(p.marks.hlc);
         marks.seq = marks.seq.max(p.marks.seq);
         reports.push(report);
@@ -334,11 +357,18 @@ fn commit(db: &LocalDb, batch: &mut [Pending]) -> Result<Vec<CommitReport>, Writ
     // Background batches carry no marks; the sealer's marks only grow, so
     // the largest in this commit is the one to keep.
     if marks.seq > 0 {
-        txn.set_meta(META_HLC, &marks.hlc.to_bytes())?;
-        txn.set_meta(META_SEQ, &marks.seq.to_be_bytes())?;
+        txn.set_meta(meta::HLC, &marks.hlc.to_bytes())?;
+        txn.set_meta(meta::SEQ, &marks.seq.to_be_bytes())?;
     }
     txn.commit()?;
     Ok(reports)
+}
+
+/// The LWW precedence of a stored row, if its header parses.
+fn precedence(row: &Row) -> Option<Precedence> {
+    Envelope::parse(&row.envelope)
+        .ok()
+        .map(|e| e.header.precedence())
 }
 
 /// Whether `candidate` replaces `existing` under last-write-wins. A stored

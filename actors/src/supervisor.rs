@@ -1,10 +1,11 @@
 //! The store supervisor: starts, restarts and stops a store's actors.
 //!
-//! **Role.** Spawns KeyManager, StorageWriter and Sealer (in that order:
-//! each depends only on those before it), publishes their addresses in
-//! [`Routes`], restarts a child that fails, and shuts them down in the
-//! reverse order: the Sealer first so no new write enters, then the
-//! StorageWriter after it has committed everything queued, then KeyManager.
+//! **Role.** Spawns KeyManager, StorageWriter, Sealer and Rotator (in that
+//! order: each depends only on those before it), publishes their addresses
+//! in [`Routes`], restarts a child that fails, and shuts them down in the
+//! reverse order: the Rotator and the Sealer first so no new write enters,
+//! then the StorageWriter after it has committed everything queued, then
+//! KeyManager.
 //!
 //! **Messages.** [`SupervisorMsg::Shutdown`].
 //!
@@ -15,12 +16,17 @@
 
 use std::sync::Arc;
 
+use persist_core::StoreId;
 use persist_core::env::Env;
 use persist_core::hlc::Hlc;
+use persist_core::keys::Secret32;
 use persist_storage::LocalDb;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tokio::sync::watch;
 
 use crate::key_manager::{KeyManager, KeyManagerArgs};
+use crate::keys::KeyHandle;
+use crate::rotator::{RotationProgress, Rotator, RotatorArgs};
 use crate::routes::Routes;
 use crate::sealer::{Sealer, SealerArgs};
 use crate::storage_writer::{StorageWriter, WriterArgs};
@@ -35,8 +41,14 @@ pub struct StoreArgs {
     pub db: Arc<LocalDb>,
     /// Time and randomness.
     pub env: Env,
-    /// KeyManager's start.
-    pub key_manager: KeyManagerArgs,
+    /// The store.
+    pub store_id: StoreId,
+    /// The device KEK (`None` for a store that does not encrypt).
+    pub kek: Option<Arc<Secret32>>,
+    /// Where the current key set is published.
+    pub keys: KeyHandle,
+    /// Where rotation progress is published.
+    pub progress: Arc<watch::Sender<RotationProgress>>,
     /// The HLC high-water mark read from the database.
     pub hlc_mark: Hlc,
     /// The last sequence number read from the database.
@@ -68,6 +80,7 @@ enum Child {
     KeyManager,
     Writer,
     Sealer,
+    Rotator,
 }
 
 impl Actor for StoreSupervisor {
@@ -85,7 +98,12 @@ impl Actor for StoreSupervisor {
             restarts: 0,
             shutting_down: false,
         };
-        for child in [Child::KeyManager, Child::Writer, Child::Sealer] {
+        for child in [
+            Child::KeyManager,
+            Child::Writer,
+            Child::Sealer,
+            Child::Rotator,
+        ] {
             state.start(myself.get_cell(), child).await?;
         }
         Ok(state)
@@ -100,6 +118,11 @@ impl Actor for StoreSupervisor {
         let SupervisorMsg::Shutdown(reply) = msg;
         state.shutting_down = true;
         let routes = &state.args.routes;
+        if let Some(rotator) = routes.rotator() {
+            routes.set_rotator(None);
+            // A slice in flight is committed or not; the cursor says which.
+            let _ = rotator.stop_and_wait(None, None).await;
+        }
         if let Some(sealer) = routes.sealer() {
             routes.set_sealer(None);
             // Let the Sealer forward what it already accepted.
@@ -156,6 +179,8 @@ impl SupervisorState {
             Some(Child::Writer)
         } else if r.sealer().is_some_and(|a| a.get_id() == id) {
             Some(Child::Sealer)
+        } else if r.rotator().is_some_and(|a| a.get_id() == id) {
+            Some(Child::Rotator)
         } else {
             None
         }
@@ -165,9 +190,16 @@ impl SupervisorState {
         let a = &self.args;
         match child {
             Child::KeyManager => {
-                let (r, _) =
-                    Actor::spawn_linked(None, KeyManager, a.key_manager.clone(), supervisor)
-                        .await?;
+                let args = KeyManagerArgs {
+                    db: a.db.clone(),
+                    store_id: a.store_id,
+                    kek: a.kek.clone(),
+                    keys: a.keys.clone(),
+                    routes: a.routes.clone(),
+                    entropy: a.env.entropy.clone(),
+                    progress: a.progress.clone(),
+                };
+                let (r, _) = Actor::spawn_linked(None, KeyManager, args, supervisor).await?;
                 a.routes.set_key_manager(Some(r));
             }
             Child::Writer => {
@@ -178,7 +210,7 @@ impl SupervisorState {
             Child::Sealer => {
                 let (hlc_mark, seq_mark) = self.marks()?;
                 let args = SealerArgs {
-                    keys: a.key_manager.keys.clone(),
+                    keys: a.keys.clone(),
                     clock: a.env.clock.clone(),
                     hlc_mark,
                     seq_mark,
@@ -188,6 +220,17 @@ impl SupervisorState {
                 };
                 let (r, _) = Actor::spawn_linked(None, Sealer, args, supervisor).await?;
                 a.routes.set_sealer(Some(r));
+            }
+            Child::Rotator => {
+                let args = RotatorArgs {
+                    db: a.db.clone(),
+                    keys: a.keys.clone(),
+                    routes: a.routes.clone(),
+                    entropy: a.env.entropy.clone(),
+                    progress: a.progress.clone(),
+                };
+                let (r, _) = Actor::spawn_linked(None, Rotator, args, supervisor).await?;
+                a.routes.set_rotator(Some(r));
             }
         }
         Ok(())

@@ -71,6 +71,7 @@ fn sealed(f: &Fixture, path: &str, value: &[u8], ms: u64, seed: u64) -> SealedWr
             tombstone: false,
             envelope,
         },
+        expect: None,
     }
 }
 
@@ -87,6 +88,7 @@ fn send(
                 hlc: Hlc::default(),
                 seq: 1,
             },
+            meta: Vec::new(),
             priority: Priority::Foreground,
             reply,
         })
@@ -141,4 +143,44 @@ async fn older_version_loses() {
             .unwrap()
             .unwrap();
     assert_eq!(row.envelope, newer_envelope);
+}
+
+/// A compare-and-swap write (a rotation reseal) applies only over exactly
+/// the version it expects; after a newer write it is dropped.
+#[tokio::test(flavor = "multi_thread")]
+async fn compare_and_swap_loses_to_a_newer_write() {
+    let f = fixture().await;
+    let first = sealed(&f, "k", b"v1", 1_000, 1);
+    let expected = persist_core::envelope::Envelope::parse(&first.row.envelope)
+        .unwrap()
+        .header
+        .precedence();
+    send(&f, vec![first]).await.unwrap().unwrap();
+    // A newer write lands before the reseal.
+    send(&f, vec![sealed(&f, "k", b"v2", 2_000, 2)])
+        .await
+        .unwrap()
+        .unwrap();
+    let mut reseal = sealed(&f, "k", b"v1", 1_000, 3);
+    reseal.expect = Some(expected);
+    let report = send(&f, vec![reseal]).await.unwrap().unwrap();
+    assert_eq!(report.superseded, 1, "the reseal must lose");
+    // And with the right expectation it applies.
+    let current =
+        f.db.begin_read()
+            .unwrap()
+            .record(&f.ring.index_key.locator(&f.ring.store_id, "k"))
+            .unwrap()
+            .unwrap();
+    let mut reseal = sealed(&f, "k", b"v2", 2_000, 4);
+    reseal.expect = Some(
+        persist_core::envelope::Envelope::parse(&current.envelope)
+            .unwrap()
+            .header
+            .precedence(),
+    );
+    assert_eq!(
+        send(&f, vec![reseal]).await.unwrap().unwrap().applied.len(),
+        1
+    );
 }

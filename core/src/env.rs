@@ -27,7 +27,7 @@ pub trait Clock: Send + Sync + 'static {
 
 /// A cryptographically secure random stream, boxed so that actors can own
 /// one without generics.
-pub type RngStream = Box<dyn CryptoRng + Send>;
+pub type RngStream = Box<dyn CryptoRng + Send + Sync>;
 
 /// A source of independent random streams, one per consumer.
 ///

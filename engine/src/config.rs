@@ -4,8 +4,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use persist_core::env::Env;
+use persist_core::export::KdfParams;
 use persist_core::hlc::MAX_DRIFT_MS_DEFAULT;
 use persist_storage::Backend;
+use zeroize::Zeroizing;
 
 use crate::kek::KeySource;
 
@@ -19,7 +21,6 @@ use crate::kek::KeySource;
 /// .await?;
 /// # Ok(()) }
 /// ```
-#[derive(Debug)]
 pub struct Config {
     pub(crate) path: PathBuf,
     pub(crate) name: String,
@@ -29,6 +30,23 @@ pub struct Config {
     pub(crate) max_clock_drift: Duration,
     pub(crate) backend: Option<Box<dyn Backend>>,
     pub(crate) env: Option<Env>,
+    pub(crate) import: Option<(Zeroizing<String>, Zeroizing<String>)>,
+    pub(crate) export_kdf: KdfParams,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("path", &self.path)
+            .field("name", &self.name)
+            .field("encrypt", &self.encrypt)
+            .field("key_source", &self.key_source)
+            .field("key_dir", &self.key_dir)
+            .field("max_clock_drift", &self.max_clock_drift)
+            .field("backend", &self.backend)
+            .field("import", &self.import.as_ref().map(|_| "<key export>"))
+            .finish_non_exhaustive()
+    }
 }
 
 impl Config {
@@ -44,6 +62,8 @@ impl Config {
             max_clock_drift: Duration::from_millis(MAX_DRIFT_MS_DEFAULT),
             backend: None,
             env: None,
+            import: None,
+            export_kdf: KdfParams::default(),
         }
     }
 
@@ -89,6 +109,24 @@ impl Config {
         self
     }
 
+    /// Opens the store with the keys of an export (from
+    /// `store.crypto().export_key()` on another device), unwrapped with
+    /// `passphrase`.
+    ///
+    /// On an empty directory this joins the store: the device makes its own
+    /// identity and device key, the data keys come from the export, and the
+    /// records arrive by sync. On a directory holding a copy of the store's
+    /// database it re-keys the copy for this device. An export of another
+    /// store, a wrong passphrase or a damaged export is an error, and
+    /// nothing is written.
+    pub fn key(mut self, exported: &str, passphrase: &str) -> Self {
+        self.import = Some((
+            Zeroizing::new(exported.to_owned()),
+            Zeroizing::new(passphrase.to_owned()),
+        ));
+        self
+    }
+
     /// Keeps the database in `backend` instead of a file (for tests and
     /// simulations: an in-memory or fault-injecting byte store).
     pub fn storage_backend(mut self, backend: Box<dyn Backend>) -> Self {
@@ -129,6 +167,14 @@ impl DangerousConfig {
     /// the seed: only for tests and simulations.
     pub fn env(mut self, env: Env) -> Self {
         self.0.env = Some(env);
+        self
+    }
+
+    /// Argon2id costs for key exports made by this store (default 64 MiB,
+    /// 3 passes). Lower costs make a stolen export cheaper to brute-force:
+    /// only for tests.
+    pub fn export_kdf(mut self, params: KdfParams) -> Self {
+        self.0.export_kdf = params;
         self
     }
 

@@ -19,6 +19,24 @@ pub enum Error {
     /// A read failed.
     #[error(transparent)]
     Read(#[from] ReadError),
+    /// A key operation failed.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+}
+
+/// A key operation (export, rotation, purge) failed; nothing changed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The store was created with `encrypt(false)` and has no keys.
+    #[error("this store does not encrypt, so it has no keys")]
+    NotEncrypted,
+    /// The store is closed or its key manager is restarting.
+    #[error("the store is closed")]
+    Closed,
+    /// The operation failed.
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// Opening a store failed; nothing in the store was changed.
@@ -68,6 +86,21 @@ pub enum OpenError {
         path: PathBuf,
         /// What is wrong.
         detail: String,
+    },
+    /// A key export given with `Config::key` cannot be used.
+    #[error("cannot use the key export: {0}")]
+    Import(#[source] persist_core::export::ExportError),
+    /// A key export of another store was given for an existing store.
+    #[error(
+        "the key export is for store {export}, but {path} holds store {store}; nothing was changed"
+    )]
+    ImportForOtherStore {
+        /// The store directory.
+        path: PathBuf,
+        /// The store it holds.
+        store: persist_core::StoreId,
+        /// The store of the export.
+        export: persist_core::StoreId,
     },
     /// The actors could not start.
     #[error("the store could not start: {0}")]

@@ -50,21 +50,25 @@
 //! # }
 //! ```
 
+mod bootstrap;
 mod codec;
 mod config;
+mod crypto;
 mod env;
 mod error;
 mod kek;
 mod store;
 
 pub use config::{Config, DangerousConfig};
-pub use error::{Error, OpenError, ReadError, WriteError};
+pub use crypto::{Crypto, DangerousCrypto, KeyExport, Passphrase, Rotation};
+pub use error::{Error, KeyError, OpenError, ReadError, WriteError};
 pub use kek::{KekError, KeySource};
 pub use persist_core::env::{Clock, Entropy, Env, ManualClock, SeededEntropy};
+pub use persist_core::export::{ExportError, KdfParams};
 pub use persist_core::record::{PATH_BYTES_MAX, PathError, VALUE_BYTES_MAX};
 pub use persist_core::{DeviceId, StoreId};
 pub use persist_storage::{Backend, MemoryBackend};
 pub use store::{
-    Batch, Change, DB_FILE, EpochStatus, Lagged, Status, Store, StoreInfo, WATCH_BUFFER_MAX,
-    WRITES_IN_FLIGHT_MAX,
+    Batch, Change, DB_FILE, EpochStatus, Lagged, RotationStatus, Status, Store, StoreInfo,
+    WATCH_BUFFER_MAX, WRITES_IN_FLIGHT_MAX,
 };

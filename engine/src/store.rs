@@ -4,32 +4,29 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use futures::Stream;
-use persist_actors::key_manager::KeyManagerArgs;
+use persist_actors::rotator::RotationProgress;
 use persist_actors::sealer::SealerMsg;
 use persist_actors::{
-    CommitReport, KeySet, OpenRecordError, Routes, StoreArgs, StoreSupervisor, SupervisorMsg,
-    WriteOp,
+    CommitReport, KeyHandle, KeySet, OpenRecordError, Routes, StoreArgs, StoreSupervisor,
+    SupervisorMsg, WriteOp,
 };
-use persist_core::env::Env;
-use persist_core::hlc::Hlc;
-use persist_core::keyring::{EpochState, Keyring};
-use persist_core::keys::{DeviceIdentity, Secret32};
+use persist_core::export::KdfParams;
+use persist_core::keyring::EpochState;
 use persist_core::record::{VALUE_BYTES_MAX, validate_path};
 use persist_core::{DeviceId, Epoch, Locator, StoreId};
 use persist_storage::{LocalDb, Row};
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorRef};
-use rand_core::Rng;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tokio::sync::{Semaphore, broadcast};
+use tokio::sync::{Semaphore, broadcast, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
+use crate::bootstrap::{BootConfig, bootstrap};
 use crate::config::Config;
 use crate::error::{OpenError, ReadError, WriteError};
-use crate::kek::{self, KeyLocation};
 use crate::{codec, env};
 
 /// File name of the database inside a store directory.
@@ -45,13 +42,6 @@ pub const WATCH_BUFFER_MAX: usize = 1024;
 /// Records read per page when listing.
 const LIST_PAGE_RECORDS: usize = 1024;
 
-const META_STORE_ID: &str = "store_id";
-const META_DEVICE_ID: &str = "device_id";
-const META_ENCRYPTED: &str = "encrypted";
-const META_KEYRING: &str = "keyring";
-const META_NAME: &str = "name";
-const META_KEY_LOCATION: &str = "key_location";
-
 /// An open store. Cheap to clone; all clones share one actor tree.
 #[derive(Clone)]
 pub struct Store {
@@ -60,7 +50,9 @@ pub struct Store {
 
 struct Inner {
     db: Arc<LocalDb>,
-    keys: Arc<KeySet>,
+    keys: KeyHandle,
+    progress: Arc<watch::Sender<RotationProgress>>,
+    export_kdf: KdfParams,
     routes: Routes,
     supervisor: ActorRef<SupervisorMsg>,
     changes: broadcast::Sender<Change>,
@@ -116,6 +108,30 @@ pub struct Status {
     pub epochs: Vec<EpochStatus>,
     /// Where the device key lives.
     pub key_source: Option<String>,
+    /// Background re-encryption after a rotation.
+    pub rotation: RotationStatus,
+}
+
+/// Progress of the background re-encryption after a rotation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct RotationStatus {
+    /// Whether records under older epochs remain to be resealed.
+    pub active: bool,
+    /// Records resealed since the store was opened.
+    pub done: u64,
+    /// `done` plus the records still to reseal.
+    pub total: u64,
+}
+
+impl From<RotationProgress> for RotationStatus {
+    fn from(p: RotationProgress) -> Self {
+        Self {
+            active: p.active,
+            done: p.done,
+            total: p.total,
+        }
+    }
 }
 
 /// One epoch in a [`Status`].
@@ -239,33 +255,46 @@ impl Store {
         let env = config.env.clone().unwrap_or_else(env::system);
         let dir = config.path.clone();
         ensure_dir(&dir)?;
-        let Config { backend, .. } = config;
-        let config_rest = ConfigView {
-            path: dir.clone(),
-            name: config.name,
-            encrypt: config.encrypt,
-            key_source: config.key_source,
-            key_dir: config.key_dir,
-            max_drift_ms: u64::try_from(config.max_clock_drift.as_millis()).unwrap_or(u64::MAX),
-        };
+        let key_dir = config.default_key_dir();
+        let Config {
+            backend,
+            name,
+            encrypt,
+            key_source,
+            max_clock_drift,
+            import,
+            export_kdf,
+            ..
+        } = config;
         let db = Arc::new(LocalDb::open(&dir.join(DB_FILE), backend)?);
-        let boot = bootstrap(&db, &config_rest, &env)?;
+        let boot_config = BootConfig {
+            path: dir.clone(),
+            name,
+            encrypt,
+            key_source,
+            key_dir,
+            import,
+        };
+        let boot = bootstrap(&db, &boot_config, &env)?;
         let (hlc_mark, seq_mark) =
             persist_actors::read_marks(&db).map_err(|e| OpenError::Corrupted {
                 path: dir.clone(),
                 detail: e.to_string(),
             })?;
         let routes = Routes::default();
+        let keys = KeyHandle::new(boot.keys);
+        let (progress, _) = watch::channel(RotationProgress::default());
+        let progress = Arc::new(progress);
         let args = StoreArgs {
             db: db.clone(),
             env,
-            key_manager: KeyManagerArgs {
-                keyring: boot.keyring.map(Arc::new),
-                keys: boot.keys.clone(),
-            },
+            store_id: boot.info.store_id,
+            kek: boot.kek.map(Arc::new),
+            keys: keys.clone(),
+            progress: progress.clone(),
             hlc_mark,
             seq_mark,
-            max_drift_ms: config_rest.max_drift_ms,
+            max_drift_ms: u64::try_from(max_clock_drift.as_millis()).unwrap_or(u64::MAX),
             routes: routes.clone(),
         };
         let (supervisor, _) = Actor::spawn(None, StoreSupervisor, args)
@@ -281,14 +310,35 @@ impl Store {
         Ok(Store {
             inner: Arc::new(Inner {
                 db,
-                keys: boot.keys,
+                keys,
+                progress,
                 routes,
                 supervisor,
                 changes,
                 writes_in_flight: Semaphore::new(WRITES_IN_FLIGHT_MAX),
                 info: boot.info,
+                export_kdf,
             }),
         })
+    }
+
+    /// Key export, rotation and purge.
+    pub fn crypto(&self) -> crate::crypto::Crypto<'_> {
+        crate::crypto::Crypto { store: self }
+    }
+
+    pub(crate) fn key_manager(
+        &self,
+    ) -> Option<ractor::ActorRef<persist_actors::key_manager::KeyManagerMsg>> {
+        self.inner.routes.key_manager()
+    }
+
+    pub(crate) fn export_kdf(&self) -> KdfParams {
+        self.inner.export_kdf
+    }
+
+    pub(crate) fn rotation_progress(&self) -> watch::Receiver<RotationProgress> {
+        self.inner.progress.subscribe()
     }
 
     /// Facts about this store.
@@ -328,7 +378,7 @@ impl Store {
     /// The value at `path` decoded as `T`, or `None` if there is none.
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<Option<T>, ReadError> {
         validate_path(path)?;
-        let keys = &self.inner.keys;
+        let keys = self.inner.keys.current();
         let locator = keys.locator(path);
         let txn = self.inner.db.begin_read().map_err(storage_read_error)?;
         let Some(row) = txn
@@ -340,7 +390,7 @@ impl Store {
         if row.tombstone {
             return Ok(None);
         }
-        let record = open_row(keys, &locator, &row).map_err(|e| ReadError::Integrity {
+        let record = open_row(&keys, &locator, &row).map_err(|e| ReadError::Integrity {
             what: path.to_owned(),
             detail: e.to_string(),
         })?;
@@ -356,7 +406,7 @@ impl Store {
         &self,
         prefix: &str,
     ) -> Result<Vec<(String, T)>, ReadError> {
-        let keys = &self.inner.keys;
+        let keys = self.inner.keys.current();
         let txn = self.inner.db.begin_read().map_err(storage_read_error)?;
         let mut out = Vec::new();
         let mut after: Option<Locator> = None;
@@ -370,7 +420,7 @@ impl Store {
                 if row.tombstone {
                     continue;
                 }
-                let record = open_row(keys, locator, row).map_err(|e| ReadError::Integrity {
+                let record = open_row(&keys, locator, row).map_err(|e| ReadError::Integrity {
                     what: format!("locator {locator}"),
                     detail: e.to_string(),
                 })?;
@@ -428,7 +478,8 @@ impl Store {
             name: info.name.clone(),
             records,
             encrypted: info.encrypted,
-            current_epoch: self.inner.keys.current_epoch().0,
+            current_epoch: self.inner.keys.current().current_epoch().0,
+            rotation: RotationStatus::from(*self.inner.progress.borrow()),
             epochs,
             key_source: info.key_location.clone(),
         })
@@ -490,166 +541,6 @@ impl Store {
         }
         Ok(())
     }
-}
-
-/// The parts of [`Config`] that bootstrap reads.
-struct ConfigView {
-    path: PathBuf,
-    name: String,
-    encrypt: bool,
-    key_source: kek::KeySource,
-    key_dir: Option<PathBuf>,
-    max_drift_ms: u64,
-}
-
-impl ConfigView {
-    fn key_dir(&self) -> PathBuf {
-        if let Some(d) = &self.key_dir {
-            return d.clone();
-        }
-        Config::new(&self.path).default_key_dir()
-    }
-}
-
-struct Boot {
-    keyring: Option<Keyring>,
-    keys: Arc<KeySet>,
-    info: StoreInfo,
-}
-
-/// Creates the store's identity and keys, or loads them.
-fn bootstrap(db: &LocalDb, cfg: &ConfigView, env: &Env) -> Result<Boot, OpenError> {
-    let corrupted = |detail: String| OpenError::Corrupted {
-        path: cfg.path.clone(),
-        detail,
-    };
-    let txn = db.begin_read().map_err(|e| corrupted(e.to_string()))?;
-    let meta = |k: &str| txn.meta(k).map_err(|e| corrupted(e.to_string()));
-    let Some(store_id) = meta(META_STORE_ID)? else {
-        drop(txn);
-        return create(db, cfg, env);
-    };
-    let store_id = StoreId(
-        store_id
-            .try_into()
-            .map_err(|_| corrupted("store id is not 16 bytes".into()))?,
-    );
-    let device_id = DeviceId(
-        meta(META_DEVICE_ID)?
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| corrupted("device id missing".into()))?,
-    );
-    let encrypted = meta(META_ENCRYPTED)?.as_deref() != Some(&[0]);
-    if encrypted != cfg.encrypt {
-        return Err(OpenError::EncryptionMismatch {
-            path: cfg.path.clone(),
-            stored: encrypted,
-        });
-    }
-    let name = meta(META_NAME)?
-        .and_then(|b| String::from_utf8(b).ok())
-        .unwrap_or_default();
-    if !encrypted {
-        return Ok(Boot {
-            keyring: None,
-            keys: Arc::new(KeySet::plain(store_id, device_id)),
-            info: StoreInfo {
-                store_id,
-                device_id,
-                name,
-                path: cfg.path.clone(),
-                encrypted,
-                key_location: None,
-            },
-        });
-    }
-    let sealed = meta(META_KEYRING)?.ok_or_else(|| corrupted("keyring missing".into()))?;
-    let (kek, location) = kek::load(&cfg.key_source, &cfg.key_dir(), &store_id.to_string())?;
-    let kek = Secret32::from_bytes(*kek.as_bytes());
-    let keyring = Keyring::open(&sealed, &store_id, &kek).map_err(|_| OpenError::WrongKey {
-        path: cfg.path.clone(),
-        location: location.to_string(),
-    })?;
-    if keyring.device_id() != device_id {
-        return Err(corrupted("keyring belongs to another device".into()));
-    }
-    Ok(Boot {
-        keys: Arc::new(KeySet::from_keyring(&keyring)),
-        keyring: Some(keyring),
-        info: StoreInfo {
-            store_id,
-            device_id,
-            name,
-            path: cfg.path.clone(),
-            encrypted,
-            key_location: Some(location.to_string()),
-        },
-    })
-}
-
-fn create(db: &LocalDb, cfg: &ConfigView, env: &Env) -> Result<Boot, OpenError> {
-    let mut rng = env.entropy.stream("bootstrap");
-    let identity = DeviceIdentity::generate(&mut rng);
-    let device_id = identity.device_id();
-    let now = Hlc {
-        ms: env.clock.now_ms(),
-        counter: 0,
-    };
-    let storage_err = |e: persist_storage::StorageError| OpenError::Corrupted {
-        path: cfg.path.clone(),
-        detail: e.to_string(),
-    };
-    let mut txn = db.begin_write().map_err(storage_err)?;
-    let (keyring, store_id, key_location) = if cfg.encrypt {
-        let ring = Keyring::create(identity, &cfg.name, now, &mut rng);
-        // The key is made before anything is written, so a failure here
-        // leaves no half-created store behind.
-        let (kek, location) = kek::create(
-            &cfg.key_source,
-            &cfg.key_dir(),
-            &ring.store_id.to_string(),
-            &mut rng,
-        )?;
-        let kek = Secret32::from_bytes(*kek.as_bytes());
-        txn.set_meta(META_KEYRING, &ring.seal(&kek, &mut rng))
-            .map_err(storage_err)?;
-        let store_id = ring.store_id;
-        (Some(ring), store_id, Some(location))
-    } else {
-        let mut id = [0u8; 16];
-        rng.fill_bytes(&mut id);
-        (None, StoreId(id), None)
-    };
-    txn.set_meta(META_STORE_ID, store_id.as_bytes())
-        .map_err(storage_err)?;
-    txn.set_meta(META_DEVICE_ID, device_id.as_bytes())
-        .map_err(storage_err)?;
-    txn.set_meta(META_ENCRYPTED, &[u8::from(cfg.encrypt)])
-        .map_err(storage_err)?;
-    txn.set_meta(META_NAME, cfg.name.as_bytes())
-        .map_err(storage_err)?;
-    if let Some(loc) = &key_location {
-        txn.set_meta(META_KEY_LOCATION, loc.to_string().as_bytes())
-            .map_err(storage_err)?;
-    }
-    txn.commit().map_err(storage_err)?;
-    tracing::info!(store = %store_id, device = %device_id, "created a new store");
-    let keys = match &keyring {
-        Some(r) => KeySet::from_keyring(r),
-        None => KeySet::plain(store_id, device_id),
-    };
-    Ok(Boot {
-        keyring,
-        keys: Arc::new(keys),
-        info: StoreInfo {
-            store_id,
-            device_id,
-            name: cfg.name.clone(),
-            path: cfg.path.clone(),
-            encrypted: cfg.encrypt,
-            key_location: key_location.as_ref().map(KeyLocation::to_string),
-        },
-    })
 }
 
 fn ensure_dir(dir: &Path) -> Result<(), OpenError> {

@@ -71,8 +71,9 @@
 //! 5. `"\0live_rows"` equals the number of rows that are not tombstones.
 //!
 //! Counters and the change log are written in the same transaction as the
-//! rows they describe, so a crash cannot separate them. A write that meets a
-//! damaged row refuses to replace it rather than guess the counts.
+//! rows they describe, so a crash cannot separate them. A write that
+//! replaces a damaged row heals it, and recounts every row rather than trust
+//! the damaged header.
 //!
 //! # Limits
 //!

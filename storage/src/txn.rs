@@ -161,8 +161,8 @@ impl ReadTxn {
 /// The one write transaction. Nothing it does is visible to readers, or
 /// durable, before [`WriteTxn::commit`]; dropping it aborts.
 ///
-/// After an error other than [`StorageError::CorruptRow`],
-/// [`StorageError::EnvelopeTooLarge`] or [`StorageError::ReservedMetaKey`]
+/// After an error other than [`StorageError::EnvelopeTooLarge`] or
+/// [`StorageError::ReservedMetaKey`] from a write, or any error from a read
 /// (which change nothing), the transaction refuses to commit.
 pub struct WriteTxn {
     txn: redb::WriteTransaction,
@@ -199,6 +199,7 @@ impl WriteTxn {
                 live_rows,
                 committed_seq,
                 appended: Vec::new(),
+                recounted: None,
                 epoch_deltas: BTreeMap::new(),
             },
             scratch: Vec::new(),
@@ -296,7 +297,7 @@ impl WriteTxn {
     /// Writes the change log appends, epoch counts and counters.
     fn write_bookkeeping(&mut self) -> Result<(), StorageError> {
         let book = &mut self.book;
-        if book.appended.is_empty() {
+        if book.appended.is_empty() && book.recounted.is_none() {
             debug_assert!(
                 book.epoch_deltas.is_empty(),
                 "every row change appends to the change log"
@@ -311,6 +312,12 @@ impl WriteTxn {
         }
         {
             let mut counts = self.txn.open_table(EPOCH_COUNTS)?;
+            if let Some(recounted) = &book.recounted {
+                counts.retain(|_, _| false)?;
+                for (&epoch, &count) in recounted {
+                    counts.insert(epoch, count)?;
+                }
+            }
             for (&epoch, &delta) in &book.epoch_deltas {
                 let stored = counts.get(epoch)?.map_or(0, |count| count.value());
                 let count = stored.checked_add_signed(delta).ok_or_else(|| {
@@ -360,9 +367,9 @@ impl RecordsMut<'_> {
     /// counts and live count and appends the locator to the change log.
     /// Returns the change's sequence number.
     ///
-    /// Replacing a damaged row fails with [`StorageError::CorruptRow`] and
-    /// leaves it in place: its epoch and tombstone flag cannot be trusted, so
-    /// the counts could not be kept right.
+    /// Replacing a damaged row heals it. Its epoch and tombstone flag cannot
+    /// be trusted, so the counts are then recounted from every row, in
+    /// O(rows); see [`RecordsMut::recount`].
     pub fn put(&mut self, locator: &Locator, row: &Row) -> Result<u64, StorageError> {
         if row.envelope.len() > ENVELOPE_BYTES_MAX {
             return Err(StorageError::EnvelopeTooLarge {
@@ -376,11 +383,8 @@ impl RecordsMut<'_> {
             .table
             .insert(&locator.0, self.scratch.as_slice())
             .map_err(|err| failed(self.failed, err))?
-            .map(|old| row::verify(old.value()).ok_or_else(|| old.value().to_vec()));
-        let old = self.keep_damaged(locator, replaced)?;
-        self.book
-            .replace(old, Some(row.facts()))
-            .map_err(|err| failed(self.failed, err))?;
+            .map(|old| row::verify(old.value()));
+        self.account(replaced, Some(row.facts()))?;
         Ok(self.book.append(locator))
     }
 
@@ -388,39 +392,65 @@ impl RecordsMut<'_> {
     /// tombstone put). Returns the change sequence number, or `None` if there
     /// was no row, in which case nothing is logged.
     ///
-    /// A damaged row is left in place, as for [`RecordsMut::put`].
+    /// Removing a damaged row recounts, as [`RecordsMut::put`] does.
     pub fn remove(&mut self, locator: &Locator) -> Result<Option<u64>, StorageError> {
         let removed = self
             .table
             .remove(&locator.0)
             .map_err(|err| failed(self.failed, err))?
-            .map(|old| row::verify(old.value()).ok_or_else(|| old.value().to_vec()));
-        let Some(old) = self.keep_damaged(locator, removed)? else {
+            .map(|old| row::verify(old.value()));
+        if removed.is_none() {
             return Ok(None);
-        };
-        self.book
-            .replace(Some(old), None)
-            .map_err(|err| failed(self.failed, err))?;
+        }
+        self.account(removed, None)?;
         Ok(Some(self.book.append(locator)))
     }
 
-    /// Puts a damaged row that was just replaced or removed back, and reports
-    /// it; passes the facts of an intact one through.
-    fn keep_damaged(
+    /// Recomputes the live count and epoch counts from every row, in
+    /// O(rows). A damaged row counts as what its header claims; one whose
+    /// header is unreadable fails with [`StorageError::CorruptRow`].
+    ///
+    /// Puts and removes call this themselves when they replace a damaged row.
+    pub fn recount(&mut self) -> Result<(), StorageError> {
+        let (live_rows, counts) = self.count_rows()?;
+        self.book.live_rows = live_rows;
+        self.book.recounted = Some(counts);
+        self.book.epoch_deltas.clear();
+        Ok(())
+    }
+
+    /// Accounts for a put or remove: `old` is the replaced row (`Some(None)`
+    /// if it was damaged), `new` the row now stored.
+    fn account(
         &mut self,
-        locator: &Locator,
-        old: Option<Result<RowFacts, Vec<u8>>>,
-    ) -> Result<Option<RowFacts>, StorageError> {
+        old: Option<Option<RowFacts>>,
+        new: Option<RowFacts>,
+    ) -> Result<(), StorageError> {
         match old {
-            None => Ok(None),
-            Some(Ok(facts)) => Ok(Some(facts)),
-            Some(Err(damaged)) => {
-                self.table
-                    .insert(&locator.0, damaged.as_slice())
-                    .map_err(|err| failed(self.failed, err))?;
-                Err(StorageError::CorruptRow { locator: *locator })
-            }
+            // The damaged row is already replaced: failing now leaves rows
+            // the counters do not describe.
+            Some(None) => self.recount().map_err(|err| failed(self.failed, err)),
+            old => self
+                .book
+                .replace(old.flatten(), new)
+                .map_err(|err| failed(self.failed, err)),
         }
+    }
+
+    fn count_rows(&self) -> Result<(u64, BTreeMap<u32, u64>), StorageError> {
+        let mut live_rows = 0u64;
+        let mut counts = BTreeMap::new();
+        for entry in self.table.iter()? {
+            let (key, value) = entry?;
+            let facts = row::verify(value.value())
+                .or_else(|| row::claimed_facts(value.value()))
+                .ok_or(StorageError::CorruptRow {
+                    locator: Locator(key.value()),
+                })?;
+            live_rows += u64::from(!facts.tombstone);
+            *counts.entry(facts.epoch.0).or_insert(0u64) += 1;
+        }
+        Ok((live_rows, counts))
     }
 }
 
@@ -450,7 +480,9 @@ struct Bookkeeping {
     committed_seq: u64,
     /// Locators logged by this transaction, at `committed_seq + 1..`.
     appended: Vec<[u8; 32]>,
-    /// Change of each epoch's row count.
+    /// Every epoch's row count, if a recount replaced the stored ones.
+    recounted: Option<BTreeMap<u32, u64>>,
+    /// Change of each epoch's row count (since the recount, if any).
     epoch_deltas: BTreeMap<u32, i64>,
 }
 

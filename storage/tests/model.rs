@@ -21,6 +21,8 @@ enum Op {
     Remove {
         key: u8,
     },
+    /// Recount from every row: must agree with the maintained counts.
+    Recount,
     /// End the transaction: commit, or abort.
     End {
         commit: bool,
@@ -32,6 +34,7 @@ fn op() -> impl Strategy<Value = Op> {
         6 => (0u8..24, 1u32..5, any::<bool>(), 0usize..64)
             .prop_map(|(key, epoch, tombstone, len)| Op::Put { key, epoch, tombstone, len }),
         2 => (0u8..24).prop_map(|key| Op::Remove { key }),
+        1 => Just(Op::Recount),
         1 => any::<bool>().prop_map(|commit| Op::End { commit }),
     ]
 }
@@ -116,6 +119,7 @@ proptest! {
                         prop_assert_eq!(seq, None);
                     }
                 }
+                Op::Recount => txn.records().unwrap().recount().unwrap(),
                 Op::End { commit } => {
                     prop_assert_eq!(txn.last_change_seq(), pending.changes.len() as u64);
                     prop_assert_eq!(
@@ -137,6 +141,16 @@ proptest! {
         txn.commit().unwrap();
         check(&db, &pending, limit);
     }
+}
+
+#[test]
+fn handles_cross_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<LocalDb>();
+    send_sync::<MemoryBackend>();
+    send::<ReadTxn>();
+    send::<persist_storage::WriteTxn>();
 }
 
 #[test]

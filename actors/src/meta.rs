@@ -1,0 +1,22 @@
+//! Keys of the local database's meta table, shared by the engine's
+//! bootstrap and the actors.
+
+/// The store id (16 bytes, clear).
+pub const STORE_ID: &str = "store_id";
+/// This device's id (16 bytes, clear).
+pub const DEVICE_ID: &str = "device_id";
+/// `[1]` if records are encrypted, `[0]` if not.
+pub const ENCRYPTED: &str = "encrypted";
+/// The keyring sealed under the KEK.
+pub const KEYRING: &str = "keyring";
+/// This device's name (UTF-8).
+pub const NAME: &str = "name";
+/// Where the KEK was put when the store was created (UTF-8, a hint for
+/// error messages; never the key).
+pub const KEY_LOCATION: &str = "key_location";
+/// The Sealer's HLC high-water mark.
+pub const HLC: &str = "hlc";
+/// The Sealer's last sequence number.
+pub const SEQ: &str = "seq";
+/// The Rotator's cursor: the last locator resealed in the current pass.
+pub const ROTATION_CURSOR: &str = "rotation_cursor";

@@ -1,0 +1,323 @@
+//! Rotator: re-encrypts records sealed under old epochs, in the background.
+//!
+//! **Role.** After a rotation, walks the records table in locator order in
+//! slices of [`ROTATION_SLICE_RECORDS`], reseals every record under an
+//! older epoch with the current key (keeping its origin version, so a
+//! reseal never wins a conflict) and submits each slice to the
+//! StorageWriter as background work with compare-and-swap on
+//! (locator, version, epoch): a put or delete that lands in between always
+//! wins. The slice and the cursor commit together, so after a crash the
+//! Rotator resumes where the last durable slice ended. When a pass ends and
+//! no record under a rotating epoch remains (writes sealed under the old
+//! key just before the switch can appear behind the cursor, so it checks
+//! the per-epoch counts and runs another pass if needed), it asks
+//! KeyManager to retire those epochs.
+//!
+//! **Messages.** [`RotatorMsg::Start`] (from KeyManager after a rotation,
+//! and at every start, to resume); [`RotatorMsg::Step`], sent to itself.
+//!
+//! **Supervisor.** The store supervisor. **On failure** it is restarted
+//! and resumes from the persisted cursor.
+
+use std::sync::Arc;
+
+use persist_core::Locator;
+use persist_core::env::{Entropy, RngStream};
+use persist_core::envelope::{self, Envelope, Flags};
+use persist_storage::{LocalDb, Row};
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::watch;
+
+use crate::key_manager::KeyManagerMsg;
+use crate::keys::{KeyHandle, KeySet};
+use crate::meta;
+use crate::routes::Routes;
+use crate::storage_writer::{BACKGROUND_SLICE_WRITES_MAX, Marks, Priority, SealedWrite, WriterMsg};
+
+/// Records examined per slice. One slice is one background write batch, so
+/// it must fit in the writer's background share of a commit.
+pub const ROTATION_SLICE_RECORDS: usize = BACKGROUND_SLICE_WRITES_MAX;
+
+/// How far a rotation has come.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RotationProgress {
+    /// Whether records remain to be resealed.
+    pub active: bool,
+    /// Records resealed since the Rotator (re)started.
+    pub done: u64,
+    /// `done` plus the records still under older epochs it holds keys for.
+    pub total: u64,
+}
+
+/// Messages to the Rotator.
+pub enum RotatorMsg {
+    /// Begin (or continue) resealing.
+    Start,
+    /// Reseal the next slice.
+    Step,
+}
+
+/// What the Rotator starts from.
+#[derive(Clone)]
+pub struct RotatorArgs {
+    /// The database (read only: writes go through the StorageWriter).
+    pub db: Arc<LocalDb>,
+    /// The current keys.
+    pub keys: KeyHandle,
+    /// Where the writer and KeyManager are.
+    pub routes: Routes,
+    /// Randomness for seals.
+    pub entropy: Arc<dyn Entropy>,
+    /// Where progress is published.
+    pub progress: Arc<watch::Sender<RotationProgress>>,
+}
+
+/// The Rotator actor.
+pub struct Rotator;
+
+/// The Rotator's state.
+pub struct RotatorState {
+    args: RotatorArgs,
+    rng: RngStream,
+    running: bool,
+    cursor: Option<Locator>,
+    done: u64,
+    pass_applied: u64,
+}
+
+impl Actor for Rotator {
+    type Msg = RotatorMsg;
+    type State = RotatorState;
+    type Arguments = RotatorArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: RotatorArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let cursor = args
+            .db
+            .begin_read()?
+            .meta(meta::ROTATION_CURSOR)?
+            .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+            .map(Locator);
+        let rng = args.entropy.stream("rotator");
+        Ok(RotatorState {
+            args,
+            rng,
+            running: false,
+            cursor,
+            done: 0,
+            pass_applied: 0,
+        })
+    }
+
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        _state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        // Resume an interrupted rotation (a no-op pass check otherwise).
+        myself.cast(RotatorMsg::Start)?;
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            RotatorMsg::Start => {
+                if !state.running {
+                    state.running = true;
+                    myself.cast(RotatorMsg::Step)?;
+                }
+            }
+            RotatorMsg::Step => {
+                if state.step().await? {
+                    myself.cast(RotatorMsg::Step)?;
+                } else {
+                    state.running = false;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl RotatorState {
+    /// Reseals one slice. Returns whether there is more to do.
+    async fn step(&mut self) -> Result<bool, ActorProcessingErr> {
+        let keys = self.args.keys.current();
+        if keys.crypto.is_none() {
+            return Ok(false);
+        }
+        let page = self
+            .args
+            .db
+            .begin_read()?
+            .records_page(self.cursor.as_ref(), ROTATION_SLICE_RECORDS)?;
+        let end_of_pass = page.len() < ROTATION_SLICE_RECORDS;
+        let next_cursor = page.last().map(|(l, _)| *l);
+        let writes = self.reseal(&keys, &page);
+        let cursor_meta = match (end_of_pass, next_cursor) {
+            (false, Some(c)) => Some(c.0.to_vec()),
+            _ => None,
+        };
+        if !writes.is_empty() || self.cursor.is_some() {
+            let applied = self.submit(writes, cursor_meta).await?;
+            self.done += applied;
+            self.pass_applied += applied;
+        }
+        self.cursor = if end_of_pass { None } else { next_cursor };
+        let remaining = self.remaining(&keys)?;
+        if !end_of_pass {
+            self.publish(remaining);
+            return Ok(true);
+        }
+        let pass_applied = std::mem::take(&mut self.pass_applied);
+        if remaining > 0 && pass_applied > 0 {
+            // Records sealed under an old key behind the cursor: another pass.
+            self.publish(remaining);
+            return Ok(true);
+        }
+        if remaining > 0 {
+            // A whole pass resealed nothing: what is left cannot be opened
+            // (damaged records, logged above). Keep the old keys.
+            tracing::warn!(
+                remaining,
+                "rotation cannot reseal the remaining records; old epochs stay"
+            );
+        } else {
+            self.finish().await?;
+        }
+        // Published last, so that whoever waits for the end sees the old
+        // epochs already retired.
+        self.args.progress.send_replace(RotationProgress {
+            active: false,
+            done: self.done,
+            total: self.done + remaining,
+        });
+        Ok(false)
+    }
+
+    fn reseal(&mut self, keys: &KeySet, page: &[(Locator, Row)]) -> Vec<SealedWrite> {
+        let Some(ctx) = keys.seal_context() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (locator, row) in page {
+            if row.epoch == ctx.epoch || !keys.has_epoch(row.epoch) {
+                continue;
+            }
+            let expected = match Envelope::parse(&row.envelope) {
+                Ok(e) => e.header.precedence(),
+                Err(e) => {
+                    tracing::warn!(%locator, error = %e, "cannot reseal a damaged record; left as is");
+                    continue;
+                }
+            };
+            let record = match keys.open(locator, &row.envelope) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(%locator, error = %e, "cannot reseal a damaged record; left as is");
+                    continue;
+                }
+            };
+            let flags = Flags {
+                tombstone: row.tombstone,
+                resealed: true,
+            };
+            // Reseals are not new writes: they carry no sequence number.
+            let sealed = match envelope::seal(&ctx, locator, &record, flags, 0, &mut self.rng) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(%locator, error = %e, "cannot reseal a record; left as is");
+                    continue;
+                }
+            };
+            out.push(SealedWrite {
+                locator: *locator,
+                path: record.path,
+                value: Vec::new(),
+                row: Row {
+                    epoch: ctx.epoch,
+                    tombstone: row.tombstone,
+                    envelope: sealed,
+                },
+                expect: Some(expected),
+            });
+        }
+        out
+    }
+
+    async fn submit(
+        &self,
+        writes: Vec<SealedWrite>,
+        cursor: Option<Vec<u8>>,
+    ) -> Result<u64, ActorProcessingErr> {
+        let writer = self
+            .args
+            .routes
+            .writer()
+            .ok_or("storage writer is not running")?;
+        let outcome = writer
+            .call(
+                |reply| WriterMsg::Commit {
+                    writes,
+                    marks: Marks::default(),
+                    meta: vec![(meta::ROTATION_CURSOR, cursor)],
+                    priority: Priority::Background,
+                    reply,
+                },
+                None,
+            )
+            .await?;
+        match outcome {
+            CallResult::Success(Ok(report)) => Ok(report.applied.len() as u64),
+            CallResult::Success(Err(e)) => Err(e.into()),
+            _ => Err("storage writer stopped".into()),
+        }
+    }
+
+    /// Records still under an epoch older than the current one, that this
+    /// device could reseal.
+    fn remaining(&self, keys: &KeySet) -> Result<u64, ActorProcessingErr> {
+        let current = keys.current_epoch();
+        let counts = self.args.db.begin_read()?.epoch_counts()?;
+        Ok(counts
+            .iter()
+            .filter(|(e, _)| **e != current && keys.has_epoch(**e))
+            .map(|(_, n)| *n)
+            .sum())
+    }
+
+    fn publish(&self, remaining: u64) {
+        self.args.progress.send_replace(RotationProgress {
+            active: true,
+            done: self.done,
+            total: self.done + remaining,
+        });
+    }
+
+    async fn finish(&mut self) -> Result<(), ActorProcessingErr> {
+        let km = self
+            .args
+            .routes
+            .key_manager()
+            .ok_or("key manager is not running")?;
+        match km.call(KeyManagerMsg::RotationDone, None).await? {
+            CallResult::Success(Ok(retired)) => {
+                if !retired.is_empty() {
+                    tracing::info!(?retired, resealed = self.done, "rotation finished");
+                }
+                Ok(())
+            }
+            CallResult::Success(Err(e)) => Err(e.into()),
+            _ => Err("key manager stopped".into()),
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! Creating a store, loading one, and re-keying one from an export.
+//!
+//! Runs before the actor tree starts, so it writes the database directly:
+//! the StorageWriter is the only writer *while the store is open*. Every
+//! path checks everything it can (key, passphrase, store id) before it
+//! writes, so a failed open leaves the store exactly as it was.
+
+use std::path::PathBuf;
+
+use persist_actors::{KeySet, meta};
+use persist_core::env::Env;
+use persist_core::export::ExportedKeys;
+use persist_core::hlc::Hlc;
+use persist_core::keyring::Keyring;
+use persist_core::keys::{DeviceIdentity, Secret32};
+use persist_core::{DeviceId, StoreId};
+use persist_storage::{LocalDb, StorageError};
+use rand_core::Rng;
+use zeroize::Zeroizing;
+
+use crate::error::OpenError;
+use crate::kek::{self, KeySource};
+use crate::store::StoreInfo;
+
+/// The parts of the config bootstrap reads.
+pub(crate) struct BootConfig {
+    pub(crate) path: PathBuf,
+    pub(crate) name: String,
+    pub(crate) encrypt: bool,
+    pub(crate) key_source: KeySource,
+    pub(crate) key_dir: PathBuf,
+    pub(crate) import: Option<(Zeroizing<String>, Zeroizing<String>)>,
+}
+
+/// What an open store starts from.
+pub(crate) struct Boot {
+    pub(crate) kek: Option<Secret32>,
+    pub(crate) keys: KeySet,
+    pub(crate) info: StoreInfo,
+}
+
+/// Creates, loads or re-keys the store in `db`.
+pub(crate) fn bootstrap(db: &LocalDb, cfg: &BootConfig, env: &Env) -> Result<Boot, OpenError> {
+    let existing = read_existing(db, cfg)?;
+    let import = match &cfg.import {
+        Some((text, pass)) => Some(ExportedKeys::unwrap(text, pass).map_err(OpenError::Import)?),
+        None => None,
+    };
+    match (existing, import) {
+        (None, import) => create(db, cfg, env, import),
+        (Some(found), None) => load(cfg, found),
+        (Some(found), Some(keys)) => {
+            if keys.store_id != found.store_id {
+                return Err(OpenError::ImportForOtherStore {
+                    path: cfg.path.clone(),
+                    store: found.store_id,
+                    export: keys.store_id,
+                });
+            }
+            // This device may already hold the store's key (the import was
+            // done before); then the export is not needed.
+            match load(cfg, found.clone()) {
+                Ok(boot) => Ok(boot),
+                Err(OpenError::Key(_) | OpenError::WrongKey { .. }) => {
+                    rekey(db, cfg, env, found, keys)
+                }
+                Err(e) => Err(e),
+            }
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Existing {
+    store_id: StoreId,
+    device_id: DeviceId,
+    encrypted: bool,
+    name: String,
+    sealed_keyring: Option<Vec<u8>>,
+}
+
+fn corrupted(cfg: &BootConfig, detail: impl Into<String>) -> OpenError {
+    OpenError::Corrupted {
+        path: cfg.path.clone(),
+        detail: detail.into(),
+    }
+}
+
+fn storage(cfg: &BootConfig) -> impl Fn(StorageError) -> OpenError + '_ {
+    move |e| corrupted(cfg, e.to_string())
+}
+
+fn read_existing(db: &LocalDb, cfg: &BootConfig) -> Result<Option<Existing>, OpenError> {
+    let txn = db.begin_read().map_err(storage(cfg))?;
+    let meta_of = |k: &str| txn.meta(k).map_err(storage(cfg));
+    let Some(store_id) = meta_of(meta::STORE_ID)? else {
+        return Ok(None);
+    };
+    let store_id = StoreId(
+        store_id
+            .try_into()
+            .map_err(|_| corrupted(cfg, "store id is not 16 bytes"))?,
+    );
+    let device_id = DeviceId(
+        meta_of(meta::DEVICE_ID)?
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| corrupted(cfg, "device id missing"))?,
+    );
+    let encrypted = meta_of(meta::ENCRYPTED)?.as_deref() != Some(&[0]);
+    if encrypted != cfg.encrypt {
+        return Err(OpenError::EncryptionMismatch {
+            path: cfg.path.clone(),
+            stored: encrypted,
+        });
+    }
+    let name = meta_of(meta::NAME)?
+        .and_then(|b| String::from_utf8(b).ok())
+        .unwrap_or_default();
+    let sealed_keyring = meta_of(meta::KEYRING)?;
+    if encrypted && sealed_keyring.is_none() {
+        return Err(corrupted(cfg, "keyring missing"));
+    }
+    Ok(Some(Existing {
+        store_id,
+        device_id,
+        encrypted,
+        name,
+        sealed_keyring,
+    }))
+}
+
+fn load(cfg: &BootConfig, found: Existing) -> Result<Boot, OpenError> {
+    let info = |key_location| StoreInfo {
+        store_id: found.store_id,
+        device_id: found.device_id,
+        name: found.name.clone(),
+        path: cfg.path.clone(),
+        encrypted: found.encrypted,
+        key_location,
+    };
+    let Some(sealed) = &found.sealed_keyring else {
+        return Ok(Boot {
+            kek: None,
+            keys: KeySet::plain(found.store_id, found.device_id),
+            info: info(None),
+        });
+    };
+    let (kek, location) = kek::load(&cfg.key_source, &cfg.key_dir, &found.store_id.to_string())?;
+    let kek = Secret32::from_bytes(*kek.as_bytes());
+    let keyring =
+        Keyring::open(sealed, &found.store_id, &kek).map_err(|_| OpenError::WrongKey {
+            path: cfg.path.clone(),
+            location: location.to_string(),
+        })?;
+    if keyring.device_id() != found.device_id {
+        return Err(corrupted(cfg, "keyring belongs to another device"));
+    }
+    Ok(Boot {
+        kek: Some(kek),
+        keys: KeySet::from_keyring(&keyring),
+        info: info(Some(location.to_string())),
+    })
+}
+
+/// A new store: fresh keys, or the keys of an export on an empty directory.
+fn create(
+    db: &LocalDb,
+    cfg: &BootConfig,
+    env: &Env,
+    import: Option<ExportedKeys>,
+) -> Result<Boot, OpenError> {
+    let mut rng = env.entropy.stream("bootstrap");
+    let identity = DeviceIdentity::generate(&mut rng);
+    let device_id = identity.device_id();
+    let now = Hlc {
+        ms: env.clock.now_ms(),
+        counter: 0,
+    };
+    if !cfg.encrypt {
+        if import.is_some() {
+            return Err(OpenError::EncryptionMismatch {
+                path: cfg.path.clone(),
+                stored: false,
+            });
+        }
+        let mut id = [0u8; 16];
+        rng.fill_bytes(&mut id);
+        let store_id = StoreId(id);
+        let mut txn = db.begin_write().map_err(storage(cfg))?;
+        write_identity(&mut txn, store_id, device_id, false, &cfg.name).map_err(storage(cfg))?;
+        txn.commit().map_err(storage(cfg))?;
+        return Ok(Boot {
+            kek: None,
+            keys: KeySet::plain(store_id, device_id),
+            info: new_info(cfg, store_id, device_id, false, None),
+        });
+    }
+    let imported = import.is_some();
+    let ring = match import {
+        Some(keys) => Keyring::from_export(identity, keys, &cfg.name, now),
+        None => Keyring::create(identity, &cfg.name, now, &mut rng),
+    };
+    let boot = seal_and_write(db, cfg, &ring, &mut rng)?;
+    if imported {
+        tracing::info!(store = %ring.store_id, device = %device_id,
+            "joined a store from a key export; its records arrive with sync");
+    } else {
+        tracing::info!(store = %ring.store_id, device = %device_id, "created a new store");
+    }
+    Ok(boot)
+}
+
+/// A copied database opened on a new device: this device takes its own
+/// identity and KEK and the store's keys from the export.
+fn rekey(
+    db: &LocalDb,
+    cfg: &BootConfig,
+    env: &Env,
+    found: Existing,
+    keys: ExportedKeys,
+) -> Result<Boot, OpenError> {
+    let mut rng = env.entropy.stream("bootstrap");
+    let identity = DeviceIdentity::generate(&mut rng);
+    let now = Hlc {
+        ms: env.clock.now_ms(),
+        counter: 0,
+    };
+    let name = if cfg.name.is_empty() {
+        found.name
+    } else {
+        cfg.name.clone()
+    };
+    let ring = Keyring::from_export(identity, keys, &name, now);
+    let cfg_named = BootConfig {
+        path: cfg.path.clone(),
+        name,
+        encrypt: true,
+        key_source: cfg.key_source.clone(),
+        key_dir: cfg.key_dir.clone(),
+        import: None,
+    };
+    let boot = seal_and_write(db, &cfg_named, &ring, &mut rng)?;
+    tracing::info!(store = %ring.store_id, device = %ring.device_id(),
+        "opened a copied store with imported keys under a new device identity");
+    Ok(boot)
+}
+
+/// Makes a KEK, seals `ring` under it, and writes the identity and keyring.
+/// The KEK is made first, so a failure leaves nothing half-written.
+fn seal_and_write(
+    db: &LocalDb,
+    cfg: &BootConfig,
+    ring: &Keyring,
+    rng: &mut persist_core::env::RngStream,
+) -> Result<Boot, OpenError> {
+    let (kek, location) = kek::create(
+        &cfg.key_source,
+        &cfg.key_dir,
+        &ring.store_id.to_string(),
+        rng,
+    )?;
+    let kek = Secret32::from_bytes(*kek.as_bytes());
+    let mut txn = db.begin_write().map_err(storage(cfg))?;
+    txn.set_meta(meta::KEYRING, &ring.seal(&kek, rng))
+        .map_err(storage(cfg))?;
+    write_identity(&mut txn, ring.store_id, ring.device_id(), true, &cfg.name)
+        .map_err(storage(cfg))?;
+    txn.set_meta(meta::KEY_LOCATION, location.to_string().as_bytes())
+        .map_err(storage(cfg))?;
+    txn.commit().map_err(storage(cfg))?;
+    Ok(Boot {
+        keys: KeySet::from_keyring(ring),
+        info: new_info(
+            cfg,
+            ring.store_id,
+            ring.device_id(),
+            true,
+            Some(location.to_string()),
+        ),
+        kek: Some(kek),
+    })
+}
+
+fn write_identity(
+    txn: &mut persist_storage::WriteTxn,
+    store_id: StoreId,
+    device_id: DeviceId,
+    encrypted: bool,
+    name: &str,
+) -> Result<(), StorageError> {
+    txn.set_meta(meta::STORE_ID, store_id.as_bytes())?;
+    txn.set_meta(meta::DEVICE_ID, device_id.as_bytes())?;
+    txn.set_meta(meta::ENCRYPTED, &[u8::from(encrypted)])?;
+    txn.set_meta(meta::NAME, name.as_bytes())
+}
+
+fn new_info(
+    cfg: &BootConfig,
+    store_id: StoreId,
+    device_id: DeviceId,
+    encrypted: bool,
+    key_location: Option<String>,
+) -> StoreInfo {
+    StoreInfo {
+        store_id,
+        device_id,
+        name: cfg.name.clone(),
+        path: cfg.path.clone(),
+        encrypted,
+        key_location,
+    }
+}

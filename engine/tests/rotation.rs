@@ -1,0 +1,231 @@
+//! Key rotation: background re-encryption that loses nothing and never
+//! overwrites a concurrent write.
+
+use std::collections::BTreeMap;
+
+use persist::{Config, KdfParams, Store};
+
+fn config(dir: &std::path::Path) -> Config {
+    Config::new(dir.join("store"))
+        .key_file(dir.join("keys/device.key"))
+        .dangerous()
+        .export_kdf(KdfParams::insecure_for_tests())
+        .done()
+}
+
+fn epochs(status: &persist::Status) -> BTreeMap<u32, (&'static str, u64)> {
+    status
+        .epochs
+        .iter()
+        .map(|e| (e.epoch, (e.state, e.records)))
+        .collect()
+}
+
+/// After a rotation finishes, every record is under the new epoch, reads
+/// back byte-identical, and the old epoch is retired with no records.
+#[tokio::test(flavor = "multi_thread")]
+async fn rotation_reseals_everything_and_retires_the_old_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).await.unwrap();
+    let n = 3_000u32;
+    let mut batch = store.batch();
+    for i in 0..n {
+        batch.put(&format!("r/{i}"), &format!("value {i}"));
+    }
+    batch.commit().await.unwrap();
+    store.delete("r/0").await.unwrap();
+
+    let rotation = store.crypto().rotate_key().await.unwrap();
+    assert_eq!(rotation.epoch(), 2);
+    let done = rotation.wait().await.unwrap();
+    assert!(!done.active);
+
+    let status = store.status().await.unwrap();
+    assert_eq!(status.current_epoch, 2);
+    let e = epochs(&status);
+    assert_eq!(e[&1], ("retired", 0), "{e:?}");
+    assert_eq!(
+        e[&2],
+        ("current", u64::from(n)),
+        "tombstone included: {e:?}"
+    );
+    assert_eq!(status.records, u64::from(n - 1));
+    for i in 1..n {
+        let v: Option<String> = store.get(&format!("r/{i}")).await.unwrap();
+        assert_eq!(v.as_deref(), Some(format!("value {i}").as_str()));
+    }
+    assert_eq!(store.get::<String>("r/0").await.unwrap(), None);
+
+    assert_eq!(store.crypto().purge_retired_keys().await.unwrap(), vec![1]);
+    let status = store.status().await.unwrap();
+    assert_eq!(epochs(&status)[&1].0, "purged");
+    store.close().await.unwrap();
+
+    let store = Store::open(config(dir.path())).await.unwrap();
+    assert_eq!(
+        store.get::<String>("r/7").await.unwrap().as_deref(),
+        Some("value 7")
+    );
+    assert_eq!(store.status().await.unwrap().current_epoch, 2);
+    store.close().await.unwrap();
+}
+
+/// Puts and deletes issued while a rotation runs all survive: a reseal
+/// never replaces a newer write.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_writes_win_over_reseals() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).await.unwrap();
+    let n = 4_000u32;
+    let mut batch = store.batch();
+    for i in 0..n {
+        batch.put(&format!("k/{i}"), &0u32);
+    }
+    batch.commit().await.unwrap();
+    let rotation = store.crypto().rotate_key().await.unwrap();
+    // Overwrite every third record and delete every seventh while the
+    // Rotator walks the table.
+    for i in (0..n).step_by(3) {
+        store.put(&format!("k/{i}"), &1u32).await.unwrap();
+    }
+    for i in (0..n).step_by(7) {
+        store.delete(&format!("k/{i}")).await.unwrap();
+    }
+    rotation.wait().await.unwrap();
+    for i in 0..n {
+        let got: Option<u32> = store.get(&format!("k/{i}")).await.unwrap();
+        let want = if i % 7 == 0 {
+            None
+        } else if i % 3 == 0 {
+            Some(1)
+        } else {
+            Some(0)
+        };
+        assert_eq!(got, want, "k/{i}");
+    }
+    let e = epochs(&store.status().await.unwrap());
+    assert_eq!(e[&1], ("retired", 0), "{e:?}");
+    store.close().await.unwrap();
+}
+
+/// Rotating again while a rotation runs moves two epochs on and one pass
+/// finishes both.
+#[tokio::test(flavor = "multi_thread")]
+async fn rotating_twice_in_a_row() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).await.unwrap();
+    let mut batch = store.batch();
+    for i in 0..2_000u32 {
+        batch.put(&format!("k/{i}"), &i);
+    }
+    batch.commit().await.unwrap();
+    let first = store.crypto().rotate_key().await.unwrap();
+    let second = store.crypto().rotate_key().await.unwrap();
+    assert_eq!((first.epoch(), second.epoch()), (2, 3));
+    second.wait().await.unwrap();
+    let e = epochs(&store.status().await.unwrap());
+    assert_eq!(e[&1], ("retired", 0), "{e:?}");
+    assert_eq!(e[&2], ("retired", 0), "{e:?}");
+    assert_eq!(e[&3], ("current", 2_000), "{e:?}");
+    assert_eq!(store.get::<u32>("k/1999").await.unwrap(), Some(1999));
+    store.close().await.unwrap();
+}
+
+/// An export opens the store's records on a new device (a copied
+/// database), and an empty directory joins the store with no records.
+#[tokio::test(flavor = "multi_thread")]
+async fn export_import_on_a_copy_and_on_an_empty_dir() {
+    let a = tempfile::tempdir().unwrap();
+    let store = Store::open(config(a.path())).await.unwrap();
+    store.put("x", &"one").await.unwrap();
+    store
+        .crypto()
+        .rotate_key()
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    store.put("y", &"two").await.unwrap();
+    let export = store.crypto().export_key().await.unwrap();
+    let pass = export.passphrase.as_ref().unwrap().expose().to_owned();
+    let store_id = store.info().store_id;
+    let device_a = store.info().device_id;
+    store.close().await.unwrap();
+
+    // A copy of the database, new key directory.
+    let b = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(b.path().join("store")).unwrap();
+    std::fs::copy(
+        a.path().join("store").join(persist::DB_FILE),
+        b.path().join("store").join(persist::DB_FILE),
+    )
+    .unwrap();
+    let wrong = Store::open(config(b.path()).key(&export.export, "not it")).await;
+    assert!(
+        matches!(wrong, Err(persist::OpenError::Import(_))),
+        "wrong passphrase"
+    );
+    let copy = Store::open(config(b.path()).key(&export.export, &pass))
+        .await
+        .unwrap();
+    assert_eq!(copy.info().store_id, store_id);
+    assert_ne!(
+        copy.info().device_id,
+        device_a,
+        "a new device makes its own identity"
+    );
+    assert_eq!(
+        copy.get::<String>("x").await.unwrap().as_deref(),
+        Some("one")
+    );
+    assert_eq!(
+        copy.get::<String>("y").await.unwrap().as_deref(),
+        Some("two")
+    );
+    copy.close().await.unwrap();
+    // Reopening needs no export any more.
+    let copy = Store::open(config(b.path())).await.unwrap();
+    assert_eq!(
+        copy.get::<String>("y").await.unwrap().as_deref(),
+        Some("two")
+    );
+    copy.close().await.unwrap();
+
+    // An empty directory joins the store; records arrive with sync.
+    let c = tempfile::tempdir().unwrap();
+    let joined = Store::open(config(c.path()).key(&export.export, &pass))
+        .await
+        .unwrap();
+    assert_eq!(joined.info().store_id, store_id);
+    assert_eq!(joined.status().await.unwrap().records, 0);
+    assert_eq!(joined.status().await.unwrap().current_epoch, 2);
+    joined.close().await.unwrap();
+
+    // An export of another store for an existing store: refused, untouched.
+    let other = tempfile::tempdir().unwrap();
+    let other_store = Store::open(config(other.path())).await.unwrap();
+    let other_export = other_store.crypto().export_key_with("pw").await.unwrap();
+    other_store.close().await.unwrap();
+    let key_before = std::fs::read(b.path().join("keys/device.key")).unwrap();
+    let refused = Store::open(config(b.path()).key(&other_export.export, "pw")).await;
+    assert!(matches!(
+        refused,
+        Err(persist::OpenError::ImportForOtherStore { .. })
+    ));
+    assert!(
+        std::fs::read(b.path().join("keys/device.key")).unwrap() == key_before,
+        "a refused import leaves the device key alone"
+    );
+    let copy = Store::open(config(b.path())).await.unwrap();
+    assert_eq!(
+        copy.info().store_id,
+        store_id,
+        "a refused import leaves the store alone"
+    );
+    assert_eq!(
+        copy.get::<String>("x").await.unwrap().as_deref(),
+        Some("one")
+    );
+    copy.close().await.unwrap();
+}
