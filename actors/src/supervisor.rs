@@ -57,6 +57,8 @@ pub struct StoreArgs {
     pub max_drift_ms: u64,
     /// Where the children's addresses are published.
     pub routes: Routes,
+    /// A read-only store runs no Rotator: it never writes.
+    pub read_only: bool,
 }
 
 /// Messages to the supervisor.
@@ -104,6 +106,9 @@ impl Actor for StoreSupervisor {
             Child::Sealer,
             Child::Rotator,
         ] {
+            if child == Child::Rotator && state.args.read_only {
+                continue;
+            }
             state.start(myself.get_cell(), child).await?;
         }
         Ok(state)

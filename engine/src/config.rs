@@ -32,6 +32,7 @@ pub struct Config {
     pub(crate) env: Option<Env>,
     pub(crate) import: Option<(Zeroizing<String>, Zeroizing<String>)>,
     pub(crate) export_kdf: KdfParams,
+    pub(crate) read_only: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -45,6 +46,7 @@ impl std::fmt::Debug for Config {
             .field("max_clock_drift", &self.max_clock_drift)
             .field("backend", &self.backend)
             .field("import", &self.import.as_ref().map(|_| "<key export>"))
+            .field("read_only", &self.read_only)
             .finish_non_exhaustive()
     }
 }
@@ -64,6 +66,7 @@ impl Config {
             env: None,
             import: None,
             export_kdf: KdfParams::default(),
+            read_only: false,
         }
     }
 
@@ -106,6 +109,15 @@ impl Config {
     /// it is refused (default 10 minutes).
     pub fn max_clock_drift(mut self, drift: Duration) -> Self {
         self.max_clock_drift = drift;
+        self
+    }
+
+    /// Opens an existing store for reading only: writes, rotations and
+    /// purges are refused with a typed error, and no background
+    /// re-encryption runs. Opening a directory with no store fails instead
+    /// of creating one.
+    pub fn read_only(mut self) -> Self {
+        self.read_only = true;
         self
     }
 

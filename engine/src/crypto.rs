@@ -88,6 +88,9 @@ impl Crypto<'_> {
     /// while one runs moves to the next epoch and the same pass finishes
     /// both.
     pub async fn rotate_key(&self) -> Result<Rotation, KeyError> {
+        if self.store.is_read_only() {
+            return Err(KeyError::ReadOnly);
+        }
         let epoch = self.call(KeyManagerMsg::Rotate).await?;
         Ok(Rotation {
             epoch: epoch.0,
@@ -99,6 +102,9 @@ impl Crypto<'_> {
     /// received later under a purged epoch cannot be read. Returns the
     /// epochs purged.
     pub async fn purge_retired_keys(&self) -> Result<Vec<u32>, KeyError> {
+        if self.store.is_read_only() {
+            return Err(KeyError::ReadOnly);
+        }
         let purged = self.call(KeyManagerMsg::PurgeRetired).await?;
         Ok(purged.into_iter().map(|e| e.0).collect())
     }

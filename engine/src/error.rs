@@ -34,6 +34,9 @@ pub enum KeyError {
     /// The store is closed or its key manager is restarting.
     #[error("the store is closed")]
     Closed,
+    /// The store was opened read-only.
+    #[error("the store was opened read-only; reopen it without read_only() to change keys")]
+    ReadOnly,
     /// The operation failed.
     #[error("{0}")]
     Failed(String),
@@ -102,6 +105,9 @@ pub enum OpenError {
         /// The store of the export.
         export: persist_core::StoreId,
     },
+    /// A read-only open found no store, or was asked to import keys.
+    #[error("{0}")]
+    ReadOnly(String),
     /// The actors could not start.
     #[error("the store could not start: {0}")]
     Start(String),
@@ -138,6 +144,9 @@ pub enum WriteError {
     /// The store is closed.
     #[error("the store is closed")]
     Closed,
+    /// The store was opened read-only.
+    #[error("the store was opened read-only; reopen it without read_only() to write")]
+    ReadOnly,
 }
 
 /// A read (get, list) failed.

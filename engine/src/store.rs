@@ -53,6 +53,7 @@ struct Inner {
     keys: KeyHandle,
     progress: Arc<watch::Sender<RotationProgress>>,
     export_kdf: KdfParams,
+    read_only: bool,
     routes: Routes,
     supervisor: ActorRef<SupervisorMsg>,
     changes: broadcast::Sender<Change>,
@@ -264,9 +265,22 @@ impl Store {
             max_clock_drift,
             import,
             export_kdf,
+            read_only,
             ..
         } = config;
-        let db = Arc::new(LocalDb::open(&dir.join(DB_FILE), backend)?);
+        if read_only && import.is_some() {
+            return Err(OpenError::ReadOnly(
+                "importing keys writes to the store; open it without read_only()".into(),
+            ));
+        }
+        let db_path = dir.join(DB_FILE);
+        if read_only && backend.is_none() && !db_path.exists() {
+            return Err(OpenError::ReadOnly(format!(
+                "there is no store at {} to open read-only",
+                dir.display()
+            )));
+        }
+        let db = Arc::new(LocalDb::open(&db_path, backend)?);
         let boot_config = BootConfig {
             path: dir.clone(),
             name,
@@ -296,6 +310,7 @@ impl Store {
             seq_mark,
             max_drift_ms: u64::try_from(max_clock_drift.as_millis()).unwrap_or(u64::MAX),
             routes: routes.clone(),
+            read_only,
         };
         let (supervisor, _) = Actor::spawn(None, StoreSupervisor, args)
             .await
@@ -318,6 +333,7 @@ impl Store {
                 writes_in_flight: Semaphore::new(WRITES_IN_FLIGHT_MAX),
                 info: boot.info,
                 export_kdf,
+                read_only,
             }),
         })
     }
@@ -331,6 +347,10 @@ impl Store {
         &self,
     ) -> Option<ractor::ActorRef<persist_actors::key_manager::KeyManagerMsg>> {
         self.inner.routes.key_manager()
+    }
+
+    pub(crate) fn is_read_only(&self) -> bool {
+        self.inner.read_only
     }
 
     pub(crate) fn export_kdf(&self) -> KdfParams {
@@ -508,6 +528,9 @@ impl Store {
     }
 
     async fn write(&self, ops: Vec<WriteOp>) -> Result<(), WriteError> {
+        if self.inner.read_only {
+            return Err(WriteError::ReadOnly);
+        }
         // The semaphore lives as long as the store and is never closed.
         let n = u32::try_from(ops.len())
             .unwrap_or(u32::MAX)

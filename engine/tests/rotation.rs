@@ -229,3 +229,123 @@ async fn export_import_on_a_copy_and_on_an_empty_dir() {
     );
     copy.close().await.unwrap();
 }
+
+/// A store opened read-only refuses writes and key changes with typed
+/// errors, runs no re-encryption, and is left as it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn read_only_refuses_rotation_and_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).await.unwrap();
+    store.put("a", &1u8).await.unwrap();
+    store.close().await.unwrap();
+
+    let ro = Store::open(config(dir.path()).read_only()).await.unwrap();
+    assert!(matches!(
+        ro.crypto().rotate_key().await,
+        Err(persist::KeyError::ReadOnly)
+    ));
+    assert!(matches!(
+        ro.crypto().purge_retired_keys().await,
+        Err(persist::KeyError::ReadOnly)
+    ));
+    assert!(matches!(
+        ro.put("b", &2u8).await,
+        Err(persist::WriteError::ReadOnly)
+    ));
+    assert!(matches!(
+        ro.delete("a").await,
+        Err(persist::WriteError::ReadOnly)
+    ));
+    assert_eq!(ro.get::<u8>("a").await.unwrap(), Some(1));
+    let status = ro.status().await.unwrap();
+    assert_eq!((status.current_epoch, status.records), (1, 1));
+    ro.close().await.unwrap();
+
+    let empty = tempfile::tempdir().unwrap();
+    assert!(matches!(
+        Store::open(config(empty.path()).read_only()).await,
+        Err(persist::OpenError::ReadOnly(_))
+    ));
+    assert!(!empty.path().join("store").join(persist::DB_FILE).exists());
+}
+
+/// 100k records: after rotation none is under the old epoch, every value is
+/// byte-identical, and the old epoch is retired. After a purge, no byte of
+/// the purged key is anywhere in the store directory.
+#[tokio::test(flavor = "multi_thread")]
+async fn rotation_of_100k_records_then_purge() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(config(dir.path())).await.unwrap();
+    let n = 100_000u32;
+    let value = |i: u32| -> serde_bytes::ByteBuf {
+        serde_bytes::ByteBuf::from(
+            (0..64u32)
+                .map(|j| (i.wrapping_mul(31) ^ j) as u8)
+                .collect::<Vec<u8>>(),
+        )
+    };
+    for chunk in (0..n).collect::<Vec<_>>().chunks(5_000) {
+        let mut batch = store.batch();
+        for &i in chunk {
+            batch.put(&format!("big/{i}"), &value(i));
+        }
+        batch.commit().await.unwrap();
+    }
+    let old_keys = persist_core::export::ExportedKeys::unwrap(
+        &store.crypto().dangerous().export_raw().await.unwrap(),
+        "",
+    )
+    .unwrap();
+    let old_key = *old_keys.epochs[0].1.key.as_ref().unwrap().expose();
+
+    store
+        .crypto()
+        .rotate_key()
+        .await
+        .unwrap()
+        .wait()
+        .await
+        .unwrap();
+    let e = epochs(&store.status().await.unwrap());
+    assert_eq!(e[&1], ("retired", 0), "{e:?}");
+    assert_eq!(e[&2], ("current", u64::from(n)), "{e:?}");
+    for i in (0..n).step_by(97).chain([n - 1]) {
+        let got: serde_bytes::ByteBuf = store.get(&format!("big/{i}")).await.unwrap().unwrap();
+        assert!(got == value(i), "big/{i} changed");
+    }
+    let listed: Vec<(String, serde_bytes::ByteBuf)> = store.list("big/").await.unwrap();
+    assert_eq!(listed.len(), n as usize);
+
+    assert_eq!(store.crypto().purge_retired_keys().await.unwrap(), vec![1]);
+    store.close().await.unwrap();
+    let mut hits = Vec::new();
+    for entry in walk(dir.path()) {
+        let bytes = std::fs::read(&entry).unwrap();
+        if bytes.windows(32).any(|w| w == old_key) {
+            hits.push(entry.clone());
+        }
+        let hex_key = hex::encode(old_key);
+        if String::from_utf8_lossy(&bytes).contains(&hex_key) {
+            hits.push(entry);
+        }
+    }
+    assert!(hits.is_empty(), "purged key bytes found in {hits:?}");
+    let store = Store::open(config(dir.path())).await.unwrap();
+    assert_eq!(epochs(&store.status().await.unwrap())[&1].0, "purged");
+    let got: serde_bytes::ByteBuf = store.get("big/5").await.unwrap().unwrap();
+    assert!(got == value(5));
+    store.close().await.unwrap();
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
