@@ -1,1 +1,187 @@
-fn main() {}
+//! `persist`: drive a Persist store from a shell.
+//!
+//! Every command names its store with `--store DIR` (or `PERSIST_STORE`)
+//! and, optionally, the device keyfile with `--key-file PATH` (or
+//! `PERSIST_KEY_FILE`; without it the key lives in the OS keychain, or in a
+//! keyfile under `$XDG_CONFIG_HOME/persist/keys` where there is none).
+//!
+//! ```text
+//! persist init --store ./s                   # create the store, print its ids
+//! persist put  --store ./s notes/1 '{"text":"buy milk"}'
+//! persist put  --store ./s notes/2 - < value.json
+//! persist get  --store ./s notes/1           # {"text":"buy milk"}
+//! persist ls   --store ./s notes/            # notes/1<TAB>{"text":"buy milk"}
+//! persist rm   --store ./s notes/1
+//! persist status --store ./s --json
+//! ```
+//!
+//! Output is made for scripts: values are compact JSON, one per line, on
+//! stdout; errors (`error: ...` and their causes) and logs (`warn` and
+//! above unless `RUST_LOG` says otherwise) go to stderr.
+//!
+//! # Exit codes
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | success |
+//! | 1 | unexpected error (storage, damaged store, keychain...) |
+//! | 2 | usage or bad input: bad arguments or JSON, invalid path, no store (or one already there for `init`), wrong or unusable device key |
+//! | 3 | `get` / `rm`: nothing at that path |
+//!
+//! # Layout
+//!
+//! This file holds the command line (clap) and the process edges: logging,
+//! the runtime, printing and the exit code. [`commands`] runs one command
+//! against a store and returns what to print; [`failure`] turns an error
+//! into its message and exit code; [`json`] shows stored values as JSON.
+
+mod commands;
+mod failure;
+mod json;
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use crate::commands::Target;
+use crate::failure::Exit;
+
+/// Drive a Persist store (end-to-end-encrypted, local-first) from a shell.
+#[derive(Debug, Parser)]
+#[command(name = "persist", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a store and its device key; prints the store id, the device id
+    /// and where the key lives.
+    Init {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// This device's name, shown to other members.
+        #[arg(long, value_name = "N", default_value = "device")]
+        name: String,
+    },
+    /// Set PATH to a JSON value.
+    Put {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// The record path.
+        path: String,
+        /// The value, as JSON text (a string needs its quotes: '"text"'),
+        /// or `-` to read it from stdin.
+        #[arg(allow_hyphen_values = true)]
+        json: String,
+    },
+    /// Print the value at PATH as one line of JSON (exit 3 if there is none).
+    Get {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// The record path.
+        path: String,
+    },
+    /// Delete PATH (exit 3 if there is nothing there).
+    Rm {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// The record path.
+        path: String,
+    },
+    /// List records as `PATH<TAB>JSON` lines, sorted by path.
+    Ls {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Only paths that start with this.
+        #[arg(default_value = "")]
+        prefix: String,
+    },
+    /// Show the store's ids, record counts, key epochs and key location.
+    Status {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Which store, and where its device key is.
+#[derive(Debug, Args)]
+struct TargetArgs {
+    /// The store directory.
+    #[arg(long = "store", env = "PERSIST_STORE", value_name = "DIR")]
+    dir: PathBuf,
+    /// The device keyfile (default: the OS keychain, or a keyfile in
+    /// $XDG_CONFIG_HOME/persist/keys where there is no keychain).
+    #[arg(long, env = "PERSIST_KEY_FILE", value_name = "PATH")]
+    key_file: Option<PathBuf>,
+}
+
+impl From<TargetArgs> for Target {
+    fn from(args: TargetArgs) -> Self {
+        Target {
+            dir: args.dir,
+            key_file: args.key_file,
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    init_logging();
+    // Bad arguments exit 2 with clap's message; --help and --version exit 0.
+    let cli = Cli::parse();
+    let exit = match run(cli.command).await {
+        Ok(output) => print_stdout(&output),
+        Err(error) => {
+            eprintln!("{}", failure::render(&error));
+            failure::exit_code(&error)
+        }
+    };
+    ExitCode::from(exit as u8)
+}
+
+async fn run(command: Command) -> anyhow::Result<String> {
+    match command {
+        Command::Init { target, name } => commands::init(target.into(), &name).await,
+        Command::Put { target, path, json } => commands::put(target.into(), &path, &json).await,
+        Command::Get { target, path } => commands::get(target.into(), &path).await,
+        Command::Rm { target, path } => commands::rm(target.into(), &path).await,
+        Command::Ls { target, prefix } => commands::ls(target.into(), &prefix).await,
+        Command::Status { target, json } => commands::status(target.into(), json).await,
+    }
+}
+
+/// Logs go to stderr, so that stdout holds only a command's output.
+fn init_logging() {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    // Fails only if a subscriber is already set, which nothing else does.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Prints a command's output. A reader that went away (`persist ls | head`)
+/// is not an error: the command itself succeeded.
+fn print_stdout(output: &str) -> Exit {
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(output.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => Exit::Ok,
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Exit::Ok,
+        Err(error) => {
+            eprintln!("error: cannot write to stdout: {error}");
+            Exit::Unexpected
+        }
+    }
+}

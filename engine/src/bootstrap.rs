@@ -30,6 +30,7 @@ pub(crate) struct BootConfig {
     pub(crate) key_source: KeySource,
     pub(crate) key_dir: PathBuf,
     pub(crate) import: Option<(Zeroizing<String>, Zeroizing<String>)>,
+    pub(crate) may_create: bool,
 }
 
 /// What an open store starts from.
@@ -47,6 +48,9 @@ pub(crate) fn bootstrap(db: &LocalDb, cfg: &BootConfig, env: &Env) -> Result<Boo
         None => None,
     };
     match (existing, import) {
+        (None, _) if !cfg.may_create => Err(OpenError::NoStore {
+            path: cfg.path.clone(),
+        }),
         (None, import) => create(db, cfg, env, import),
         (Some(found), None) => load(cfg, found),
         (Some(found), Some(keys)) => {
@@ -238,6 +242,7 @@ fn rekey(
         key_source: cfg.key_source.clone(),
         key_dir: cfg.key_dir.clone(),
         import: None,
+        may_create: false,
     };
     let boot = seal_and_write(db, &cfg_named, &ring, &mut rng)?;
     tracing::info!(store = %ring.store_id, device = %ring.device_id(),

@@ -33,6 +33,7 @@ pub struct Config {
     pub(crate) import: Option<(Zeroizing<String>, Zeroizing<String>)>,
     pub(crate) export_kdf: KdfParams,
     pub(crate) read_only: bool,
+    pub(crate) create_if_missing: bool,
 }
 
 impl std::fmt::Debug for Config {
@@ -47,6 +48,7 @@ impl std::fmt::Debug for Config {
             .field("backend", &self.backend)
             .field("import", &self.import.as_ref().map(|_| "<key export>"))
             .field("read_only", &self.read_only)
+            .field("create_if_missing", &self.create_if_missing)
             .finish_non_exhaustive()
     }
 }
@@ -67,6 +69,7 @@ impl Config {
             import: None,
             export_kdf: KdfParams::default(),
             read_only: false,
+            create_if_missing: true,
         }
     }
 
@@ -118,6 +121,14 @@ impl Config {
     /// of creating one.
     pub fn read_only(mut self) -> Self {
         self.read_only = true;
+        self
+    }
+
+    /// Whether opening a directory with no store creates one (default
+    /// `true`). With `false`, such an open fails with
+    /// [`OpenError::NoStore`](crate::OpenError::NoStore) and writes nothing.
+    pub fn create_if_missing(mut self, create: bool) -> Self {
+        self.create_if_missing = create;
         self
     }
 

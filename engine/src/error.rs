@@ -105,9 +105,16 @@ pub enum OpenError {
         /// The store of the export.
         export: persist_core::StoreId,
     },
-    /// A read-only open found no store, or was asked to import keys.
+    /// A read-only open was asked to import keys.
     #[error("{0}")]
     ReadOnly(String),
+    /// There is no store to open, and the config forbids creating one
+    /// (`read_only()` or `create_if_missing(false)`).
+    #[error("there is no store at {path}")]
+    NoStore {
+        /// The store directory.
+        path: PathBuf,
+    },
     /// The actors could not start.
     #[error("the store could not start: {0}")]
     Start(String),

@@ -255,7 +255,6 @@ impl Store {
     pub async fn open(config: Config) -> Result<Store, OpenError> {
         let env = config.env.clone().unwrap_or_else(env::system);
         let dir = config.path.clone();
-        ensure_dir(&dir)?;
         let key_dir = config.default_key_dir();
         let Config {
             backend,
@@ -266,6 +265,7 @@ impl Store {
             import,
             export_kdf,
             read_only,
+            create_if_missing,
             ..
         } = config;
         if read_only && import.is_some() {
@@ -273,13 +273,13 @@ impl Store {
                 "importing keys writes to the store; open it without read_only()".into(),
             ));
         }
+        let may_create = create_if_missing && !read_only;
         let db_path = dir.join(DB_FILE);
-        if read_only && backend.is_none() && !db_path.exists() {
-            return Err(OpenError::ReadOnly(format!(
-                "there is no store at {} to open read-only",
-                dir.display()
-            )));
+        let file_existed = backend.is_some() || db_path.exists();
+        if !may_create && !file_existed {
+            return Err(OpenError::NoStore { path: dir });
         }
+        ensure_dir(&dir)?;
         let db = Arc::new(LocalDb::open(&db_path, backend)?);
         let boot_config = BootConfig {
             path: dir.clone(),
@@ -288,8 +288,23 @@ impl Store {
             key_source,
             key_dir,
             import,
+            may_create,
         };
-        let boot = bootstrap(&db, &boot_config, &env)?;
+        let boot = match bootstrap(&db, &boot_config, &env) {
+            Ok(boot) => boot,
+            Err(e) => {
+                if !file_existed {
+                    // A store that failed to come into being leaves no file
+                    // behind that a later open would take for an empty store.
+                    drop(db);
+                    if let Err(rm) = std::fs::remove_file(&db_path) {
+                        tracing::warn!(path = %db_path.display(), error = %rm,
+                            "could not remove the database of a failed create");
+                    }
+                }
+                return Err(e);
+            }
+        };
         let (hlc_mark, seq_mark) =
             persist_actors::read_marks(&db).map_err(|e| OpenError::Corrupted {
                 path: dir.clone(),

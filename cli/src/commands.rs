@@ -1,0 +1,281 @@
+//! The commands: each opens the store, does one thing, closes the store,
+//! and returns what to print on stdout.
+//!
+//! Only `init` may create a store. The engine's `Store::open` creates one
+//! wherever it finds none, so every other command first checks that the
+//! database file is there, and `init` refuses to run where it already is.
+//! Commands that only read (`get`, `ls`, `status`) open the store
+//! read-only.
+
+use std::fmt::Write as _;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use persist::{Config, DB_FILE, Status, Store};
+
+use crate::failure::CliError;
+use crate::json;
+
+/// The store a command works on, and where its device key is.
+#[derive(Debug)]
+pub(crate) struct Target {
+    /// The store directory.
+    pub(crate) dir: PathBuf,
+    /// The device keyfile; `None` leaves the choice to the engine (OS
+    /// keychain, else a keyfile in the default key directory).
+    pub(crate) key_file: Option<PathBuf>,
+}
+
+/// Whether a command writes to the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Access {
+    /// Reads only: the store is opened read-only, so that a `get` never
+    /// writes, nor starts background re-encryption.
+    Read,
+    /// Writes.
+    Write,
+}
+
+impl Target {
+    fn config(&self) -> Config {
+        let config = Config::new(&self.dir);
+        match &self.key_file {
+            Some(path) => config.key_file(path),
+            None => config,
+        }
+    }
+
+    fn db_file(&self) -> PathBuf {
+        self.dir.join(DB_FILE)
+    }
+}
+
+/// `persist init`: creates the store and prints its ids and key location.
+pub(crate) async fn init(target: Target, name: &str) -> anyhow::Result<String> {
+    if target.dir.exists() && !target.dir.is_dir() {
+        return Err(CliError::NotADirectory { dir: target.dir }.into());
+    }
+    let db_file = target.db_file();
+    if db_file.exists() {
+        return Err(CliError::StoreExists { dir: target.dir }.into());
+    }
+    let dir_existed = target.dir.exists();
+    let store = match Store::open(target.config().name(name)).await {
+        Ok(store) => store,
+        Err(error) => {
+            remove_failed_init(&target.dir, &db_file, dir_existed);
+            return Err(error.into());
+        }
+    };
+    let info = store.info().clone();
+    close(store).await?;
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = writeln!(out, "created store at {}", info.path.display());
+    let _ = writeln!(out, "store id:   {}", info.store_id);
+    let _ = writeln!(out, "device id:  {} ({})", info.device_id, info.name);
+    let _ = writeln!(
+        out,
+        "device key: {}",
+        info.key_location
+            .as_deref()
+            .unwrap_or("none (not encrypted)")
+    );
+    Ok(out)
+}
+
+/// Most bytes of JSON read from stdin by `persist put PATH -`: room for the
+/// largest value a record holds (`persist::VALUE_BYTES_MAX` once encoded)
+/// written out as JSON text, which is larger than its encoding.
+const STDIN_JSON_BYTES_MAX: u64 = 4 * persist::VALUE_BYTES_MAX as u64;
+
+/// `persist put PATH JSON`; a JSON of `-` is read from stdin (for values
+/// larger than a command-line argument may be).
+pub(crate) async fn put(target: Target, path: &str, text: &str) -> anyhow::Result<String> {
+    let stdin_text;
+    let text = if text == "-" {
+        stdin_text = read_stdin()?;
+        stdin_text.as_str()
+    } else {
+        text
+    };
+    // Checked before the store is opened: bad input costs no store work.
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|source| CliError::BadJson {
+            path: path.to_owned(),
+            source,
+        })?;
+    let store = open_existing(&target, Access::Write).await?;
+    let result = store.put(path, &value).await;
+    finish(store, result).await?;
+    Ok(String::new())
+}
+
+/// `persist get PATH`: the value as one line of compact JSON.
+pub(crate) async fn get(target: Target, path: &str) -> anyhow::Result<String> {
+    let store = open_existing(&target, Access::Read).await?;
+    let result = store.get::<ciborium::Value>(path).await;
+    match finish(store, result).await? {
+        Some(value) => Ok(format!("{}\n", json::from_cbor(value))),
+        None => Err(CliError::NotFound {
+            path: path.to_owned(),
+        }
+        .into()),
+    }
+}
+
+/// `persist rm PATH`. The engine records a deletion even where there is
+/// nothing, so the path is read first to report "not found" instead.
+pub(crate) async fn rm(target: Target, path: &str) -> anyhow::Result<String> {
+    let store = open_existing(&target, Access::Write).await?;
+    let existing = match store.get::<ciborium::Value>(path).await {
+        Ok(existing) => existing,
+        Err(error) => return finish(store, Err(error)).await,
+    };
+    if existing.is_none() {
+        let missing = CliError::NotFound {
+            path: path.to_owned(),
+        };
+        return finish(store, Err(missing)).await;
+    }
+    let result = store.delete(path).await;
+    finish(store, result).await?;
+    Ok(String::new())
+}
+
+/// `persist ls [PREFIX]`: `PATH<TAB>JSON` lines, sorted by path.
+pub(crate) async fn ls(target: Target, prefix: &str) -> anyhow::Result<String> {
+    let store = open_existing(&target, Access::Read).await?;
+    let result = store.list::<ciborium::Value>(prefix).await;
+    let records = finish(store, result).await?;
+    let mut out = String::new();
+    for (path, value) in records {
+        // Paths hold no control characters (the engine refuses them), so
+        // neither a tab nor a newline in one can break the line format.
+        let _ = writeln!(out, "{path}\t{}", json::from_cbor(value));
+    }
+    Ok(out)
+}
+
+/// `persist status [--json]`.
+pub(crate) async fn status(target: Target, as_json: bool) -> anyhow::Result<String> {
+    let store = open_existing(&target, Access::Read).await?;
+    let result = store.status().await;
+    let status = finish(store, result).await?;
+    if as_json {
+        let text = serde_json::to_string(&status).context("cannot print the status as JSON")?;
+        return Ok(format!("{text}\n"));
+    }
+    Ok(status_text(&status))
+}
+
+fn status_text(status: &Status) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "store id:   {}", status.store_id);
+    let _ = writeln!(out, "device id:  {} ({})", status.device_id, status.name);
+    let _ = writeln!(out, "records:    {}", status.records);
+    let _ = writeln!(
+        out,
+        "encrypted:  {}",
+        if status.encrypted { "yes" } else { "no" }
+    );
+    let _ = writeln!(
+        out,
+        "device key: {}",
+        status
+            .key_source
+            .as_deref()
+            .unwrap_or("none (not encrypted)")
+    );
+    let _ = writeln!(out, "epoch:      {} (current)", status.current_epoch);
+    for epoch in &status.epochs {
+        let _ = writeln!(
+            out,
+            "  epoch {:>4}  {:<9} {} records",
+            epoch.epoch, epoch.state, epoch.records
+        );
+    }
+    out
+}
+
+fn read_stdin() -> anyhow::Result<String> {
+    let mut text = String::new();
+    std::io::stdin()
+        .take(STDIN_JSON_BYTES_MAX + 1)
+        .read_to_string(&mut text)
+        .context("cannot read the value from stdin")?;
+    if text.len() as u64 > STDIN_JSON_BYTES_MAX {
+        return Err(CliError::InputTooLarge {
+            max: STDIN_JSON_BYTES_MAX,
+        }
+        .into());
+    }
+    Ok(text)
+}
+
+/// Opens a store that must already exist.
+async fn open_existing(target: &Target, access: Access) -> anyhow::Result<Store> {
+    // An empty file is what an interrupted creation leaves; the storage
+    // layer treats it as no database either.
+    let has_db = std::fs::metadata(target.db_file()).is_ok_and(|m| m.is_file() && m.len() > 0);
+    if !has_db {
+        return Err(CliError::NoStore {
+            dir: target.dir.clone(),
+        }
+        .into());
+    }
+    let config = match access {
+        Access::Read => target.config().read_only(),
+        Access::Write => target.config(),
+    };
+    Ok(Store::open(config).await?)
+}
+
+/// Closes the store, then returns the command's own result: a write is
+/// reported done only once the store has shut down cleanly.
+async fn finish<T, E>(store: Store, result: Result<T, E>) -> anyhow::Result<T>
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    match result {
+        Ok(value) => {
+            close(store).await?;
+            Ok(value)
+        }
+        Err(error) => {
+            // The command's error is the one to report; a close failure
+            // after it is only logged.
+            if let Err(close_error) = store.close().await {
+                tracing::warn!("closing the store after an error failed: {close_error}");
+            }
+            Err(error.into())
+        }
+    }
+}
+
+async fn close(store: Store) -> anyhow::Result<()> {
+    store
+        .close()
+        .await
+        .context("cannot close the store cleanly")
+}
+
+/// Undoes what a failed `init` left behind: the engine creates the
+/// database file before it makes the device key, and an empty database
+/// would be taken for a store by the next `Store::open`, which would then
+/// create one silently. Best effort: the original error is what matters.
+fn remove_failed_init(dir: &Path, db_file: &Path, dir_existed: bool) {
+    if let Err(error) = std::fs::remove_file(db_file)
+        && error.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(
+            "cannot remove {} after a failed init: {error}",
+            db_file.display()
+        );
+    }
+    if !dir_existed {
+        // Removes the directory only if it is empty.
+        let _ = std::fs::remove_dir(dir);
+    }
+}

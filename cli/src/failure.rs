@@ -1,0 +1,222 @@
+//! How a failed command is reported: its message with every cause, and its
+//! exit code.
+//!
+//! The exit code is chosen from the first error in the chain that says
+//! what went wrong: the CLI's own [`CliError`], or one of the engine's
+//! typed errors. Anything unrecognised is [`Exit::Unexpected`].
+
+use std::path::PathBuf;
+
+use persist::{KekError, OpenError, PathError, ReadError, WriteError};
+
+/// The process exit codes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Exit {
+    /// Success.
+    Ok = 0,
+    /// Something failed that the user's input did not cause.
+    Unexpected = 1,
+    /// Bad arguments or input: JSON, path, store directory, device key.
+    Usage = 2,
+    /// Nothing at the path asked for.
+    NotFound = 3,
+}
+
+/// Failures found by the CLI itself.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CliError {
+    /// A command other than `init` was pointed at a directory with no store.
+    #[error("no store at {dir}: run `persist init --store {dir}`", dir = .dir.display())]
+    NoStore {
+        /// The store directory given.
+        dir: PathBuf,
+    },
+    /// `init` was pointed at a directory that already holds a store.
+    #[error(
+        "a store already exists at {dir} ({file} is there): use it, or pass another --store directory",
+        dir = .dir.display(),
+        file = persist::DB_FILE
+    )]
+    StoreExists {
+        /// The store directory given.
+        dir: PathBuf,
+    },
+    /// The store path names something that is not a directory.
+    #[error("{} is not a directory: pass a directory to --store", .dir.display())]
+    NotADirectory {
+        /// The store path given.
+        dir: PathBuf,
+    },
+    /// The value given to `put` is not JSON.
+    #[error("the value for {path:?} is not valid JSON (a string needs its quotes: '\"text\"')")]
+    BadJson {
+        /// The path being written.
+        path: String,
+        /// The parser's message.
+        source: serde_json::Error,
+    },
+    /// The JSON on stdin is longer than any storable value could be.
+    #[error("the value on stdin is longer than {max} bytes, more than a record can hold")]
+    InputTooLarge {
+        /// The most bytes read.
+        max: u64,
+    },
+    /// `get` or `rm` found nothing at the path.
+    #[error("no record at {path:?}")]
+    NotFound {
+        /// The path asked for.
+        path: String,
+    },
+}
+
+/// The exit code for `error`.
+pub(crate) fn exit_code(error: &anyhow::Error) -> Exit {
+    error.chain().find_map(classify).unwrap_or(Exit::Unexpected)
+}
+
+/// `error: <message>`, then one `  caused by: <cause>` line per cause that
+/// its parent's message does not already include.
+pub(crate) fn render(error: &anyhow::Error) -> String {
+    let mut chain = error.chain();
+    let Some(top) = chain.next() else {
+        return String::from("error: unknown error");
+    };
+    let mut parent = top.to_string();
+    let mut out = format!("error: {parent}");
+    for cause in chain {
+        let text = cause.to_string();
+        // Many errors embed their source's text in their own message (and
+        // `#[error(transparent)]` ones forward it): say each thing once.
+        if !parent.contains(&text) {
+            out.push_str("\n  caused by: ");
+            out.push_str(&text);
+        }
+        parent = text;
+    }
+    out
+}
+
+/// The exit code this error decides, if it is one that decides.
+fn classify(error: &(dyn std::error::Error + 'static)) -> Option<Exit> {
+    if let Some(e) = error.downcast_ref::<CliError>() {
+        return Some(match e {
+            CliError::NotFound { .. } => Exit::NotFound,
+            CliError::NoStore { .. }
+            | CliError::StoreExists { .. }
+            | CliError::NotADirectory { .. }
+            | CliError::BadJson { .. }
+            | CliError::InputTooLarge { .. } => Exit::Usage,
+        });
+    }
+    if let Some(e) = error.downcast_ref::<persist::Error>() {
+        return Some(match e {
+            persist::Error::Open(e) => open_exit(e),
+            persist::Error::Write(e) => write_exit(e),
+            persist::Error::Read(e) => read_exit(e),
+            _ => Exit::Unexpected,
+        });
+    }
+    if let Some(e) = error.downcast_ref::<OpenError>() {
+        return Some(open_exit(e));
+    }
+    if let Some(e) = error.downcast_ref::<WriteError>() {
+        return Some(write_exit(e));
+    }
+    if let Some(e) = error.downcast_ref::<ReadError>() {
+        return Some(read_exit(e));
+    }
+    if let Some(e) = error.downcast_ref::<KekError>() {
+        return Some(key_exit(e));
+    }
+    if error.downcast_ref::<PathError>().is_some() {
+        return Some(Exit::Usage);
+    }
+    None
+}
+
+fn open_exit(error: &OpenError) -> Exit {
+    match error {
+        OpenError::WrongKey { .. } | OpenError::EncryptionMismatch { .. } => Exit::Usage,
+        OpenError::Key(e) => key_exit(e),
+        _ => Exit::Unexpected,
+    }
+}
+
+/// A key the user pointed at, or left in a state Persist refuses, is bad
+/// input; a keychain or filesystem that fails is not.
+fn key_exit(error: &KekError) -> Exit {
+    match error {
+        KekError::Keychain { .. } | KekError::Io { .. } => Exit::Unexpected,
+        _ => Exit::Usage,
+    }
+}
+
+fn write_exit(error: &WriteError) -> Exit {
+    match error {
+        WriteError::InvalidPath(_) | WriteError::Encode { .. } | WriteError::TooLarge { .. } => {
+            Exit::Usage
+        }
+        _ => Exit::Unexpected,
+    }
+}
+
+fn read_exit(error: &ReadError) -> Exit {
+    match error {
+        ReadError::InvalidPath(_) => Exit::Usage,
+        _ => Exit::Unexpected,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn causes_already_in_the_message_are_not_repeated() {
+        let io = std::io::Error::other("disk on fire");
+        let error = anyhow::Error::new(OpenError::Directory {
+            path: PathBuf::from("/s"),
+            source: io,
+        })
+        .context("cannot open");
+        assert_eq!(
+            render(&error),
+            "error: cannot open\n  caused by: cannot use store directory /s: disk on fire"
+        );
+        assert_eq!(exit_code(&error), Exit::Unexpected);
+    }
+
+    #[test]
+    fn bad_json_shows_the_parser_message_and_is_usage() {
+        let source = serde_json::from_str::<serde_json::Value>("{").unwrap_err();
+        let error = anyhow::Error::new(CliError::BadJson {
+            path: "a".into(),
+            source,
+        });
+        let text = render(&error);
+        assert!(
+            text.starts_with("error: the value for \"a\" is not valid JSON"),
+            "{text}"
+        );
+        assert!(text.contains("caused by: EOF while parsing"), "{text}");
+        assert_eq!(exit_code(&error), Exit::Usage);
+    }
+
+    #[test]
+    fn engine_errors_map_to_their_codes() {
+        let path = anyhow::Error::new(ReadError::InvalidPath(PathError::Empty));
+        assert_eq!(exit_code(&path), Exit::Usage);
+        let closed = anyhow::Error::new(WriteError::Closed);
+        assert_eq!(exit_code(&closed), Exit::Unexpected);
+        let wrong = anyhow::Error::new(OpenError::WrongKey {
+            path: "/s".into(),
+            location: "keyfile /k".into(),
+        });
+        assert_eq!(exit_code(&wrong), Exit::Usage);
+        let missing = anyhow::Error::new(OpenError::Key(KekError::NotFound { looked_in: vec![] }));
+        assert_eq!(exit_code(&missing), Exit::Usage);
+        let not_found = anyhow::Error::new(CliError::NotFound { path: "p".into() });
+        assert_eq!(exit_code(&not_found), Exit::NotFound);
+    }
+}
