@@ -119,7 +119,35 @@ impl KeySet {
     /// Opens an envelope stored at `locator`: checks the AEAD tag (or, for
     /// plain stores, the format), the locator and the version.
     pub fn open(&self, locator: &Locator, bytes: &[u8]) -> Result<Record, OpenRecordError> {
+        self.open_inner(locator, bytes, None)
+    }
+
+    /// Like [`KeySet::open`], for a read of `path` whose locator the caller
+    /// just computed from it: the record's path is compared with `path`
+    /// instead of hashed again.
+    pub fn open_path(
+        &self,
+        path: &str,
+        locator: &Locator,
+        bytes: &[u8],
+    ) -> Result<Record, OpenRecordError> {
+        self.open_inner(locator, bytes, Some(path))
+    }
+
+    fn open_inner(
+        &self,
+        locator: &Locator,
+        bytes: &[u8],
+        path: Option<&str>,
+    ) -> Result<Record, OpenRecordError> {
         let env = Envelope::parse(bytes).map_err(OpenError::from)?;
+        // With the path known, the record belongs here exactly when its
+        // path is that path; anything else maps to a locator that differs.
+        let locator_of = |p: &str| match path {
+            Some(known) if p == known => *locator,
+            Some(_) => Locator(locator.0.map(|b| !b)),
+            None => self.locator(p),
+        };
         match (&self.crypto, env.header.algorithm) {
             (Some(c), Algorithm::Aes256GcmEd25519) => {
                 let epoch = env.header.epoch;
@@ -127,13 +155,15 @@ impl KeySet {
                     .epochs
                     .get(&epoch)
                     .ok_or(OpenRecordError::UnknownEpoch(epoch))?;
-                Ok(envelope::open(&env, &self.store_id, locator, key, |p| {
-                    c.index.locator(&self.store_id, p)
-                })?)
+                Ok(envelope::open(
+                    &env,
+                    &self.store_id,
+                    locator,
+                    key,
+                    locator_of,
+                )?)
             }
-            (None, _) => Ok(envelope::open_plain(&env, locator, |p| {
-                plain_locator(&self.store_id, p)
-            })?),
+            (None, _) => Ok(envelope::open_plain(&env, locator, locator_of)?),
             (Some(_), found) => Err(OpenError::WrongAlgorithm {
                 found,
                 expected: Algorithm::Aes256GcmEd25519,

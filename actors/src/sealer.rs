@@ -21,6 +21,7 @@ use persist_core::hlc::{Hlc, HlcState};
 use persist_core::record::Record;
 use persist_storage::Row;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use rand_core::Rng;
 
 use crate::keys::{KeyHandle, KeySet};
 use crate::routes::Routes;
@@ -116,7 +117,7 @@ impl Actor for Sealer {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         let SealerMsg::Seal { ops, reply } = msg;
-        let writes = match state.seal_all(ops) {
+        let writes = match state.seal_all(ops).await {
             Ok(w) => w,
             Err(e) => {
                 let _ = reply.send(Err(e));
@@ -150,10 +151,31 @@ impl Actor for Sealer {
     }
 }
 
+/// Batches at least this large are sealed on two workers at once: the
+/// Ed25519 signature dominates a seal, and a big batch is the one an app
+/// waits longest for.
+pub const PARALLEL_SEAL_OPS_MIN: usize = 64;
+
+/// A write stamped and numbered, with its randomness drawn, ready to seal.
+struct Prepared {
+    record: Record,
+    locator: persist_core::Locator,
+    tombstone: bool,
+    seq: u64,
+    seed: [u8; 16],
+    nonce: [u8; 12],
+}
+
 impl SealerState {
-    fn seal_all(&mut self, ops: Vec<WriteOp>) -> Result<Vec<SealedWrite>, WriteError> {
+    /// Stamps, numbers and seals `ops`, in order.
+    ///
+    /// Everything that must happen in order (HLC stamps, sequence numbers,
+    /// drawing randomness) happens here on the actor; the seals themselves
+    /// are pure functions of what was drawn, so a large batch is split over
+    /// two workers and the result is the same bytes either way.
+    async fn seal_all(&mut self, ops: Vec<WriteOp>) -> Result<Vec<SealedWrite>, WriteError> {
         let keys: Arc<KeySet> = self.keys.current();
-        let mut out = Vec::with_capacity(ops.len());
+        let mut prepared = Vec::with_capacity(ops.len());
         for op in ops {
             let (path, value, tombstone) = match op {
                 WriteOp::Put { path, value } => (path, value, false),
@@ -161,39 +183,77 @@ impl SealerState {
             };
             let hlc = self.hlc.tick(self.clock.now_ms());
             self.seq += 1;
-            let record = Record {
-                path,
-                value,
-                origin: keys.device_id,
-                hlc,
-            };
-            let locator = keys.locator(&record.path);
-            let flags = Flags {
-                tombstone,
-                resealed: false,
-            };
-            let envelope = match keys.seal_context() {
-                Some(ctx) => {
-                    envelope::seal(&ctx, &locator, &record, flags, self.seq, &mut self.rng)
-                }
-                None => envelope::seal_plain(&record, flags, keys.device_id, self.seq),
+            let locator = keys.locator(&path);
+            let mut seed = [0u8; 16];
+            let mut nonce = [0u8; 12];
+            if keys.crypto.is_some() {
+                self.rng.fill_bytes(&mut seed);
+                self.rng.fill_bytes(&mut nonce);
             }
-            .map_err(|e| match e {
-                SealError::Path(p) => WriteError::InvalidPath(p),
-                other => WriteError::Rejected(other.to_string()),
-            })?;
-            out.push(SealedWrite {
-                locator,
-                path: record.path,
-                value: record.value,
-                row: Row {
-                    epoch: keys.current_epoch(),
-                    tombstone,
-                    envelope,
+            prepared.push(Prepared {
+                record: Record {
+                    path,
+                    value,
+                    origin: keys.device_id,
+                    hlc,
                 },
-                expect: None,
+                locator,
+                tombstone,
+                seq: self.seq,
+                seed,
+                nonce,
             });
         }
+        let parallel = prepared.len() >= PARALLEL_SEAL_OPS_MIN
+            && matches!(
+                tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()),
+                Ok(tokio::runtime::RuntimeFlavor::MultiThread)
+            );
+        if !parallel {
+            return seal_prepared(&keys, prepared);
+        }
+        let second = prepared.split_off(prepared.len() / 2);
+        let keys2 = keys.clone();
+        let other = tokio::spawn(async move { seal_prepared(&keys2, second) });
+        let mut out = seal_prepared(&keys, prepared)?;
+        let rest = other
+            .await
+            .map_err(|e| WriteError::Rejected(format!("sealing task failed: {e}")))??;
+        out.extend(rest);
         Ok(out)
     }
+}
+
+/// Seals prepared writes under the keys' current epoch.
+fn seal_prepared(keys: &KeySet, prepared: Vec<Prepared>) -> Result<Vec<SealedWrite>, WriteError> {
+    let ctx = keys.seal_context();
+    let mut out = Vec::with_capacity(prepared.len());
+    for p in prepared {
+        let flags = Flags {
+            tombstone: p.tombstone,
+            resealed: false,
+        };
+        let envelope = match &ctx {
+            Some(ctx) => envelope::seal_with_randomness(
+                ctx, &p.locator, &p.record, flags, p.seq, p.seed, p.nonce,
+            ),
+            None => envelope::seal_plain(&p.record, flags, keys.device_id, p.seq),
+        }
+        .map_err(|e| match e {
+            SealError::Path(p) => WriteError::InvalidPath(p),
+            other => WriteError::Rejected(other.to_string()),
+        })?;
+        out.push(SealedWrite {
+            locator: p.locator,
+            path: p.record.path,
+            value: p.record.value,
+            row: Row {
+                epoch: keys.current_epoch(),
+                tombstone: p.tombstone,
+                envelope,
+            },
+            expect: None,
+        });
+    }
+    Ok(out)
 }

@@ -316,32 +316,39 @@ fn take_batches(
 fn commit(db: &LocalDb, batch: &mut [Pending]) -> Result<Vec<CommitReport>, WriteError> {
     let mut txn = db.begin_write()?;
     let mut reports = Vec::with_capacity(batch.len());
+    {
+        // One open of the records table for the whole commit.
+        let mut records = txn.records()?;
+        for p in batch.iter_mut() {
+            let mut report = CommitReport::default();
+            for w in p.writes.drain(..) {
+                let existing = match records.get(&w.locator) {
+                    Ok(row) => row,
+                    // A damaged row loses to any valid write, which heals it.
+                    Err(StorageError::CorruptRow { .. }) => None,
+                    Err(e) => return Err(e.into()),
+                };
+                let applies = match (&w.expect, &existing) {
+                    (Some(expected), Some(row)) => precedence(row) == Some(*expected),
+                    (Some(_), None) => false,
+                    (None, Some(row)) => newer_than(&w.row, row),
+                    (None, None) => true,
+                };
+                if !applies {
+                    report.superseded += 1;
+                    continue;
+                }
+                records.put(&w.locator, &w.row)?;
+                report.applied.push(AppliedChange {
+                    path: w.path,
+                    value: (!w.row.tombstone).then_some(w.value),
+                });
+            }
+            reports.push(report);
+        }
+    }
     let mut marks = Marks::default();
     for p in batch.iter_mut() {
-        let mut report = CommitReport::default();
-        for w in p.writes.drain(..) {
-            let existing = match txn.record(&w.locator) {
-                Ok(row) => row,
-                // A damaged row loses to any valid write, which heals it.
-                Err(StorageError::CorruptRow { .. }) => None,
-                Err(e) => return Err(e.into()),
-            };
-            let applies = match (&w.expect, &existing) {
-                (Some(expected), Some(row)) => precedence(row) == Some(*expected),
-                (Some(_), None) => false,
-                (None, Some(row)) => newer_than(&w.row, row),
-                (None, None) => true,
-            };
-            if !applies {
-                report.superseded += 1;
-                continue;
-            }
-            txn.put_record(&w.locator, &w.row)?;
-            report.applied.push(AppliedChange {
-                path: w.path,
-                value: (!w.row.tombstone).then_some(w.value),
-            });
-        }
         for (key, value) in p.meta.drain(..) {
             match value {
                 Some(v) => txn.set_meta(key, &v)?,
@@ -352,7 +359,6 @@ fn commit(db: &LocalDb, batch: &mut [Pending]) -> Result<Vec<CommitReport>, Writ
         }
         marks.hlc = marks.hlc.max(p.marks.hlc);
         marks.seq = marks.seq.max(p.marks.seq);
-        reports.push(report);
     }
     // Background batches carry no marks; the sealer's marks only grow, so
     // the largest in this commit is the one to keep.

@@ -423,11 +423,28 @@ pub fn seal(
     signer_seq: u64,
     rng: &mut (impl CryptoRng + ?Sized),
 ) -> Result<Vec<u8>, SealError> {
-    check_sealable(record)?;
     let mut seed = [0u8; 16];
     let mut nonce = [0u8; 12];
     rng.fill_bytes(&mut seed);
     rng.fill_bytes(&mut nonce);
+    seal_with_randomness(ctx, locator, record, flags, signer_seq, seed, nonce)
+}
+
+/// [`seal`] with its per-write randomness drawn by the caller, so that a
+/// batch can draw in order and then seal in parallel.
+///
+/// `seed` and `nonce` must be fresh random values, never reused: reusing
+/// them reuses a (key, nonce) pair, which breaks AES-GCM.
+pub fn seal_with_randomness(
+    ctx: &SealContext<'_>,
+    locator: &Locator,
+    record: &Record,
+    flags: Flags,
+    signer_seq: u64,
+    seed: [u8; 16],
+    nonce: [u8; 12],
+) -> Result<Vec<u8>, SealError> {
+    check_sealable(record)?;
     let header = Header {
         algorithm: Algorithm::Aes256GcmEd25519,
         flags,

@@ -56,6 +56,7 @@ struct Inner {
     read_only: bool,
     routes: Routes,
     supervisor: ActorRef<SupervisorMsg>,
+    supervisor_done: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     changes: broadcast::Sender<Change>,
     writes_in_flight: Semaphore,
     info: StoreInfo,
@@ -327,7 +328,7 @@ impl Store {
             routes: routes.clone(),
             read_only,
         };
-        let (supervisor, _) = Actor::spawn(None, StoreSupervisor, args)
+        let (supervisor, supervisor_done) = Actor::spawn(None, StoreSupervisor, args)
             .await
             .map_err(|e| OpenError::Start(e.to_string()))?;
         tracing::info!(
@@ -344,6 +345,7 @@ impl Store {
                 progress,
                 routes,
                 supervisor,
+                supervisor_done: std::sync::Mutex::new(Some(supervisor_done)),
                 changes,
                 writes_in_flight: Semaphore::new(WRITES_IN_FLIGHT_MAX),
                 info: boot.info,
@@ -425,10 +427,12 @@ impl Store {
         if row.tombstone {
             return Ok(None);
         }
-        let record = open_row(&keys, &locator, &row).map_err(|e| ReadError::Integrity {
-            what: path.to_owned(),
-            detail: e.to_string(),
-        })?;
+        let record =
+            keys.open_path(path, &locator, &row.envelope)
+                .map_err(|e| ReadError::Integrity {
+                    what: path.to_owned(),
+                    detail: e.to_string(),
+                })?;
         decode_value(path, &record.value).map(Some)
     }
 
@@ -521,12 +525,29 @@ impl Store {
     }
 
     /// Stops the store's actors after every accepted write is committed.
+    ///
+    /// When it returns, the actors have stopped and released the database;
+    /// once the last clone of this `Store` is dropped too, the store can be
+    /// opened again (by this process or another).
     pub async fn close(self) -> Result<(), WriteError> {
         let supervisor = self.inner.supervisor.clone();
-        match supervisor.call(SupervisorMsg::Shutdown, None).await {
+        let outcome = match supervisor.call(SupervisorMsg::Shutdown, None).await {
             Ok(CallResult::Success(())) => Ok(()),
             _ => Err(WriteError::Closed),
+        };
+        let done = self
+            .inner
+            .supervisor_done
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(done) = done {
+            // The supervisor's task ends after its state, which holds the
+            // database, is dropped. A panic in it is already reported by
+            // the outcome above.
+            let _ = done.await;
         }
+        outcome
     }
 
     async fn epoch_states(&self) -> Vec<(Epoch, EpochState)> {
