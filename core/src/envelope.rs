@@ -16,14 +16,23 @@
 //!  85  body_len    u32 BE
 //!  89  body        body_len bytes: AES-256-GCM(padded record) ‖ 16-byte tag
 //! tail
-//!      signature   [64] Ed25519 over DOMAIN_SIG ‖ store_id ‖ locator ‖ header ‖ body_len ‖ body
+//!      signature   [64] Ed25519 over DOMAIN_SIG ‖ store_id ‖ locator ‖ header ‖ body_len ‖ ciphertext
 //! ```
 //!
 //! The message key is `HKDF-SHA256(ikm = DEK_epoch, salt = seed,
-//! info = "persist/rec/v1" ‖ store_id ‖ epoch)`, and the AEAD's associated
-//! data is `DOMAIN_AAD ‖ store_id ‖ locator ‖ header`. DESIGN.md explains
-//! why the seed and nonce are fresh per write rather than derived from the
-//! path.
+//! info = "persist/rec/v1" ‖ store_id ‖ epoch)`. DESIGN.md explains why the
+//! seed and nonce are fresh per write rather than derived from the path.
+//!
+//! The signature covers the ciphertext without its tag, and the tag's
+//! associated data is `DOMAIN_AAD ‖ store_id ‖ locator ‖ header ‖
+//! signature`. So anyone can check who wrote an envelope without its key
+//! (a receiver before it holds the epoch key, a relay), while a key
+//! holder's one AEAD check covers every byte, signature included: a local
+//! read, which skips the costly Ed25519 verification, still rejects any
+//! altered byte. Sealing runs AES-GCM twice under one (key, nonce): once
+//! for the ciphertext to sign, once for the tag over the signature. Both
+//! passes produce the same ciphertext and the first pass's tag is never
+//! revealed, so no second tag under that nonce ever exists outside.
 //!
 //! The header carries both the `origin` (whose write this is) and the
 //! `signer` (who sealed this copy): after a rotation a member reseals other
@@ -40,8 +49,10 @@
 //! - [`open`] returns a record only if the tag verifies under the
 //!   epoch's key *and* the record's path hashes to the locator it was
 //!   stored under *and* its version equals the header's.
-//! - A seal never reuses a (message key, nonce) pair: the key is derived
-//!   from a fresh 128-bit seed and the nonce is a fresh 96-bit value.
+//! - A seal never reveals two tags under one (message key, nonce) pair: the
+//!   key is derived from a fresh 128-bit seed, the nonce is a fresh 96-bit
+//!   value, and the internal first pass's tag is dropped.
+//! - Every byte of an encrypted envelope is covered by its AEAD tag.
 
 use aes_gcm::aead::AeadInOut;
 use aes_gcm::{Aes256Gcm, KeyInit};
@@ -357,7 +368,13 @@ impl<'a> Envelope<'a> {
                 expected,
             });
         }
-        let signed = &bytes[..min + body_len];
+        // The signature covers the ciphertext but not the tag, which in
+        // turn covers the signature (see the module docs).
+        let tag_len = match header.algorithm {
+            Algorithm::Plain => 0,
+            Algorithm::Aes256GcmEd25519 => TAG_LEN,
+        };
+        let signed = &bytes[..(min + body_len).saturating_sub(tag_len)];
         let body = &bytes[min..min + body_len];
         let signature = match header.algorithm {
             Algorithm::Plain => None,
@@ -469,17 +486,26 @@ pub fn seal_with_randomness(
     out.extend_from_slice(&plain);
 
     let cipher = message_cipher(ctx.data_key, &ctx.store_id, ctx.epoch, &seed);
-    let aad = aad(&ctx.store_id, locator, &header_bytes);
-    let tag = cipher
-        .encrypt_inout_detached(&nonce.into(), &aad, out[body_start..].as_mut().into())
+    // Pass 1: the ciphertext, to sign. GCM's ciphertext does not depend on
+    // the associated data; this pass's tag is dropped unseen.
+    cipher
+        .encrypt_inout_detached(&nonce.into(), &[], out[body_start..].as_mut().into())
         // Only inputs over ~64 GiB make AES-GCM refuse; the body is bounded far below.
         .unwrap_or_else(|_| unreachable!("body is within AES-GCM's length limit"));
+    let signature = ctx
+        .signing_key
+        .multipart_sign(&[DOMAIN_SIG, ctx.store_id.as_bytes(), &locator.0, &out])
+        .to_bytes();
+    // Pass 2: the same ciphertext again, now with the tag over associated
+    // data that includes the signature, so the tag covers every byte.
+    out.truncate(body_start);
+    out.extend_from_slice(&plain);
+    let aad = aad(&ctx.store_id, locator, &header_bytes, &signature);
+    let tag = cipher
+        .encrypt_inout_detached(&nonce.into(), &aad, out[body_start..].as_mut().into())
+        .unwrap_or_else(|_| unreachable!("body is within AES-GCM's length limit"));
     out.extend_from_slice(&tag);
-
-    let signature =
-        ctx.signing_key
-            .multipart_sign(&[DOMAIN_SIG, ctx.store_id.as_bytes(), &locator.0, &out]);
-    out.extend_from_slice(&signature.to_bytes());
+    out.extend_from_slice(&signature);
     debug_assert!(
         out.len() <= ENVELOPE_BYTES_MAX,
         "sealed envelope within bound"
@@ -515,7 +541,8 @@ pub fn open(
     let (ct, tag) = envelope.body.split_at(ct_len);
     let mut plain = Zeroizing::new(ct.to_vec());
     let cipher = message_cipher(data_key, store_id, h.epoch, &h.seed);
-    let aad = aad(store_id, locator, envelope.header_bytes);
+    let signature = envelope.signature.ok_or(OpenError::Integrity)?;
+    let aad = aad(store_id, locator, envelope.header_bytes, signature);
     let tag: [u8; TAG_LEN] = arr(tag);
     cipher
         .decrypt_inout_detached(
@@ -623,12 +650,18 @@ fn message_cipher(
     Aes256Gcm::new(&(*key).into())
 }
 
-fn aad(store_id: &StoreId, locator: &Locator, header: &[u8; HEADER_LEN]) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(DOMAIN_AAD.len() + 16 + 32 + HEADER_LEN);
+fn aad(
+    store_id: &StoreId,
+    locator: &Locator,
+    header: &[u8; HEADER_LEN],
+    signature: &[u8; SIGNATURE_LEN],
+) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(DOMAIN_AAD.len() + 16 + 32 + HEADER_LEN + SIGNATURE_LEN);
     aad.extend_from_slice(DOMAIN_AAD);
     aad.extend_from_slice(store_id.as_bytes());
     aad.extend_from_slice(&locator.0);
     aad.extend_from_slice(header);
+    aad.extend_from_slice(signature);
     aad
 }
 
@@ -737,13 +770,13 @@ mod tests {
                     .map_err(|_| ParseError::UnknownFlags(0))
             });
             assert!(
-                opened.is_err() || verified.is_err(),
-                "flip at byte {i} went unnoticed"
+                opened.is_err(),
+                "flip at byte {i} must fail the AEAD or the parse"
             );
-            if i < bytes.len() - SIGNATURE_LEN {
+            if i < bytes.len() - SIGNATURE_LEN - TAG_LEN {
                 assert!(
-                    opened.is_err(),
-                    "flip at byte {i} must fail the AEAD or the parse"
+                    verified.is_err(),
+                    "flip at byte {i} must fail the signature"
                 );
             }
         }
