@@ -11,9 +11,6 @@ pub const ENCRYPTED: &str = "encrypted";
 pub const KEYRING: &str = "keyring";
 /// This device's name (UTF-8).
 pub const NAME: &str = "name";
-/// Where the KEK was put when the store was created (UTF-8, a hint for
-/// error messages; never the key).
-pub const KEY_LOCATION: &str = "key_location";
 /// The Sealer's HLC high-water mark.
 pub const HLC: &str = "hlc";
 /// The Sealer's last sequence number.

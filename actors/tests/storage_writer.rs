@@ -1,6 +1,9 @@
 //! The StorageWriter's contract: group commit, last-write-wins, and
 //! acknowledgement only after a durable commit.
 
+// Integration tests: a panic in a helper is how a test fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::sync::Arc;
 
 use persist_actors::storage_writer::{

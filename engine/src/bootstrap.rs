@@ -270,8 +270,6 @@ fn seal_and_write(
         .map_err(storage(cfg))?;
     write_identity(&mut txn, ring.store_id, ring.device_id(), true, &cfg.name)
         .map_err(storage(cfg))?;
-    txn.set_meta(meta::KEY_LOCATION, location.to_string().as_bytes())
-        .map_err(storage(cfg))?;
     txn.commit().map_err(storage(cfg))?;
     Ok(Boot {
         keys: KeySet::from_keyring(ring),

@@ -1,0 +1,229 @@
+//! One simulation run: a paused runtime, a seeded store, a workload.
+//!
+//! [`run`] builds a current-thread tokio runtime whose clock is paused (it
+//! moves only when every task is idle, and then straight to the next
+//! timer), opens a store whose clock and randomness come from the seed,
+//! drives a [`Workload`] through setup, run and check, and returns the
+//! trace hash. Any failure carries the command that replays it.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use persist::{Config, Env, MemoryBackend, Store};
+
+use crate::trace::{Event, Trace, TraceHash};
+use crate::workload::{Ctx, KvWorkload, ModelFault, Workload, WorkloadError};
+
+/// Operations per run unless told otherwise.
+pub const OPS_DEFAULT: usize = 500;
+
+/// Where every run's clock starts (2026-05-28T20:26:40Z): a fixed, plausible
+/// present, so that HLC values look like real ones.
+pub const START_MS: u64 = 1_780_000_000_000;
+
+/// Where the store keeps its database.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[non_exhaustive]
+pub enum BackendKind {
+    /// A redb file in a temporary directory, as on a device.
+    #[default]
+    File,
+    /// A [`MemoryBackend`]; the final database bytes join the trace hash.
+    Memory,
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendKind::File => "file",
+            BackendKind::Memory => "memory",
+        })
+    }
+}
+
+/// What to run.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SimConfig {
+    /// The seed every choice of the run derives from.
+    pub seed: u64,
+    /// Operations in the workload's run phase.
+    pub ops: usize,
+    /// Where the database lives.
+    pub backend: BackendKind,
+    /// A deliberate model error, to test the checkers (never from the CLI).
+    pub model_fault: Option<ModelFault>,
+}
+
+impl SimConfig {
+    /// A run of [`OPS_DEFAULT`] operations from `seed`, on a file.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            seed,
+            ops: OPS_DEFAULT,
+            backend: BackendKind::File,
+            model_fault: None,
+        }
+    }
+
+    /// Sets the number of operations.
+    pub fn ops(mut self, ops: usize) -> Self {
+        self.ops = ops;
+        self
+    }
+
+    /// Sets where the database lives.
+    pub fn backend(mut self, backend: BackendKind) -> Self {
+        self.backend = backend;
+        self
+    }
+
+    /// Sabotages the reference model, to prove a checker fails.
+    pub fn model_fault(mut self, fault: ModelFault) -> Self {
+        self.model_fault = Some(fault);
+        self
+    }
+
+    /// The shell command that replays this run from a checkout.
+    pub fn replay_command(&self) -> String {
+        let mut cmd = format!(
+            "cargo run -p persist-sim -- run --seed {} --ops {} --backend {}",
+            self.seed, self.ops, self.backend
+        );
+        if let Some(fault) = self.model_fault {
+            cmd.push_str(&format!(
+                "  # plus model fault {fault:?}, set only by tests"
+            ));
+        }
+        cmd
+    }
+}
+
+/// What a successful run produced.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Outcome {
+    /// The hash of every operation and observed result (and, for
+    /// [`BackendKind::Memory`], the final database bytes).
+    pub trace_hash: TraceHash,
+    /// Events in the trace.
+    pub events: u64,
+    /// Live records at the end.
+    pub records: usize,
+    /// Size of the final database image ([`BackendKind::Memory`] only).
+    pub db_bytes: Option<usize>,
+}
+
+/// A failed run, with the command that replays it.
+#[derive(Debug, thiserror::Error)]
+#[error("simulation failed (seed {seed}): {kind}\nreplay with: {replay}")]
+#[non_exhaustive]
+pub struct Failure {
+    /// The run's seed.
+    pub seed: u64,
+    /// What went wrong (boxed: it can be large, and failures are rare).
+    pub kind: Box<FailureKind>,
+    /// The command that replays the run.
+    pub replay: String,
+}
+
+/// What went wrong in a failed run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FailureKind {
+    /// The harness could not build the runtime, directory or store.
+    #[error("setup: {0}")]
+    Setup(String),
+    /// A workload phase failed: a mismatch with the model or a store error.
+    #[error("workload {workload}: {source}")]
+    Workload {
+        /// The workload's name.
+        workload: &'static str,
+        /// Its error.
+        source: WorkloadError,
+    },
+    /// The store did not close cleanly.
+    #[error("close: {0}")]
+    Close(String),
+}
+
+/// Runs `config` to completion on a fresh paused runtime.
+pub fn run(config: &SimConfig) -> Result<Outcome, Failure> {
+    let fail = |kind| Failure {
+        seed: config.seed,
+        kind: Box::new(kind),
+        replay: config.replay_command(),
+    };
+    // Declared before the runtime so that it outlives every task.
+    let dir = tempfile::Builder::new()
+        .prefix("persist-sim-")
+        .tempdir()
+        .map_err(|e| fail(FailureKind::Setup(format!("temporary directory: {e}"))))?;
+    // The key's path is not part of the database, so a fresh directory
+    // per run keeps runs independent without changing the hash.
+    let key_file = dir.path().join("keys").join("device.key");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .map_err(|e| fail(FailureKind::Setup(format!("tokio runtime: {e}"))))?;
+    runtime
+        .block_on(run_on(config, dir.path(), key_file))
+        .map_err(fail)
+}
+
+async fn run_on(config: &SimConfig, dir: &Path, key_file: PathBuf) -> Result<Outcome, FailureKind> {
+    let (env, clock) = Env::deterministic(config.seed, START_MS);
+    let mut store_config = Config::new(dir.join("store"))
+        .key_file(key_file)
+        .dangerous()
+        .env(env)
+        .done();
+    let memory = match config.backend {
+        BackendKind::File => None,
+        BackendKind::Memory => {
+            let backend = MemoryBackend::default();
+            store_config = store_config.storage_backend(Box::new(backend.clone()));
+            Some(backend)
+        }
+    };
+    let store = Store::open(store_config)
+        .await
+        .map_err(|e| FailureKind::Setup(format!("open store: {e}")))?;
+
+    let mut trace = Trace::new();
+    let mut workload = KvWorkload::new(config.seed, config.ops).with_fault(config.model_fault);
+    let phases = async {
+        let mut ctx = Ctx {
+            store: &store,
+            clock: &clock,
+            trace: &mut trace,
+        };
+        workload.setup(&mut ctx).await?;
+        workload.run(&mut ctx).await?;
+        workload.check(&mut ctx).await
+    };
+    if let Err(source) = phases.await {
+        return Err(FailureKind::Workload {
+            workload: workload.name(),
+            source,
+        });
+    }
+    let records = workload.model().len();
+    store
+        .close()
+        .await
+        .map_err(|e| FailureKind::Close(e.to_string()))?;
+
+    let db_bytes = memory.map(|backend| {
+        let image = backend.snapshot();
+        trace.record(Event::Database, &[&image]);
+        image.len()
+    });
+    Ok(Outcome {
+        events: trace.events(),
+        trace_hash: trace.finish(),
+        records,
+        db_bytes,
+    })
+}
