@@ -34,6 +34,7 @@ use crate::keys::{KeyHandle, KeySet};
 use crate::meta;
 use crate::rotator::{RotationProgress, RotatorMsg};
 use crate::routes::Routes;
+use crate::sealer::SealerMsg;
 use crate::storage_writer::{Marks, Priority, WriteError, WriterMsg};
 
 /// A key operation that did not happen.
@@ -68,8 +69,15 @@ pub enum KeyManagerMsg {
     Describe(RpcReplyPort<Vec<(Epoch, EpochState)>>),
     /// Start a new epoch and make it current; answers with its number.
     Rotate(RpcReplyPort<Result<Epoch, KeyError>>),
-    /// The Rotator resealed every record of the rotating epochs: retire them.
-    RotationDone(RpcReplyPort<Result<Vec<Epoch>, KeyError>>),
+    /// The Rotator finished a pass under `epoch`: retire the older rotating
+    /// epochs that no record uses any more (re-checked here, after every
+    /// write sealed before the check has been committed).
+    RotationDone {
+        /// The current epoch the Rotator's last pass resealed to.
+        epoch: Epoch,
+        /// The epochs retired.
+        reply: RpcReplyPort<Result<Vec<Epoch>, KeyError>>,
+    },
     /// Delete the keys of retired epochs; answers with the epochs purged.
     PurgeRetired(RpcReplyPort<Result<Vec<Epoch>, KeyError>>),
     /// Export the store's keys.
@@ -157,28 +165,23 @@ impl Actor for KeyManager {
             }
             KeyManagerMsg::Rotate(reply) => {
                 let outcome = state.rotate().await;
-                if outcome.is_ok() {
-                    state.args.progress.send_modify(|p| p.active = true);
+                if let Ok(epoch) = outcome {
+                    state.args.progress.send_modify(|p| {
+                        p.active = true;
+                        p.epoch = epoch;
+                    });
                     if let Some(rotator) = state.args.routes.rotator() {
                         let _ = rotator.cast(RotatorMsg::Start);
                     }
                 }
                 let _ = reply.send(outcome);
             }
-            KeyManagerMsg::RotationDone(reply) => {
-                let rotating = state
-                    .keyring
-                    .as_ref()
-                    .is_some_and(|r| r.epochs.values().any(|e| e.state == EpochState::Rotating));
-                let outcome = if rotating {
-                    state.change(|ring, _| Ok(ring.retire_rotating())).await
-                } else {
-                    Ok(Vec::new())
-                };
+            KeyManagerMsg::RotationDone { epoch, reply } => {
+                let outcome = state.retire(epoch).await;
                 let _ = reply.send(outcome);
             }
             KeyManagerMsg::PurgeRetired(reply) => {
-                let outcome = state.change(|ring, _| Ok(ring.purge_retired())).await;
+                let outcome = state.purge().await;
                 let _ = reply.send(outcome);
             }
             KeyManagerMsg::Export {
@@ -198,6 +201,55 @@ impl KeyManagerState {
     async fn rotate(&mut self) -> Result<Epoch, KeyError> {
         self.change(|ring, rng| ring.rotate(rng).ok_or(KeyError::EpochsExhausted))
             .await
+    }
+
+    /// Retires the rotating epochs older than `finished` that hold no record.
+    async fn retire(&mut self, finished: Epoch) -> Result<Vec<Epoch>, KeyError> {
+        let rotating = self
+            .keyring
+            .as_ref()
+            .is_some_and(|r| r.epochs.values().any(|e| e.state == EpochState::Rotating));
+        if !rotating {
+            return Ok(Vec::new());
+        }
+        // Every write sealed under an old key before now reaches the
+        // database before the counts are read: the Sealer forwards what it
+        // holds, and an empty foreground commit queues behind it.
+        if let Some(sealer) = self.args.routes.sealer() {
+            sealer
+                .call(SealerMsg::Barrier, None)
+                .await
+                .map_err(|e| KeyError::Storage(e.to_string()))?;
+        }
+        commit_meta(&self.args.routes, Vec::new())
+            .await
+            .map_err(|e| KeyError::Storage(e.to_string()))?;
+        let counts = self.epoch_counts()?;
+        let unused = |e: Epoch| e < finished && counts.get(&e).copied().unwrap_or(0) == 0;
+        let any = self.keyring.as_ref().is_some_and(|r| {
+            r.epochs
+                .iter()
+                .any(|(n, e)| e.state == EpochState::Rotating && unused(*n))
+        });
+        if !any {
+            return Ok(Vec::new());
+        }
+        self.change(|ring, _| Ok(ring.retire(unused))).await
+    }
+
+    /// Purges retired epochs, re-checking that none holds a record.
+    async fn purge(&mut self) -> Result<Vec<Epoch>, KeyError> {
+        let counts = self.epoch_counts()?;
+        let unused = |e: Epoch| counts.get(&e).copied().unwrap_or(0) == 0;
+        self.change(|ring, _| Ok(ring.purge_retired(unused))).await
+    }
+
+    fn epoch_counts(&self) -> Result<std::collections::BTreeMap<Epoch, u64>, KeyError> {
+        self.args
+            .db
+            .begin_read()
+            .and_then(|t| t.epoch_counts())
+            .map_err(|e| KeyError::Storage(e.to_string()))
     }
 
     /// Applies `f` to the keyring, commits the sealed result, then publishes

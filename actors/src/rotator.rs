@@ -21,9 +21,9 @@
 
 use std::sync::Arc;
 
-use persist_core::Locator;
 use persist_core::env::{Entropy, RngStream};
 use persist_core::envelope::{self, Envelope, Flags};
+use persist_core::{Epoch, Locator};
 use persist_storage::{LocalDb, Row};
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -44,6 +44,10 @@ pub const ROTATION_SLICE_RECORDS: usize = BACKGROUND_SLICE_WRITES_MAX;
 pub struct RotationProgress {
     /// Whether records remain to be resealed.
     pub active: bool,
+    /// The newest epoch a rotation was started to. The Rotator clears
+    /// `active` only for the epoch it finished, so a rotation started while
+    /// another ends is never reported done.
+    pub epoch: Epoch,
     /// Records resealed since the Rotator (re)started.
     pub done: u64,
     /// `done` plus the records still under older epochs it holds keys for.
@@ -83,7 +87,18 @@ pub struct RotatorState {
     running: bool,
     cursor: Option<Locator>,
     done: u64,
-    pass_applied: u64,
+    pass: Pass,
+}
+
+/// What the current pass over the records table has seen.
+#[derive(Clone, Copy, Debug, Default)]
+struct Pass {
+    /// The current epoch when the pass began.
+    epoch: Epoch,
+    /// Whether it began at the first record (not at a persisted cursor).
+    from_start: bool,
+    /// Records it resealed.
+    applied: u64,
 }
 
 impl Actor for Rotator {
@@ -109,7 +124,7 @@ impl Actor for Rotator {
             running: false,
             cursor,
             done: 0,
-            pass_applied: 0,
+            pass: Pass::default(),
         })
     }
 
@@ -132,7 +147,11 @@ impl Actor for Rotator {
         match msg {
             RotatorMsg::Start => {
                 if !state.running {
+                    if state.idle().await? {
+                        return Ok(());
+                    }
                     state.running = true;
+                    state.begin_pass();
                     myself.cast(RotatorMsg::Step)?;
                 }
             }
@@ -149,6 +168,30 @@ impl Actor for Rotator {
 }
 
 impl RotatorState {
+    /// Whether there is nothing to reseal. With nothing left and no
+    /// cursor, a start only makes sure finished epochs are retired (a crash
+    /// may have come between the last slice and the retirement), without
+    /// walking the table.
+    async fn idle(&mut self) -> Result<bool, ActorProcessingErr> {
+        let keys = self.args.keys.current();
+        if keys.crypto.is_none() {
+            return Ok(true);
+        }
+        if self.cursor.is_some() || self.remaining(&keys)? > 0 {
+            return Ok(false);
+        }
+        self.finish(keys.current_epoch()).await?;
+        Ok(true)
+    }
+
+    fn begin_pass(&mut self) {
+        self.pass = Pass {
+            epoch: self.args.keys.current().current_epoch(),
+            from_start: self.cursor.is_none(),
+            applied: 0,
+        };
+    }
+
     /// Reseals one slice. Returns whether there is more to do.
     async fn step(&mut self) -> Result<bool, ActorProcessingErr> {
         let keys = self.args.keys.current();
@@ -167,41 +210,67 @@ impl RotatorState {
             (false, Some(c)) => Some(c.0.to_vec()),
             _ => None,
         };
-        if !writes.is_empty() || self.cursor.is_some() {
+        if !writes.is_empty() || self.cursor.is_some() || cursor_meta.is_some() {
             let applied = self.submit(writes, cursor_meta).await?;
             self.done += applied;
-            self.pass_applied += applied;
+            self.pass.applied += applied;
         }
         self.cursor = if end_of_pass { None } else { next_cursor };
+        // Counted against the keys as they are now: a rotation may have
+        // begun while this slice was sealed under the previous ones.
+        let keys = self.args.keys.current();
         let remaining = self.remaining(&keys)?;
         if !end_of_pass {
             self.publish(remaining);
             return Ok(true);
         }
-        let pass_applied = std::mem::take(&mut self.pass_applied);
-        if remaining > 0 && pass_applied > 0 {
-            // Records sealed under an old key behind the cursor: another pass.
-            self.publish(remaining);
-            return Ok(true);
-        }
+        let pass = self.pass;
         if remaining > 0 {
-            // A whole pass resealed nothing: what is left cannot be opened
-            // (damaged records, logged above). Keep the old keys.
+            let stuck = pass.from_start && pass.applied == 0 && pass.epoch == keys.current_epoch();
+            if !stuck {
+                // Records behind the cursor (sealed under an old key just
+                // before the switch, or a newer rotation): another pass.
+                self.begin_pass();
+                self.publish(remaining);
+                return Ok(true);
+            }
+            // A whole pass under unchanged keys resealed nothing: what is
+            // left cannot be opened (damaged records, logged above). Keep
+            // the old keys rather than loop.
             tracing::warn!(
                 remaining,
                 "rotation cannot reseal the remaining records; old epochs stay"
             );
-        } else {
-            self.finish().await?;
+            self.finish_progress(keys.current_epoch(), remaining);
+            return Ok(false);
+        }
+        let finished = keys.current_epoch();
+        self.finish(finished).await?;
+        // A rotation that began during the retirement needs another pass.
+        let keys = self.args.keys.current();
+        if keys.current_epoch() != finished || self.remaining(&keys)? > 0 {
+            self.begin_pass();
+            return Ok(true);
         }
         // Published last, so that whoever waits for the end sees the old
         // epochs already retired.
-        self.args.progress.send_replace(RotationProgress {
-            active: false,
-            done: self.done,
-            total: self.done + remaining,
-        });
+        self.finish_progress(finished, 0);
         Ok(false)
+    }
+
+    /// Reports the rotation to `epoch` no longer active, unless a newer one
+    /// has started meanwhile.
+    fn finish_progress(&self, epoch: Epoch, remaining: u64) {
+        let done = self.done;
+        self.args.progress.send_if_modified(|p| {
+            if p.epoch > epoch {
+                return false;
+            }
+            p.active = false;
+            p.done = done;
+            p.total = done + remaining;
+            true
+        });
     }
 
     fn reseal(&mut self, keys: &KeySet, page: &[(Locator, Row)]) -> Vec<SealedWrite> {
@@ -296,20 +365,26 @@ impl RotatorState {
     }
 
     fn publish(&self, remaining: u64) {
-        self.args.progress.send_replace(RotationProgress {
-            active: true,
-            done: self.done,
-            total: self.done + remaining,
+        let done = self.done;
+        self.args.progress.send_modify(|p| {
+            p.active = true;
+            p.done = done;
+            p.total = done + remaining;
         });
     }
 
-    async fn finish(&mut self) -> Result<(), ActorProcessingErr> {
+    /// Asks KeyManager to retire the epochs older than `epoch` that hold no
+    /// record any more.
+    async fn finish(&mut self, epoch: Epoch) -> Result<(), ActorProcessingErr> {
         let km = self
             .args
             .routes
             .key_manager()
             .ok_or("key manager is not running")?;
-        match km.call(KeyManagerMsg::RotationDone, None).await? {
+        match km
+            .call(|reply| KeyManagerMsg::RotationDone { epoch, reply }, None)
+            .await?
+        {
             CallResult::Success(Ok(retired)) => {
                 if !retired.is_empty() {
                     tracing::info!(?retired, resealed = self.done, "rotation finished");

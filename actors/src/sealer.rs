@@ -46,6 +46,10 @@ pub enum WriteOp {
 
 /// Messages to the Sealer.
 pub enum SealerMsg {
+    /// Answered once every batch received before it has been handed to the
+    /// StorageWriter (KeyManager uses it before retiring an epoch, so no
+    /// write sealed under the old key is still on its way).
+    Barrier(RpcReplyPort<()>),
     /// Seal `ops` and commit them as one atomic batch.
     Seal {
         /// The writes, applied in order.
@@ -116,7 +120,13 @@ impl Actor for Sealer {
         msg: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let SealerMsg::Seal { ops, reply } = msg;
+        let (ops, reply) = match msg {
+            SealerMsg::Barrier(reply) => {
+                let _ = reply.send(());
+                return Ok(());
+            }
+            SealerMsg::Seal { ops, reply } => (ops, reply),
+        };
         let writes = match state.seal_all(ops).await {
             Ok(w) => w,
             Err(e) => {

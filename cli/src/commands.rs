@@ -1,21 +1,23 @@
 //! The commands: each opens the store, does one thing, closes the store,
 //! and returns what to print on stdout.
 //!
-//! Only `init` may create a store. The engine's `Store::open` creates one
-//! wherever it finds none, so every other command first checks that the
-//! database file is there, and `init` refuses to run where it already is.
-//! Commands that only read (`get`, `ls`, `status`) open the store
-//! read-only.
+//! Only `init` may create a store. Every other command first checks that
+//! the database file is there, and opens it with
+//! `Config::create_if_missing(false)` too, so that the engine never creates
+//! one behind its back; `init` refuses to run where a store already is,
+//! except with `--import`, where a copied database is what it re-keys.
+//! Commands that only read (`get`, `ls`, `status`, `key export`) open the
+//! store read-only.
 
 use std::fmt::Write as _;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use persist::{Config, DB_FILE, Status, Store};
+use persist::{Config, DB_FILE, OpenError, Status, Store};
 
 use crate::failure::CliError;
-use crate::json;
+use crate::{json, keys};
 
 /// The store a command works on, and where its device key is.
 #[derive(Debug)]
@@ -29,7 +31,7 @@ pub(crate) struct Target {
 
 /// Whether a command writes to the store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Access {
+pub(crate) enum Access {
     /// Reads only: the store is opened read-only, so that a `get` never
     /// writes, nor starts background re-encryption.
     Read,
@@ -49,13 +51,27 @@ impl Target {
     fn db_file(&self) -> PathBuf {
         self.dir.join(DB_FILE)
     }
+
+    /// Whether the directory holds a database. An empty file is what an
+    /// interrupted creation leaves; the storage layer treats it as no
+    /// database either.
+    fn has_db(&self) -> bool {
+        std::fs::metadata(self.db_file()).is_ok_and(|m| m.is_file() && m.len() > 0)
+    }
+
+    fn check_is_dir(&self) -> Result<(), CliError> {
+        if self.dir.exists() && !self.dir.is_dir() {
+            return Err(CliError::NotADirectory {
+                dir: self.dir.clone(),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// `persist init`: creates the store and prints its ids and key location.
 pub(crate) async fn init(target: Target, name: &str) -> anyhow::Result<String> {
-    if target.dir.exists() && !target.dir.is_dir() {
-        return Err(CliError::NotADirectory { dir: target.dir }.into());
-    }
+    target.check_is_dir()?;
     let db_file = target.db_file();
     if db_file.exists() {
         return Err(CliError::StoreExists { dir: target.dir }.into());
@@ -73,6 +89,73 @@ pub(crate) async fn init(target: Target, name: &str) -> anyhow::Result<String> {
     let mut out = String::new();
     // Writing to a String cannot fail.
     let _ = writeln!(out, "created store at {}", info.path.display());
+    ids_text(&mut out, &info);
+    Ok(out)
+}
+
+/// `persist init --import FILE [--passphrase-file F]`: opens the store with
+/// the keys of a key export. On an empty directory this device joins the
+/// store; on a directory holding a copied database, the copy is re-keyed
+/// for this device (its own identity and device key).
+pub(crate) async fn init_import(
+    target: Target,
+    name: &str,
+    export_file: &Path,
+    passphrase_file: Option<&Path>,
+) -> anyhow::Result<String> {
+    target.check_is_dir()?;
+    // Everything the user gives is read before the store is touched.
+    let export = keys::read_export_file(export_file)?;
+    let passphrase = match passphrase_file {
+        Some(file) => keys::read_passphrase_file(file)?,
+        None => keys::read_passphrase_stdin()?,
+    };
+    let had_store = target.has_db();
+    let dir_existed = target.dir.exists();
+    let config = target.config().name(name).key(&export, &passphrase);
+    drop(passphrase);
+    let store = match Store::open(config).await {
+        Ok(store) => store,
+        Err(error) => {
+            // A copied database is the user's: it is left as it was (the
+            // engine changes nothing in it when an import fails).
+            if !had_store {
+                remove_failed_init(&target.dir, &target.db_file(), dir_existed);
+            }
+            return Err(error.into());
+        }
+    };
+    let info = store.info().clone();
+    let result = store.status().await;
+    let status = finish(store, result).await?;
+    let mut out = String::new();
+    if had_store {
+        let _ = writeln!(
+            out,
+            "opened the copied store at {} with the imported keys; this device has its own id and device key",
+            info.path.display()
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "joined store {} at {} with the imported keys",
+            info.store_id,
+            info.path.display()
+        );
+    }
+    ids_text(&mut out, &info);
+    if status.records == 0 {
+        let _ = writeln!(
+            out,
+            "records:    0 (none on this device yet: records arrive by sync, which Persist does not do yet)"
+        );
+    } else {
+        let _ = writeln!(out, "records:    {}", status.records);
+    }
+    Ok(out)
+}
+
+fn ids_text(out: &mut String, info: &persist::StoreInfo) {
     let _ = writeln!(out, "store id:   {}", info.store_id);
     let _ = writeln!(out, "device id:  {} ({})", info.device_id, info.name);
     let _ = writeln!(
@@ -82,7 +165,6 @@ pub(crate) async fn init(target: Target, name: &str) -> anyhow::Result<String> {
             .as_deref()
             .unwrap_or("none (not encrypted)")
     );
-    Ok(out)
 }
 
 /// Most bytes of JSON read from stdin by `persist put PATH -`: room for the
@@ -196,6 +278,34 @@ fn status_text(status: &Status) -> String {
             epoch.epoch, epoch.state, epoch.records
         );
     }
+    let rotation = &status.rotation;
+    if rotation.active {
+        let _ = writeln!(
+            out,
+            "rotation:   re-encrypting, {}/{} records resealed",
+            rotation.done, rotation.total
+        );
+    } else {
+        // The re-encryption runs only while the store is open read-write;
+        // `status` opens it read-only, so a pending one shows here. Counted
+        // on the records rather than on the `rotating` state, which the
+        // engine can drop early (see `keys::purge_retired`).
+        let pending: u64 = status
+            .epochs
+            .iter()
+            .filter(|e| {
+                e.epoch != status.current_epoch && e.state != "purged" && e.state != "plain"
+            })
+            .map(|e| e.records)
+            .sum();
+        if pending > 0 {
+            let _ = writeln!(
+                out,
+                "rotation:   pending, {pending} records under older epochs to reseal; \
+                 it goes on the next time the store is opened read-write"
+            );
+        }
+    }
     out
 }
 
@@ -215,28 +325,31 @@ fn read_stdin() -> anyhow::Result<String> {
 }
 
 /// Opens a store that must already exist.
-async fn open_existing(target: &Target, access: Access) -> anyhow::Result<Store> {
-    // An empty file is what an interrupted creation leaves; the storage
-    // layer treats it as no database either.
-    let has_db = std::fs::metadata(target.db_file()).is_ok_and(|m| m.is_file() && m.len() > 0);
-    if !has_db {
-        return Err(CliError::NoStore {
-            dir: target.dir.clone(),
-        }
-        .into());
-    }
-    let config = match access {
-        Access::Read => target.config().read_only(),
-        Access::Write => target.config(),
+pub(crate) async fn open_existing(target: &Target, access: Access) -> anyhow::Result<Store> {
+    let no_store = || CliError::NoStore {
+        dir: target.dir.clone(),
     };
-    Ok(Store::open(config).await?)
+    if !target.has_db() {
+        return Err(no_store().into());
+    }
+    let config = target.config().create_if_missing(false);
+    let config = match access {
+        Access::Read => config.read_only(),
+        Access::Write => config,
+    };
+    match Store::open(config).await {
+        Ok(store) => Ok(store),
+        // A database file without a store in it.
+        Err(OpenError::NoStore { .. }) => Err(no_store().into()),
+        Err(error) => Err(error.into()),
+    }
 }
 
 /// Closes the store, then returns the command's own result: a write is
 /// reported done only once the store has shut down cleanly.
-async fn finish<T, E>(store: Store, result: Result<T, E>) -> anyhow::Result<T>
+pub(crate) async fn finish<T, E>(store: Store, result: Result<T, E>) -> anyhow::Result<T>
 where
-    E: std::error::Error + Send + Sync + 'static,
+    E: Into<anyhow::Error>,
 {
     match result {
         Ok(value) => {
@@ -254,7 +367,7 @@ where
     }
 }
 
-async fn close(store: Store) -> anyhow::Result<()> {
+pub(crate) async fn close(store: Store) -> anyhow::Result<()> {
     store
         .close()
         .await

@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use persist::{KekError, OpenError, PathError, ReadError, WriteError};
+use persist::{KekError, KeyError, OpenError, PathError, ReadError, WriteError};
 
 /// The process exit codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -68,6 +68,94 @@ pub(crate) enum CliError {
         /// The path asked for.
         path: String,
     },
+    /// `key export --out` was given a file that exists.
+    #[error("{} already exists; it is left as it is: pass another --out file", .path.display())]
+    OutputExists {
+        /// The file given.
+        path: PathBuf,
+    },
+    /// A file (or stdin) given as input could not be read.
+    #[error("cannot read the {what} from {from}")]
+    ReadInput {
+        /// What was to be read: "key export", "passphrase".
+        what: &'static str,
+        /// The file, or "stdin".
+        from: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// An input file is far larger than what it should hold.
+    #[error("{} is larger than {max} bytes: it is not a {what} file", .path.display())]
+    InputFileTooLarge {
+        /// What it should hold.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The most bytes read.
+        max: u64,
+    },
+    /// The passphrase is not UTF-8 text.
+    #[error("the passphrase in {from} is not UTF-8 text")]
+    PassphraseNotText {
+        /// Where it was read from.
+        from: String,
+    },
+    /// The passphrase line on stdin is too long to be one.
+    #[error("the passphrase on stdin is longer than {max} bytes")]
+    PassphraseTooLong {
+        /// The most bytes read.
+        max: u64,
+    },
+    /// An empty passphrase was given.
+    #[error("the passphrase from {from} is empty")]
+    EmptyPassphrase {
+        /// Where it was read from: a file, or "stdin".
+        from: String,
+    },
+    /// The key export could not be written to its file.
+    #[error("cannot write the key export to {}", .path.display())]
+    WriteOutput {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The key export could not be written to stdout.
+    #[error("cannot write the key export to stdout; no passphrase was shown")]
+    WriteStdout {
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The generated passphrase could not be shown: the export is useless.
+    #[error("cannot show the generated passphrase on stderr; export again")]
+    ShowPassphrase {
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// `key rotate --wait` ended with records it could not re-encrypt.
+    #[error(
+        "rotated to epoch {epoch}, but {remaining} records could not be re-encrypted \
+         (they are damaged: see the warnings above); epochs {epochs} keep their keys"
+    )]
+    RotationIncomplete {
+        /// The new epoch.
+        epoch: u32,
+        /// Records still under older epochs.
+        remaining: u64,
+        /// The old epochs that still seal records.
+        epochs: String,
+    },
+    /// `key purge-retired` found records still sealed under retired epochs.
+    #[error(
+        "epochs {epochs} are retired but still seal {records} records; nothing was purged, \
+         since those records would become unreadable"
+    )]
+    RetiredKeysInUse {
+        /// Records under retired epochs.
+        records: u64,
+        /// The retired epochs that seal them.
+        epochs: String,
+    },
 }
 
 /// The exit code for `error`.
@@ -106,7 +194,18 @@ fn classify(error: &(dyn std::error::Error + 'static)) -> Option<Exit> {
             | CliError::StoreExists { .. }
             | CliError::NotADirectory { .. }
             | CliError::BadJson { .. }
-            | CliError::InputTooLarge { .. } => Exit::Usage,
+            | CliError::InputTooLarge { .. }
+            | CliError::OutputExists { .. }
+            | CliError::ReadInput { .. }
+            | CliError::InputFileTooLarge { .. }
+            | CliError::PassphraseNotText { .. }
+            | CliError::PassphraseTooLong { .. }
+            | CliError::EmptyPassphrase { .. } => Exit::Usage,
+            CliError::WriteOutput { .. }
+            | CliError::WriteStdout { .. }
+            | CliError::ShowPassphrase { .. }
+            | CliError::RotationIncomplete { .. }
+            | CliError::RetiredKeysInUse { .. } => Exit::Unexpected,
         });
     }
     if let Some(e) = error.downcast_ref::<persist::Error>() {
@@ -114,6 +213,7 @@ fn classify(error: &(dyn std::error::Error + 'static)) -> Option<Exit> {
             persist::Error::Open(e) => open_exit(e),
             persist::Error::Write(e) => write_exit(e),
             persist::Error::Read(e) => read_exit(e),
+            persist::Error::Key(e) => key_op_exit(e),
             _ => Exit::Unexpected,
         });
     }
@@ -126,6 +226,9 @@ fn classify(error: &(dyn std::error::Error + 'static)) -> Option<Exit> {
     if let Some(e) = error.downcast_ref::<ReadError>() {
         return Some(read_exit(e));
     }
+    if let Some(e) = error.downcast_ref::<KeyError>() {
+        return Some(key_op_exit(e));
+    }
     if let Some(e) = error.downcast_ref::<KekError>() {
         return Some(key_exit(e));
     }
@@ -137,8 +240,23 @@ fn classify(error: &(dyn std::error::Error + 'static)) -> Option<Exit> {
 
 fn open_exit(error: &OpenError) -> Exit {
     match error {
-        OpenError::WrongKey { .. } | OpenError::EncryptionMismatch { .. } => Exit::Usage,
+        OpenError::WrongKey { .. }
+        | OpenError::EncryptionMismatch { .. }
+        // A wrong passphrase, a damaged export, or one of another store.
+        | OpenError::Import(_)
+        | OpenError::ImportForOtherStore { .. }
+        | OpenError::ReadOnly(_)
+        | OpenError::NoStore { .. } => Exit::Usage,
         OpenError::Key(e) => key_exit(e),
+        _ => Exit::Unexpected,
+    }
+}
+
+/// A key operation refused for what the store is (read-only, or without
+/// keys) is bad input; a store that closed under it is not.
+fn key_op_exit(error: &KeyError) -> Exit {
+    match error {
+        KeyError::ReadOnly | KeyError::NotEncrypted => Exit::Usage,
         _ => Exit::Unexpected,
     }
 }
@@ -218,5 +336,36 @@ mod tests {
         assert_eq!(exit_code(&missing), Exit::Usage);
         let not_found = anyhow::Error::new(CliError::NotFound { path: "p".into() });
         assert_eq!(exit_code(&not_found), Exit::NotFound);
+    }
+
+    #[test]
+    fn key_and_import_errors_map_to_their_codes() {
+        for (error, code) in [
+            (persist::Error::Key(KeyError::ReadOnly), Exit::Usage),
+            (persist::Error::Key(KeyError::NotEncrypted), Exit::Usage),
+            (persist::Error::Key(KeyError::Closed), Exit::Unexpected),
+            (
+                persist::Error::Open(OpenError::Import(persist::ExportError::WrongPassphrase)),
+                Exit::Usage,
+            ),
+            (
+                persist::Error::Open(OpenError::ReadOnly("no".into())),
+                Exit::Usage,
+            ),
+            (
+                persist::Error::Open(OpenError::NoStore { path: "/s".into() }),
+                Exit::Usage,
+            ),
+        ] {
+            let text = error.to_string();
+            assert_eq!(exit_code(&anyhow::Error::new(error)), code, "{text}");
+        }
+        let damaged = anyhow::Error::new(OpenError::Import(persist::ExportError::Damaged));
+        assert_eq!(exit_code(&damaged), Exit::Usage);
+        let text = render(&damaged);
+        assert!(text.contains("damaged"), "{text}");
+        assert!(!text.contains("caused by"), "said once: {text}");
+        let purge = anyhow::Error::new(KeyError::Failed("disk".into()));
+        assert_eq!(exit_code(&purge), Exit::Unexpected);
     }
 }

@@ -13,6 +13,11 @@
 //! persist ls   --store ./s notes/            # notes/1<TAB>{"text":"buy milk"}
 //! persist rm   --store ./s notes/1
 //! persist status --store ./s --json
+//!
+//! persist key export --store ./s --out s.key # prints the passphrase once
+//! persist init --store ./t --key-file t.key --import s.key   # asks for it
+//! persist key rotate --store ./s --wait      # new data key, re-encrypt all
+//! persist key purge-retired --store ./s      # delete keys no record uses
 //! ```
 //!
 //! Output is made for scripts: values are compact JSON, one per line, on
@@ -25,19 +30,22 @@
 //! |---|---|
 //! | 0 | success |
 //! | 1 | unexpected error (storage, damaged store, keychain...) |
-//! | 2 | usage or bad input: bad arguments or JSON, invalid path, no store (or one already there for `init`), wrong or unusable device key |
+//! | 2 | usage or bad input: bad arguments or JSON, invalid path, no store (or one already there for `init`), wrong or unusable device key, wrong passphrase or damaged key export, an output file that exists |
 //! | 3 | `get` / `rm`: nothing at that path |
 //!
 //! # Layout
 //!
 //! This file holds the command line (clap) and the process edges: logging,
 //! the runtime, printing and the exit code. [`commands`] runs one command
-//! against a store and returns what to print; [`failure`] turns an error
-//! into its message and exit code; [`json`] shows stored values as JSON.
+//! against a store and returns what to print; [`keys`] holds the key
+//! commands (`key export`, `key rotate`, `key purge-retired`) and reads
+//! passphrases; [`failure`] turns an error into its message and exit code;
+//! [`json`] shows stored values as JSON.
 
 mod commands;
 mod failure;
 mod json;
+mod keys;
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -61,12 +69,25 @@ struct Cli {
 enum Command {
     /// Create a store and its device key; prints the store id, the device id
     /// and where the key lives.
+    ///
+    /// With --import, opens the store with the keys of a key export (from
+    /// `persist key export` on another device) instead: on an empty
+    /// directory this device joins the store (its records arrive by sync);
+    /// on a directory holding a copy of the store's persist.redb, the copy
+    /// is re-keyed for this device.
     Init {
         #[command(flatten)]
         target: TargetArgs,
         /// This device's name, shown to other members.
         #[arg(long, value_name = "N", default_value = "device")]
         name: String,
+        /// A key export file to open the store with.
+        #[arg(long, value_name = "FILE")]
+        import: Option<PathBuf>,
+        /// Read the export's passphrase from this file (its content, less
+        /// one trailing newline); without it, one line is read from stdin.
+        #[arg(long, value_name = "F", requires = "import")]
+        passphrase_file: Option<PathBuf>,
     },
     /// Set PATH to a JSON value.
     Put {
@@ -109,6 +130,51 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Export, rotate and purge the store's keys.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeyCommand {
+    /// Export the store's keys, wrapped under a passphrase, for another
+    /// device (`persist init --import`) or a backup.
+    ///
+    /// Without --passphrase-file, Persist generates the passphrase and
+    /// prints it once, on stderr: write it down, it is stored nowhere.
+    Export {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Write the export to FILE (created with mode 0600; an existing
+        /// file is never overwritten) instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+        /// Wrap the export under the passphrase in this file (its content,
+        /// less one trailing newline) instead of a generated one.
+        #[arg(long, value_name = "F")]
+        passphrase_file: Option<PathBuf>,
+    },
+    /// Start a new key epoch: new writes use a new data key, and every
+    /// record is re-encrypted under it in the background.
+    ///
+    /// The rotation is durable: without --wait, the re-encryption goes on
+    /// the next time the store is opened read-write (by `put`, `rm` or a
+    /// `key` command), until no record is left under an old epoch.
+    Rotate {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Re-encrypt every record now, with a progress bar, and retire the
+        /// old epochs before exiting.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Delete the keys of retired epochs (those no record uses any more).
+    PurgeRetired {
+        #[command(flatten)]
+        target: TargetArgs,
+    },
 }
 
 /// Which store, and where its device key is.
@@ -149,12 +215,40 @@ async fn main() -> ExitCode {
 
 async fn run(command: Command) -> anyhow::Result<String> {
     match command {
-        Command::Init { target, name } => commands::init(target.into(), &name).await,
+        Command::Init {
+            target,
+            name,
+            import: None,
+            passphrase_file: _,
+        } => commands::init(target.into(), &name).await,
+        Command::Init {
+            target,
+            name,
+            import: Some(export_file),
+            passphrase_file,
+        } => {
+            commands::init_import(
+                target.into(),
+                &name,
+                &export_file,
+                passphrase_file.as_deref(),
+            )
+            .await
+        }
         Command::Put { target, path, json } => commands::put(target.into(), &path, &json).await,
         Command::Get { target, path } => commands::get(target.into(), &path).await,
         Command::Rm { target, path } => commands::rm(target.into(), &path).await,
         Command::Ls { target, prefix } => commands::ls(target.into(), &prefix).await,
         Command::Status { target, json } => commands::status(target.into(), json).await,
+        Command::Key { command } => match command {
+            KeyCommand::Export {
+                target,
+                out,
+                passphrase_file,
+            } => keys::export(target.into(), out.as_deref(), passphrase_file.as_deref()).await,
+            KeyCommand::Rotate { target, wait } => keys::rotate(target.into(), wait).await,
+            KeyCommand::PurgeRetired { target } => keys::purge_retired(target.into()).await,
+        },
     }
 }
 

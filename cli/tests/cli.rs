@@ -8,126 +8,13 @@
 // Helpers outside `#[test]` functions are test code too.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::os::unix::fs::PermissionsExt as _;
-use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use serde_json::{Value, json};
-use tempfile::TempDir;
+use serde_json::json;
 
-const OK: i32 = 0;
-const USAGE: i32 = 2;
-const NOT_FOUND: i32 = 3;
-
-/// One user's sandbox: a temp dir holding the store and its keyfile.
-struct Sandbox {
-    dir: TempDir,
-}
-
-/// What a run of `persist` left.
-#[derive(Debug)]
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    /// Asserts the exit code, showing everything the run printed if wrong.
-    #[track_caller]
-    fn expect(self, code: i32) -> Out {
-        assert_eq!(self.code, code, "unexpected exit code: {self:#?}");
-        if code != OK {
-            assert!(
-                self.stderr.starts_with("error: "),
-                "no error line: {self:#?}"
-            );
-            assert!(!self.stderr.contains("panicked"), "panic: {self:#?}");
-        }
-        self
-    }
-
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {self:#?}"))
-    }
-}
-
-impl Sandbox {
-    fn new() -> Sandbox {
-        Sandbox {
-            dir: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn store(&self) -> PathBuf {
-        self.path().join("store")
-    }
-
-    fn key(&self) -> PathBuf {
-        self.path().join("keys").join("device.key")
-    }
-
-    /// `persist` with a clean environment pointing into the sandbox, and
-    /// neither --store nor --key-file.
-    fn bare(&self) -> Command {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_persist"));
-        cmd.env("HOME", self.path())
-            .env("XDG_CONFIG_HOME", self.path())
-            .env_remove("PERSIST_STORE")
-            .env_remove("PERSIST_KEY_FILE")
-            .env_remove("RUST_LOG")
-            .env_remove("DBUS_SESSION_BUS_ADDRESS");
-        cmd
-    }
-
-    /// `persist SUBCOMMAND --store S --key-file K ARGS...`.
-    fn run(&self, subcommand: &str, args: &[&str]) -> Out {
-        self.run_with(subcommand, &self.store(), &self.key(), args)
-    }
-
-    fn run_with(&self, subcommand: &str, store: &Path, key: &Path, args: &[&str]) -> Out {
-        let mut cmd = self.bare();
-        cmd.arg(subcommand)
-            .arg("--store")
-            .arg(store)
-            .arg("--key-file")
-            .arg(key)
-            .args(args);
-        output(&mut cmd)
-    }
-
-    fn init(&self) -> Out {
-        self.run("init", &[]).expect(OK)
-    }
-
-    fn put(&self, path: &str, json: &str) {
-        let out = self.run("put", &[path, json]).expect(OK);
-        assert_eq!(out.stdout, "", "put prints nothing");
-    }
-
-    fn status(&self) -> Value {
-        self.run("status", &["--json"]).expect(OK).json()
-    }
-}
-
-fn output(cmd: &mut Command) -> Out {
-    let out = cmd.output().unwrap();
-    Out {
-        // A signal (no code) shows as -1 and fails every expectation.
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8(out.stdout).unwrap(),
-        stderr: String::from_utf8(out.stderr).unwrap(),
-    }
-}
-
-fn is_hex_id(s: &str) -> bool {
-    s.len() == 32 && s.bytes().all(|b| b.is_ascii_hexdigit())
-}
+use common::{NOT_FOUND, OK, Out, Sandbox, USAGE, is_hex_id, output};
 
 #[test]
 fn init_prints_the_ids_and_where_the_key_lives() {

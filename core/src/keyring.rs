@@ -211,12 +211,13 @@ impl Keyring {
         Some(next)
     }
 
-    /// Marks every rotating epoch retired: no local record uses it any more.
-    /// Returns the epochs retired.
-    pub fn retire_rotating(&mut self) -> Vec<Epoch> {
+    /// Marks the rotating epochs for which `unused` holds retired: the
+    /// caller has checked that no local record uses them any more. Returns
+    /// the epochs retired.
+    pub fn retire(&mut self, unused: impl Fn(Epoch) -> bool) -> Vec<Epoch> {
         let mut retired = Vec::new();
         for (n, entry) in self.epochs.iter_mut() {
-            if entry.state == EpochState::Rotating {
+            if entry.state == EpochState::Rotating && *n != self.current && unused(*n) {
                 entry.state = EpochState::Retired;
                 retired.push(*n);
             }
@@ -224,11 +225,12 @@ impl Keyring {
         retired
     }
 
-    /// Deletes the keys of retired epochs. Returns the epochs purged.
-    pub fn purge_retired(&mut self) -> Vec<Epoch> {
+    /// Deletes the keys of the retired epochs for which `unused` holds.
+    /// Returns the epochs purged.
+    pub fn purge_retired(&mut self, unused: impl Fn(Epoch) -> bool) -> Vec<Epoch> {
         let mut purged = Vec::new();
         for (n, entry) in self.epochs.iter_mut() {
-            if entry.state == EpochState::Retired {
+            if entry.state == EpochState::Retired && unused(*n) {
                 entry.state = EpochState::Purged;
                 entry.key = None;
                 purged.push(*n);
@@ -521,8 +523,14 @@ mod tests {
         assert_eq!(r.rotate(&mut rng), Some(Epoch(3)));
         assert_eq!(r.epochs[&Epoch(2)].state, EpochState::Rotating);
         assert!(r.key(Epoch(1)).is_some(), "old keys stay until purged");
-        assert_eq!(r.retire_rotating(), vec![Epoch(1), Epoch(2)]);
-        assert_eq!(r.purge_retired(), vec![Epoch(1), Epoch(2)]);
+        assert_eq!(
+            r.retire(|e| e != Epoch(2)),
+            vec![Epoch(1)],
+            "epoch 2 still in use"
+        );
+        assert_eq!(r.retire(|_| true), vec![Epoch(2)]);
+        assert_eq!(r.purge_retired(|e| e == Epoch(1)), vec![Epoch(1)]);
+        assert_eq!(r.purge_retired(|_| true), vec![Epoch(2)]);
         assert!(r.key(Epoch(1)).is_none());
         let kek = Secret32::from_bytes([1; 32]);
         let back = Keyring::open(&r.seal(&kek, &mut rng), &r.store_id, &kek).unwrap();

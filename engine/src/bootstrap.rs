@@ -16,7 +16,6 @@ use persist_core::keys::{DeviceIdentity, Secret32};
 use persist_core::{DeviceId, StoreId};
 use persist_storage::{LocalDb, StorageError};
 use rand_core::Rng;
-use zeroize::Zeroizing;
 
 use crate::error::OpenError;
 use crate::kek::{self, KeySource};
@@ -29,7 +28,9 @@ pub(crate) struct BootConfig {
     pub(crate) encrypt: bool,
     pub(crate) key_source: KeySource,
     pub(crate) key_dir: PathBuf,
-    pub(crate) import: Option<(Zeroizing<String>, Zeroizing<String>)>,
+    /// Keys from an export, already unwrapped (before the database was
+    /// opened, so a wrong passphrase or damaged export touches nothing).
+    pub(crate) import: Option<ExportedKeys>,
     pub(crate) may_create: bool,
 }
 
@@ -41,12 +42,10 @@ pub(crate) struct Boot {
 }
 
 /// Creates, loads or re-keys the store in `db`.
-pub(crate) fn bootstrap(db: &LocalDb, cfg: &BootConfig, env: &Env) -> Result<Boot, OpenError> {
-    let existing = read_existing(db, cfg)?;
-    let import = match &cfg.import {
-        Some((text, pass)) => Some(ExportedKeys::unwrap(text, pass).map_err(OpenError::Import)?),
-        None => None,
-    };
+pub(crate) fn bootstrap(db: &LocalDb, mut cfg: BootConfig, env: &Env) -> Result<Boot, OpenError> {
+    let existing = read_existing(db, &cfg)?;
+    let import = cfg.import.take();
+    let cfg = &cfg;
     match (existing, import) {
         (None, _) if !cfg.may_create => Err(OpenError::NoStore {
             path: cfg.path.clone(),

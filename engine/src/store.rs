@@ -10,7 +10,7 @@ use persist_actors::{
     CommitReport, KeyHandle, KeySet, OpenRecordError, Routes, StoreArgs, StoreSupervisor,
     SupervisorMsg, WriteOp,
 };
-use persist_core::export::KdfParams;
+use persist_core::export::{ExportedKeys, KdfParams};
 use persist_core::keyring::EpochState;
 use persist_core::record::{VALUE_BYTES_MAX, validate_path};
 use persist_core::{DeviceId, Epoch, Locator, StoreId};
@@ -289,6 +289,14 @@ impl Store {
         if !may_create && !file_existed {
             return Err(OpenError::NoStore { path: dir });
         }
+        // Unwrapped first: a wrong passphrase or a damaged export must not
+        // even open (and so touch) the database.
+        let import = match import {
+            Some((text, pass)) => {
+                Some(ExportedKeys::unwrap(&text, &pass).map_err(OpenError::Import)?)
+            }
+            None => None,
+        };
         ensure_dir(&dir)?;
         let db = Arc::new(LocalDb::open(&db_path, backend)?);
         let boot_config = BootConfig {
@@ -300,7 +308,7 @@ impl Store {
             import,
             may_create,
         };
-        let boot = match bootstrap(&db, &boot_config, &env) {
+        let boot = match bootstrap(&db, boot_config, &env) {
             Ok(boot) => boot,
             Err(e) => {
                 if !file_existed {
