@@ -1,13 +1,31 @@
 //! Opening the local database: creation, format check, and the probe that
 //! leaves a file it refuses untouched.
+//!
+//! # Opening a damaged file
+//!
+//! An existing file is first opened read-only, which never writes, and
+//! checked there: its format marker, and a cheap structural check that reads
+//! the root of every table and the pages down to its first and last entry
+//! (a few pages per table, whatever the size of the store). A file that
+//! fails, or on which redb panics, is refused with [`OpenError::Corrupted`]
+//! and left byte for byte as it was. Only then is it opened for writing (in
+//! debug builds redb walks every page there, and a panic is again refused
+//! before anything is written).
+//!
+//! Damage deeper in a large tree is not looked for at open: that would read
+//! the whole file every time. It surfaces at the read or write that meets
+//! it, as a typed error ([`StorageError::CorruptRow`] for a row,
+//! [`StorageError::Damaged`] where redb fails), and
+//! [`LocalDb::check_integrity`] verifies every page on request.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
-use redb::{ReadableDatabase, ReadableTableMetadata};
+use redb::{ReadableDatabase, ReadableTable};
 
 use crate::backend::{Backend, RedbBackend};
+use crate::contain::{Guarded, contain};
 use crate::error::{OpenError, StorageError};
 use crate::schema::{
     CHANGES, EPOCH_COUNTS, FORMAT_KEY, LAST_CHANGE_SEQ_KEY, LIVE_ROWS_KEY, META, RECORDS,
@@ -28,10 +46,14 @@ pub const CACHE_BYTES_MAX: usize = 256 * 1024 * 1024;
 ///
 /// Any number of [`ReadTxn`]s may run at once, and alongside one [`WriteTxn`];
 /// a second `begin_write` waits for the first transaction to end.
+///
+/// No operation panics on a damaged file: where redb would, the operation
+/// fails with [`StorageError::Damaged`] (see the crate docs, "Limits").
 #[derive(Debug)]
 pub struct LocalDb {
-    db: redb::Database,
-    path: PathBuf,
+    db: Guarded<redb::Database>,
+    /// Shared with every transaction, to name the file in their errors.
+    path: Arc<Path>,
 }
 
 impl LocalDb {
@@ -40,8 +62,9 @@ impl LocalDb {
     ///
     /// If `backend` is `Some`, it holds the bytes and `path` only names the
     /// database in messages. A file written by a newer Persist, or one that
-    /// is not a Persist database, is refused without being changed. (A file
-    /// left by a crash is first recovered by redb, which writes to it.)
+    /// is not a Persist database, is refused without being changed: see the
+    /// module docs for what is checked. (A file left by a crash is first
+    /// recovered by redb, which writes to it.)
     pub fn open(path: &Path, backend: Option<Box<dyn Backend>>) -> Result<LocalDb, OpenError> {
         match backend {
             Some(backend) => Self::open_backend(path, Arc::from(backend)),
@@ -62,21 +85,39 @@ impl LocalDb {
 
     /// Starts a read transaction: a snapshot of the last commit.
     pub fn begin_read(&self) -> Result<ReadTxn, StorageError> {
-        Ok(ReadTxn::new(self.db.begin_read()?))
+        let txn = contain(&self.path, || {
+            self.db.begin_read().map_err(StorageError::from)
+        })?;
+        Ok(ReadTxn::new(txn, self.path.clone()))
     }
 
     /// Starts the write transaction, waiting for the current one to end.
     pub fn begin_write(&self) -> Result<WriteTxn, StorageError> {
-        WriteTxn::new(self.db.begin_write()?)
+        let txn = contain(&self.path, || {
+            self.db.begin_write().map_err(StorageError::from)
+        })?;
+        WriteTxn::new(txn, self.path.clone())
     }
 
     /// Closes the database, reporting what dropping it would ignore.
     pub fn close(self) -> Result<(), StorageError> {
-        self.db.close().map_err(|err| match err {
-            redb::DatabaseError::Storage(err) => err.into(),
-            other => StorageError::Internal {
-                detail: other.to_string(),
-            },
+        let db = self.db.into_inner();
+        contain(&self.path, || db.close().map_err(StorageError::from))
+    }
+
+    /// Verifies the checksum of every page of the database, in O(size of the
+    /// file): for a `verify` command, not for every open. No transaction of
+    /// this database may be open ([`StorageError::Internal`] otherwise).
+    ///
+    /// `Ok(true)`: the file is intact. `Ok(false)`: redb found damage and
+    /// repaired it, writing to the file; the repair rebuilds redb's own
+    /// bookkeeping, and if the last commit is damaged it falls back to the
+    /// one before, so that commit is lost. A file it cannot repair is
+    /// [`StorageError::Corrupted`] (or [`StorageError::Damaged`]), and the
+    /// handle then refuses writes until the database is reopened.
+    pub fn check_integrity(&mut self) -> Result<bool, StorageError> {
+        contain(&self.path, || {
+            self.db.check_integrity().map_err(StorageError::from)
         })
     }
 
@@ -97,14 +138,16 @@ impl LocalDb {
         }
         let builder = builder();
         if !fresh {
-            probe(path, builder.open_read_only(path))?;
+            contain(path, || probe(path, builder.open_read_only(path)))?;
         }
-        let db = if create {
-            builder.create(path)
-        } else {
-            builder.open(path)
-        };
-        let db = db.map_err(|err| OpenError::from_redb(path.to_owned(), err))?;
+        let db = contain(path, || {
+            let db = if create {
+                builder.create(path)
+            } else {
+                builder.open(path)
+            };
+            db.map_err(|err| OpenError::from_redb(path.to_owned(), err))
+        })?;
         Self::finish(path, db)
     }
 
@@ -115,32 +158,42 @@ impl LocalDb {
         })? == 0;
         let builder = builder();
         if !fresh {
-            probe(
-                path,
-                builder.open_read_only_with_backend(RedbBackend(backend.clone())),
-            )?;
+            contain(path, || {
+                probe(
+                    path,
+                    builder.open_read_only_with_backend(RedbBackend(backend.clone())),
+                )
+            })?;
         }
-        let db = builder
-            .create_with_backend(RedbBackend(backend))
-            .map_err(|err| OpenError::from_redb(path.to_owned(), err))?;
+        let db = contain(path, || {
+            builder
+                .create_with_backend(RedbBackend(backend))
+                .map_err(|err| OpenError::from_redb(path.to_owned(), err))
+        })?;
         Self::finish(path, db)
     }
 
     /// Checks the format of an opened database, initializing it if it was
     /// never initialized.
     fn finish(path: &Path, db: redb::Database) -> Result<LocalDb, OpenError> {
-        let storage_err = |err: StorageError| OpenError::from_storage(path.to_owned(), err);
-        let read = db.begin_read().map_err(|err| storage_err(err.into()))?;
-        match check_format(path, &read)? {
-            Format::Uninitialized => {
-                drop(read);
-                initialize(&db).map_err(storage_err)?;
+        // Owned out here, so that a panic below is caught before the
+        // database is dropped: dropped cleanly, it records a clean shutdown,
+        // leaving a refused file as it was.
+        let db = Guarded::new(db);
+        contain(path, || {
+            let storage_err = |err: StorageError| OpenError::from_storage(path.to_owned(), err);
+            let read = db.begin_read().map_err(|err| storage_err(err.into()))?;
+            match check_format(path, &read)? {
+                Format::Uninitialized => {
+                    drop(read);
+                    initialize(&db).map_err(storage_err)
+                }
+                Format::Current => check_structure(&read).map_err(storage_err),
             }
-            Format::Current => check_tables(&read).map_err(storage_err)?,
-        }
+        })?;
         Ok(LocalDb {
             db,
-            path: path.to_owned(),
+            path: Arc::from(path),
         })
     }
 }
@@ -151,8 +204,8 @@ fn builder() -> redb::Builder {
     builder
 }
 
-/// Checks the format through a read-only open, which never writes, so that
-/// a database this build refuses is left exactly as it was.
+/// Checks the format and structure through a read-only open, which never
+/// writes, so that a database this build refuses is left exactly as it was.
 fn probe(
     path: &Path,
     opened: Result<redb::ReadOnlyDatabase, redb::DatabaseError>,
@@ -162,7 +215,11 @@ fn probe(
             let read = db
                 .begin_read()
                 .map_err(|err| OpenError::from_storage(path.to_owned(), err.into()))?;
-            check_format(path, &read).map(drop)
+            match check_format(path, &read)? {
+                Format::Uninitialized => Ok(()),
+                Format::Current => check_structure(&read)
+                    .map_err(|err| OpenError::from_storage(path.to_owned(), err)),
+            }
         }
         // A crash left the file needing recovery, which only a writable open
         // runs; the format is checked after it.
@@ -219,12 +276,23 @@ fn check_format(path: &Path, read: &redb::ReadTransaction) -> Result<Format, Ope
 }
 
 /// Opens every table with its types, so a file whose tables differ fails at
-/// open rather than at the first write.
-fn check_tables(read: &redb::ReadTransaction) -> Result<(), StorageError> {
-    read.open_table(RECORDS)?.len()?;
-    read.open_table(CHANGES)?.len()?;
-    read.open_table(EPOCH_COUNTS)?.len()?;
+/// open rather than at the first write, and reads each one's first and last
+/// entry: the root page and the pages down to both ends, so a damaged root
+/// (all of a small table) is refused at open. O(tables × tree depth).
+fn check_structure(read: &redb::ReadTransaction) -> Result<(), StorageError> {
+    fn ends<K: redb::Key + 'static, V: redb::Value + 'static>(
+        table: &impl ReadableTable<K, V>,
+    ) -> Result<(), StorageError> {
+        table.len()?;
+        table.first()?;
+        table.last()?;
+        Ok(())
+    }
+    ends(&read.open_table(RECORDS)?)?;
+    ends(&read.open_table(CHANGES)?)?;
+    ends(&read.open_table(EPOCH_COUNTS)?)?;
     let meta = read.open_table(META)?;
+    ends(&meta)?;
     crate::schema::meta_u64(&meta, LIVE_ROWS_KEY)?;
     crate::schema::meta_u64(&meta, LAST_CHANGE_SEQ_KEY)?;
     Ok(())

@@ -8,6 +8,8 @@ use std::path::PathBuf;
 
 use persist_core::Locator;
 
+use crate::contain::Panicked;
+
 /// Any error of this crate.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -106,6 +108,22 @@ pub enum StorageError {
         /// What was found wrong.
         detail: String,
     },
+    /// The database file is damaged where redb does not check it: redb
+    /// failed (panicked) reading it, and this crate caught the failure.
+    ///
+    /// Nothing of the failed operation was committed. A write transaction
+    /// that met it refuses to commit; other reads may still succeed.
+    #[error(
+        "database file {} is damaged ({detail}): restore it from a backup, or move it away and \
+         re-sync this device from another device or the relay",
+        path.display()
+    )]
+    Damaged {
+        /// The database (for a backend, the name it was opened with).
+        path: PathBuf,
+        /// What failed.
+        detail: String,
+    },
     /// A stored row failed its checksum: its bytes changed after they were written.
     #[error(
         "record {locator} is damaged in the local database (checksum mismatch): re-sync it from \
@@ -148,6 +166,18 @@ impl StorageError {
         Self::Corrupted {
             detail: detail.into(),
         }
+    }
+}
+
+impl From<Panicked> for StorageError {
+    fn from(Panicked { path, detail }: Panicked) -> Self {
+        Self::Damaged { path, detail }
+    }
+}
+
+impl From<Panicked> for OpenError {
+    fn from(Panicked { path, detail }: Panicked) -> Self {
+        Self::Corrupted { path, detail }
     }
 }
 
@@ -213,6 +243,20 @@ impl From<redb::CommitError> for StorageError {
     }
 }
 
+impl From<redb::DatabaseError> for StorageError {
+    fn from(err: redb::DatabaseError) -> Self {
+        match err {
+            redb::DatabaseError::Storage(err) => err.into(),
+            redb::DatabaseError::TransactionInProgress => Self::Internal {
+                detail: "a transaction of this database is still open".into(),
+            },
+            other => Self::Internal {
+                detail: other.to_string(),
+            },
+        }
+    }
+}
+
 impl OpenError {
     /// Maps a redb open error for the database at `path`.
     pub(crate) fn from_redb(path: PathBuf, err: redb::DatabaseError) -> Self {
@@ -241,6 +285,8 @@ impl OpenError {
     pub(crate) fn from_storage(path: PathBuf, err: StorageError) -> Self {
         match err {
             StorageError::Corrupted { detail } => Self::Corrupted { path, detail },
+            // The path it names is the one being opened.
+            StorageError::Damaged { detail, .. } => Self::Corrupted { path, detail },
             // redb reads the header and layout with read_exact and validates
             // them: at open, a short or malformed file is damage, not a device
             // failure.

@@ -78,12 +78,27 @@
 //! # Limits
 //!
 //! redb checks page checksums when it recovers from a crash, not on every
-//! open: a file changed by something other than redb after a clean shutdown
-//! is caught at read time by the row CRC if the byte lies in a row, but a
-//! damaged B-tree page can make redb panic. Garbage, foreign and truncated
-//! files are refused at open.
+//! open. A file changed by something other than redb after a clean shutdown:
+//!
+//! - Garbage, foreign and truncated files are refused at open, and so is
+//!   damage to the root of any table or to the pages down to its first and
+//!   last entry (a read-only check of a few pages per table). A refused file
+//!   is left byte for byte as it was.
+//! - Damage deeper in a large table is not looked for at open (that would
+//!   read the whole file on every open). A changed byte in a row fails that
+//!   row's read ([`StorageError::CorruptRow`]); a damaged B-tree page can make
+//!   redb panic, which this crate catches: the operation fails with
+//!   [`StorageError::Damaged`] naming the file, and a write transaction that
+//!   met it refuses to commit. No operation of this API panics on a damaged
+//!   file. [`LocalDb::check_integrity`] verifies every page, on request.
+//! - The panic hook is global and left to the application, so redb's panic
+//!   message may still be printed to stderr (by the default hook) while the
+//!   caller gets the typed error. Containment needs `panic = "unwind"`.
+//! - In debug builds redb walks every page of the trees on a writable open,
+//!   so more damage is refused at open there than in release builds.
 
 mod backend;
+mod contain;
 mod db;
 mod error;
 mod row;

@@ -4,14 +4,21 @@
 //! counts, change log appends) in memory and writes it once, at commit, so a
 //! put touches only the `records` table. [`WriteTxn::records`] opens that
 //! table once for a whole batch of puts.
+//!
+//! Every method that calls into redb runs that work under
+//! [`crate::contain::contain`], so a damaged file is an error, never a panic.
 
 use std::cell::OnceCell;
 use std::collections::BTreeMap;
 use std::ops::Bound;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use persist_core::{Epoch, Locator};
 use redb::{ReadableTable, ReadableTableMetadata};
 
+use crate::contain::{Guarded, contain};
 use crate::error::StorageError;
 use crate::row::{self, Row, RowFacts};
 use crate::schema::{
@@ -32,8 +39,10 @@ type RecordsTable = redb::ReadOnlyTable<[u8; 32], &'static [u8]>;
 /// Methods open the tables they need; the `records` table is opened once, on
 /// first use, and kept for the life of the transaction.
 pub struct ReadTxn {
-    txn: redb::ReadTransaction,
-    records: OnceCell<RecordsTable>,
+    // Dropped in this order: the table before the transaction it reads.
+    records: OnceCell<Guarded<RecordsTable>>,
+    txn: Guarded<redb::ReadTransaction>,
+    path: Arc<Path>,
 }
 
 impl std::fmt::Debug for ReadTxn {
@@ -43,18 +52,28 @@ impl std::fmt::Debug for ReadTxn {
 }
 
 impl ReadTxn {
-    pub(crate) fn new(txn: redb::ReadTransaction) -> Self {
+    pub(crate) fn new(txn: redb::ReadTransaction, path: Arc<Path>) -> Self {
         Self {
-            txn,
             records: OnceCell::new(),
+            txn: Guarded::new(txn),
+            path,
         }
     }
 
+    /// Runs `work` contained (see [`crate::contain`]).
+    fn contained<T>(
+        &self,
+        work: impl FnOnce() -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        contain(&self.path, work)
+    }
+
+    /// The `records` table. Call only within [`Self::contained`].
     fn records(&self) -> Result<&RecordsTable, StorageError> {
         if let Some(table) = self.records.get() {
             return Ok(table);
         }
-        let table = self.txn.open_table(RECORDS)?;
+        let table = Guarded::new(self.txn.open_table(RECORDS)?);
         Ok(self.records.get_or_init(|| table))
     }
 
@@ -62,12 +81,14 @@ impl ReadTxn {
     ///
     /// A row whose checksum fails is [`StorageError::CorruptRow`].
     pub fn record(&self, locator: &Locator) -> Result<Option<Row>, StorageError> {
-        let Some(guard) = self.records()?.get(&locator.0)? else {
-            return Ok(None);
-        };
-        row::decode(guard.value())
-            .map(Some)
-            .ok_or(StorageError::CorruptRow { locator: *locator })
+        self.contained(|| {
+            let Some(guard) = self.records()?.get(&locator.0)? else {
+                return Ok(None);
+            };
+            row::decode(guard.value())
+                .map(Some)
+                .ok_or(StorageError::CorruptRow { locator: *locator })
+        })
     }
 
     /// Up to `limit` rows in locator order, strictly after `after` (from the
@@ -87,47 +108,53 @@ impl ReadTxn {
             return Ok(page);
         }
         let start = after.map_or(Bound::Unbounded, |after| Bound::Excluded(after.0));
-        for entry in self.records()?.range((start, Bound::Unbounded))? {
-            let (key, value) = entry?;
-            let locator = Locator(key.value());
-            match row::decode(value.value()) {
-                Some(row) => page.push((locator, row)),
-                None if page.is_empty() => return Err(StorageError::CorruptRow { locator }),
-                None => break,
+        self.contained(|| {
+            for entry in self.records()?.range((start, Bound::Unbounded))? {
+                let (key, value) = entry?;
+                let locator = Locator(key.value());
+                match row::decode(value.value()) {
+                    Some(row) => page.push((locator, row)),
+                    None if page.is_empty() => return Err(StorageError::CorruptRow { locator }),
+                    None => break,
+                }
+                if page.len() == limit {
+                    break;
+                }
             }
-            if page.len() == limit {
-                break;
-            }
-        }
-        Ok(page)
+            Ok(page)
+        })
     }
 
     /// The number of rows that are not tombstones. O(1): kept as a counter.
     pub fn live_count(&self) -> Result<u64, StorageError> {
-        meta_u64(&self.txn.open_table(META)?, LIVE_ROWS_KEY)
+        self.contained(|| meta_u64(&self.txn.open_table(META)?, LIVE_ROWS_KEY))
     }
 
     /// The number of rows, tombstones included. O(1).
     pub fn row_count(&self) -> Result<u64, StorageError> {
-        Ok(self.records()?.len()?)
+        self.contained(|| Ok(self.records()?.len()?))
     }
 
     /// For every epoch that seals at least one row, how many rows it seals
     /// (tombstones included).
     pub fn epoch_counts(&self) -> Result<BTreeMap<Epoch, u64>, StorageError> {
-        let table = self.txn.open_table(EPOCH_COUNTS)?;
-        let mut counts = BTreeMap::new();
-        for entry in table.iter()? {
-            let (epoch, count) = entry?;
-            counts.insert(Epoch(epoch.value()), count.value());
-        }
-        Ok(counts)
+        self.contained(|| {
+            let table = self.txn.open_table(EPOCH_COUNTS)?;
+            let mut counts = BTreeMap::new();
+            for entry in table.iter()? {
+                let (epoch, count) = entry?;
+                counts.insert(Epoch(epoch.value()), count.value());
+            }
+            Ok(counts)
+        })
     }
 
     /// The meta entry under `key`.
     pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
-        let table = self.txn.open_table(META)?;
-        Ok(table.get(key)?.map(|value| value.value().to_vec()))
+        self.contained(|| {
+            let table = self.txn.open_table(META)?;
+            Ok(table.get(key)?.map(|value| value.value().to_vec()))
+        })
     }
 
     /// Up to `limit` change log entries with a sequence number above
@@ -137,24 +164,26 @@ impl ReadTxn {
         after_seq: u64,
         limit: usize,
     ) -> Result<Vec<(u64, Locator)>, StorageError> {
-        let table = self.txn.open_table(CHANGES)?;
         let mut changes = Vec::new();
         if limit == 0 {
             return Ok(changes);
         }
-        for entry in table.range((Bound::Excluded(after_seq), Bound::Unbounded))? {
-            let (seq, locator) = entry?;
-            changes.push((seq.value(), Locator(locator.value())));
-            if changes.len() == limit {
-                break;
+        self.contained(|| {
+            let table = self.txn.open_table(CHANGES)?;
+            for entry in table.range((Bound::Excluded(after_seq), Bound::Unbounded))? {
+                let (seq, locator) = entry?;
+                changes.push((seq.value(), Locator(locator.value())));
+                if changes.len() == limit {
+                    break;
+                }
             }
-        }
-        Ok(changes)
+            Ok(changes)
+        })
     }
 
     /// The sequence number of the last change, 0 if there was none.
     pub fn last_change_seq(&self) -> Result<u64, StorageError> {
-        meta_u64(&self.txn.open_table(META)?, LAST_CHANGE_SEQ_KEY)
+        self.contained(|| meta_u64(&self.txn.open_table(META)?, LAST_CHANGE_SEQ_KEY))
     }
 }
 
@@ -164,14 +193,19 @@ impl ReadTxn {
 /// After an error other than [`StorageError::EnvelopeTooLarge`] or
 /// [`StorageError::ReservedMetaKey`] from a write, or any error from a read
 /// (which change nothing), the transaction refuses to commit.
+///
+/// After a [`StorageError::Damaged`] from any method, reads included, it
+/// refuses to commit: redb failed part-way through.
 pub struct WriteTxn {
-    txn: redb::WriteTransaction,
+    txn: Guarded<redb::WriteTransaction>,
     book: Bookkeeping,
     /// Reused buffer for encoding rows, so a put does not allocate.
     scratch: Vec<u8>,
     /// Set when an operation failed half-way: committing would store a
-    /// state the counters do not describe.
-    failed: bool,
+    /// state the counters do not describe. Atomic only to be settable
+    /// from `&self` while `WriteTxn` stays `Sync`.
+    failed: AtomicBool,
+    path: Arc<Path>,
 }
 
 impl std::fmt::Debug for WriteTxn {
@@ -179,20 +213,23 @@ impl std::fmt::Debug for WriteTxn {
         f.debug_struct("WriteTxn")
             .field("live_rows", &self.book.live_rows)
             .field("last_change_seq", &self.book.last_change_seq())
-            .field("failed", &self.failed)
+            .field("failed", &self.failed.load(Ordering::Relaxed))
             .finish_non_exhaustive()
     }
 }
 
 impl WriteTxn {
-    pub(crate) fn new(txn: redb::WriteTransaction) -> Result<Self, StorageError> {
-        let (live_rows, committed_seq) = {
+    pub(crate) fn new(txn: redb::WriteTransaction, path: Arc<Path>) -> Result<Self, StorageError> {
+        // Owned outside the contained read, so that a panic there drops it
+        // (an abort) after the panic is caught, not while it unwinds.
+        let txn = Guarded::new(txn);
+        let (live_rows, committed_seq) = contain(&path, || -> Result<_, StorageError> {
             let meta = txn.open_table(META)?;
-            (
+            Ok((
                 meta_u64(&meta, LIVE_ROWS_KEY)?,
                 meta_u64(&meta, LAST_CHANGE_SEQ_KEY)?,
-            )
-        };
+            ))
+        })?;
         Ok(Self {
             txn,
             book: Bookkeeping {
@@ -203,25 +240,40 @@ impl WriteTxn {
                 epoch_deltas: BTreeMap::new(),
             },
             scratch: Vec::new(),
-            failed: false,
+            failed: AtomicBool::new(false),
+            path,
         })
+    }
+
+    /// Runs `work` contained (see [`crate::contain`]); a panic marks the
+    /// transaction failed.
+    fn contained<T>(
+        &self,
+        work: impl FnOnce() -> Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        contained(&self.path, &self.failed, work)
     }
 
     /// Opens the `records` table for a batch of puts and removes.
     pub fn records(&mut self) -> Result<RecordsMut<'_>, StorageError> {
-        let table = self.txn.open_table(RECORDS)?;
+        let table = contained(&self.path, &self.failed, || {
+            Ok(self.txn.open_table(RECORDS)?)
+        })?;
         Ok(RecordsMut {
-            table,
+            table: Guarded::new(table),
             book: &mut self.book,
             scratch: &mut self.scratch,
-            failed: &mut self.failed,
+            failed: &self.failed,
+            path: &self.path,
         })
     }
 
     /// The row at `locator` as this transaction sees it.
     pub fn record(&self, locator: &Locator) -> Result<Option<Row>, StorageError> {
-        let table = self.txn.open_table(RECORDS)?;
-        get_row(&table, locator)
+        self.contained(|| {
+            let table = self.txn.open_table(RECORDS)?;
+            get_row(&table, locator)
+        })
     }
 
     /// Stores `row` at `locator`, replacing any row there, and returns the
@@ -237,8 +289,10 @@ impl WriteTxn {
 
     /// The meta entry under `key` as this transaction sees it.
     pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, StorageError> {
-        let table = self.txn.open_table(META)?;
-        Ok(table.get(key)?.map(|value| value.value().to_vec()))
+        self.contained(|| {
+            let table = self.txn.open_table(META)?;
+            Ok(table.get(key)?.map(|value| value.value().to_vec()))
+        })
     }
 
     /// Sets the meta entry `key`. Keys starting with `'\0'`, and `"format"`,
@@ -247,11 +301,13 @@ impl WriteTxn {
         if is_reserved_meta_key(key) {
             return Err(StorageError::ReservedMetaKey { key: key.into() });
         }
-        let mut table = self.txn.open_table(META)?;
-        table
-            .insert(key, value)
-            .map_err(|err| failed(&mut self.failed, err))?;
-        Ok(())
+        self.contained(|| {
+            let mut table = self.txn.open_table(META)?;
+            table
+                .insert(key, value)
+                .map_err(|err| failed(&self.failed, err))?;
+            Ok(())
+        })
     }
 
     /// Removes the meta entry `key`; returns whether there was one.
@@ -259,11 +315,11 @@ impl WriteTxn {
         if is_reserved_meta_key(key) {
             return Err(StorageError::ReservedMetaKey { key: key.into() });
         }
-        let mut table = self.txn.open_table(META)?;
-        let removed = table
-            .remove(key)
-            .map_err(|err| failed(&mut self.failed, err))?;
-        Ok(removed.is_some())
+        self.contained(|| {
+            let mut table = self.txn.open_table(META)?;
+            let removed = table.remove(key).map_err(|err| failed(&self.failed, err))?;
+            Ok(removed.is_some())
+        })
     }
 
     /// The number of non-tombstone rows as this transaction sees it.
@@ -278,77 +334,93 @@ impl WriteTxn {
 
     /// Makes everything this transaction did durable (redb
     /// `Durability::Immediate`), or nothing of it.
-    pub fn commit(mut self) -> Result<(), StorageError> {
-        if self.failed {
+    pub fn commit(self) -> Result<(), StorageError> {
+        if self.failed.load(Ordering::Relaxed) {
             return Err(StorageError::Unusable {
                 detail: "an earlier operation of this transaction failed half-way".into(),
             });
         }
-        self.write_bookkeeping()?;
-        self.txn.commit()?;
-        Ok(())
+        // A failure here drops the transaction, uncommitted.
+        self.contained(|| write_bookkeeping(&self.txn, &self.book))?;
+        let txn = self.txn.into_inner();
+        contain(&self.path, || Ok(txn.commit()?))
     }
 
     /// Discards everything this transaction did.
     pub fn abort(self) -> Result<(), StorageError> {
-        Ok(self.txn.abort()?)
+        let txn = self.txn.into_inner();
+        contain(&self.path, || Ok(txn.abort()?))
     }
+}
 
-    /// Writes the change log appends, epoch counts and counters.
-    fn write_bookkeeping(&mut self) -> Result<(), StorageError> {
-        let book = &mut self.book;
-        if book.appended.is_empty() && book.recounted.is_none() {
-            debug_assert!(
-                book.epoch_deltas.is_empty(),
-                "every row change appends to the change log"
-            );
-            return Ok(());
+/// Runs `work` contained (see [`crate::contain`]); a panic sets `failed`.
+fn contained<T>(
+    path: &Path,
+    failed: &AtomicBool,
+    work: impl FnOnce() -> Result<T, StorageError>,
+) -> Result<T, StorageError> {
+    contain(path, work).map_err(|err| {
+        if matches!(err, StorageError::Damaged { .. }) {
+            failed.store(true, Ordering::Relaxed);
         }
-        {
-            let mut changes = self.txn.open_table(CHANGES)?;
-            for (seq, locator) in (book.committed_seq + 1..).zip(&book.appended) {
-                changes.insert(seq, locator)?;
-            }
-        }
-        {
-            let mut counts = self.txn.open_table(EPOCH_COUNTS)?;
-            if let Some(recounted) = &book.recounted {
-                counts.retain(|_, _| false)?;
-                for (&epoch, &count) in recounted {
-                    counts.insert(epoch, count)?;
-                }
-            }
-            for (&epoch, &delta) in &book.epoch_deltas {
-                let stored = counts.get(epoch)?.map_or(0, |count| count.value());
-                let count = stored.checked_add_signed(delta).ok_or_else(|| {
-                    StorageError::corrupted(format!(
-                        "count of epoch {epoch} would go from {stored} by {delta}"
-                    ))
-                })?;
-                if count == 0 {
-                    counts.remove(epoch)?;
-                } else {
-                    counts.insert(epoch, count)?;
-                }
-            }
-        }
-        let mut meta = self.txn.open_table(META)?;
-        meta.insert(LIVE_ROWS_KEY, book.live_rows.to_le_bytes().as_slice())?;
-        meta.insert(
-            LAST_CHANGE_SEQ_KEY,
-            book.last_change_seq().to_le_bytes().as_slice(),
-        )?;
-        Ok(())
+        err
+    })
+}
+
+/// Writes the change log appends, epoch counts and counters.
+fn write_bookkeeping(txn: &redb::WriteTransaction, book: &Bookkeeping) -> Result<(), StorageError> {
+    if book.appended.is_empty() && book.recounted.is_none() {
+        debug_assert!(
+            book.epoch_deltas.is_empty(),
+            "every row change appends to the change log"
+        );
+        return Ok(());
     }
+    {
+        let mut changes = txn.open_table(CHANGES)?;
+        for (seq, locator) in (book.committed_seq + 1..).zip(&book.appended) {
+            changes.insert(seq, locator)?;
+        }
+    }
+    {
+        let mut counts = txn.open_table(EPOCH_COUNTS)?;
+        if let Some(recounted) = &book.recounted {
+            counts.retain(|_, _| false)?;
+            for (&epoch, &count) in recounted {
+                counts.insert(epoch, count)?;
+            }
+        }
+        for (&epoch, &delta) in &book.epoch_deltas {
+            let stored = counts.get(epoch)?.map_or(0, |count| count.value());
+            let count = stored.checked_add_signed(delta).ok_or_else(|| {
+                StorageError::corrupted(format!(
+                    "count of epoch {epoch} would go from {stored} by {delta}"
+                ))
+            })?;
+            if count == 0 {
+                counts.remove(epoch)?;
+            } else {
+                counts.insert(epoch, count)?;
+            }
+        }
+    }
+    let mut meta = txn.open_table(META)?;
+    meta.insert(LIVE_ROWS_KEY, book.live_rows.to_le_bytes().as_slice())?;
+    meta.insert(
+        LAST_CHANGE_SEQ_KEY,
+        book.last_change_seq().to_le_bytes().as_slice(),
+    )?;
+    Ok(())
 }
 
 /// The `records` table opened for writing within a [`WriteTxn`]: put and
 /// remove many rows while opening the table once.
 pub struct RecordsMut<'txn> {
-    table: redb::Table<'txn, [u8; 32], &'static [u8]>,
+    table: Guarded<redb::Table<'txn, [u8; 32], &'static [u8]>>,
     book: &'txn mut Bookkeeping,
     scratch: &'txn mut Vec<u8>,
-    failed: &'txn mut bool,
+    failed: &'txn AtomicBool,
+    path: &'txn Path,
 }
 
 impl std::fmt::Debug for RecordsMut<'_> {
@@ -360,7 +432,7 @@ impl std::fmt::Debug for RecordsMut<'_> {
 impl RecordsMut<'_> {
     /// The row at `locator` as this transaction sees it.
     pub fn get(&self, locator: &Locator) -> Result<Option<Row>, StorageError> {
-        get_row(&self.table, locator)
+        contained(self.path, self.failed, || get_row(&*self.table, locator))
     }
 
     /// Stores `row` at `locator`, replacing any row there; updates the epoch
@@ -379,13 +451,15 @@ impl RecordsMut<'_> {
         }
         self.scratch.clear();
         row::encode(row.epoch, row.tombstone, &row.envelope, self.scratch);
-        let replaced = self
-            .table
-            .insert(&locator.0, self.scratch.as_slice())
-            .map_err(|err| failed(self.failed, err))?
-            .map(|old| row::verify(old.value()));
-        self.account(replaced, Some(row.facts()))?;
-        Ok(self.book.append(locator))
+        contained(self.path, self.failed, || {
+            let replaced = self
+                .table
+                .insert(&locator.0, self.scratch.as_slice())
+                .map_err(|err| failed(self.failed, err))?
+                .map(|old| row::verify(old.value()));
+            self.account(replaced, Some(row.facts()))?;
+            Ok(self.book.append(locator))
+        })
     }
 
     /// Physically removes the row at `locator` (for purges; a delete is a
@@ -394,16 +468,18 @@ impl RecordsMut<'_> {
     ///
     /// Removing a damaged row recounts, as [`RecordsMut::put`] does.
     pub fn remove(&mut self, locator: &Locator) -> Result<Option<u64>, StorageError> {
-        let removed = self
-            .table
-            .remove(&locator.0)
-            .map_err(|err| failed(self.failed, err))?
-            .map(|old| row::verify(old.value()));
-        if removed.is_none() {
-            return Ok(None);
-        }
-        self.account(removed, None)?;
-        Ok(Some(self.book.append(locator)))
+        contained(self.path, self.failed, || {
+            let removed = self
+                .table
+                .remove(&locator.0)
+                .map_err(|err| failed(self.failed, err))?
+                .map(|old| row::verify(old.value()));
+            if removed.is_none() {
+                return Ok(None);
+            }
+            self.account(removed, None)?;
+            Ok(Some(self.book.append(locator)))
+        })
     }
 
     /// Recomputes the live count and epoch counts from every row, in
@@ -412,11 +488,8 @@ impl RecordsMut<'_> {
     ///
     /// Puts and removes call this themselves when they replace a damaged row.
     pub fn recount(&mut self) -> Result<(), StorageError> {
-        let (live_rows, counts) = self.count_rows()?;
-        self.book.live_rows = live_rows;
-        self.book.recounted = Some(counts);
-        self.book.epoch_deltas.clear();
-        Ok(())
+        let (path, failed) = (self.path, self.failed);
+        contained(path, failed, || self.recount_within())
     }
 
     /// Accounts for a put or remove: `old` is the replaced row (`Some(None)`
@@ -429,12 +502,23 @@ impl RecordsMut<'_> {
         match old {
             // The damaged row is already replaced: failing now leaves rows
             // the counters do not describe.
-            Some(None) => self.recount().map_err(|err| failed(self.failed, err)),
+            Some(None) => self
+                .recount_within()
+                .map_err(|err| failed(self.failed, err)),
             old => self
                 .book
                 .replace(old.flatten(), new)
                 .map_err(|err| failed(self.failed, err)),
         }
+    }
+
+    /// [`Self::recount`] within a contained operation.
+    fn recount_within(&mut self) -> Result<(), StorageError> {
+        let (live_rows, counts) = self.count_rows()?;
+        self.book.live_rows = live_rows;
+        self.book.recounted = Some(counts);
+        self.book.epoch_deltas.clear();
+        Ok(())
     }
 
     fn count_rows(&self) -> Result<(u64, BTreeMap<u32, u64>), StorageError> {
@@ -455,8 +539,8 @@ impl RecordsMut<'_> {
 }
 
 /// Marks a write transaction as failed half-way and passes the error on.
-fn failed(flag: &mut bool, err: impl Into<StorageError>) -> StorageError {
-    *flag = true;
+fn failed(flag: &AtomicBool, err: impl Into<StorageError>) -> StorageError {
+    flag.store(true, Ordering::Relaxed);
     err.into()
 }
 
