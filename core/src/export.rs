@@ -521,6 +521,34 @@ mod tests {
         assert_eq!(back.store_id, r.store_id);
     }
 
+    proptest::proptest! {
+        /// Raw exports of any keyring round-trip (the wrapped form adds
+        /// Argon2id, too slow to run per case; `round_trip` covers it).
+        #[test]
+        fn raw_export_round_trips(seed in proptest::prelude::any::<u64>(), rotations in 0usize..5) {
+            let mut rng = SeededEntropy::from_u64(seed).stream("p");
+            let mut r = Keyring::create(DeviceIdentity::generate(&mut rng), "a", Hlc::default(), &mut rng);
+            for _ in 0..rotations {
+                r.rotate(&mut rng);
+            }
+            let back = ExportedKeys::unwrap(&ExportedKeys::from_keyring(&r).raw(), "").unwrap();
+            proptest::prop_assert_eq!(back.store_id, r.store_id);
+            proptest::prop_assert_eq!(back.current, r.current);
+            proptest::prop_assert_eq!(back.epochs.len(), r.epochs.len());
+            for (e, entry) in &back.epochs {
+                proptest::prop_assert!(entry.key.as_ref() == r.key(*e));
+            }
+        }
+
+        /// Arbitrary text never panics the export reader.
+        #[test]
+        fn unwrap_never_panics(text in ".{0,200}") {
+            let _ = ExportedKeys::unwrap(&text, "pw");
+            let _ = ExportedKeys::unwrap(&format!("{PREFIX}{text}"), "pw");
+            let _ = ExportedKeys::unwrap(&format!("{RAW_PREFIX}{text}"), "");
+        }
+    }
+
     #[test]
     fn passphrases_are_grouped_and_fresh() {
         let mut rng = SeededEntropy::from_u64(3).stream("p");

@@ -540,6 +540,36 @@ mod tests {
         assert!(back.key(Epoch(3)).is_some());
     }
 
+    proptest::proptest! {
+        /// Any keyring (rotated any number of times, partly retired and
+        /// purged, with any member names) survives seal and open intact.
+        #[test]
+        fn seal_open_round_trips(seed in proptest::prelude::any::<u64>(), rotations in 0usize..6,
+                                 retire in proptest::prelude::any::<bool>(), name in ".{0,40}") {
+            let mut rng = SeededEntropy::from_u64(seed).stream("prop");
+            let id = DeviceIdentity::generate(&mut rng);
+            let mut r = Keyring::create(id, &name, Hlc { ms: seed, counter: 0 }, &mut rng);
+            for _ in 0..rotations {
+                r.rotate(&mut rng);
+            }
+            if retire {
+                r.retire(|_| true);
+                r.purge_retired(|e| e.0 % 2 == 1);
+            }
+            let kek = Secret32::random(&mut rng);
+            let back = Keyring::open(&r.seal(&kek, &mut rng), &r.store_id, &kek).unwrap();
+            proptest::prop_assert_eq!(back.current, r.current);
+            proptest::prop_assert_eq!(&back.members, &r.members);
+            proptest::prop_assert_eq!(back.epochs.len(), r.epochs.len());
+            for (e, entry) in &r.epochs {
+                let other = &back.epochs[e];
+                proptest::prop_assert_eq!(other.state, entry.state);
+                proptest::prop_assert_eq!(other.announcement, entry.announcement);
+                proptest::prop_assert!(other.key == entry.key);
+            }
+        }
+    }
+
     #[test]
     fn sealed_keyring_holds_no_key_bytes_in_clear() {
         let r = ring(3);
