@@ -39,6 +39,10 @@ use crate::storage_writer::{BACKGROUND_SLICE_WRITES_MAX, Marks, Priority, Sealed
 /// it must fit in the writer's background share of a commit.
 pub const ROTATION_SLICE_RECORDS: usize = BACKGROUND_SLICE_WRITES_MAX;
 
+/// Records resealed between yields to the runtime (about half a
+/// millisecond of CPU), so foreground puts are not stuck behind a slice.
+pub const RESEAL_YIELD_RECORDS: usize = 16;
+
 /// How far a rotation has come.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RotationProgress {
@@ -205,7 +209,7 @@ impl RotatorState {
             .records_page(self.cursor.as_ref(), ROTATION_SLICE_RECORDS)?;
         let end_of_pass = page.len() < ROTATION_SLICE_RECORDS;
         let next_cursor = page.last().map(|(l, _)| *l);
-        let writes = self.reseal(&keys, &page);
+        let writes = self.reseal(&keys, &page).await;
         let cursor_meta = match (end_of_pass, next_cursor) {
             (false, Some(c)) => Some(c.0.to_vec()),
             _ => None,
@@ -273,12 +277,18 @@ impl RotatorState {
         });
     }
 
-    fn reseal(&mut self, keys: &KeySet, page: &[(Locator, Row)]) -> Vec<SealedWrite> {
+    /// Reseals the records of `page` under older epochs. Yields to the
+    /// runtime every [`RESEAL_YIELD_RECORDS`] records, so that a slice's
+    /// CPU work does not hold a worker that foreground writes need.
+    async fn reseal(&mut self, keys: &KeySet, page: &[(Locator, Row)]) -> Vec<SealedWrite> {
         let Some(ctx) = keys.seal_context() else {
             return Vec::new();
         };
         let mut out = Vec::new();
-        for (locator, row) in page {
+        for (i, (locator, row)) in page.iter().enumerate() {
+            if i % RESEAL_YIELD_RECORDS == RESEAL_YIELD_RECORDS - 1 {
+                tokio::task::yield_now().await;
+            }
             if row.epoch == ctx.epoch || !keys.has_epoch(row.epoch) {
                 continue;
             }

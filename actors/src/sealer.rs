@@ -222,14 +222,18 @@ impl SealerState {
         if !parallel {
             return seal_prepared(&keys, prepared);
         }
+        // Both halves are spawned: a task spawned from a worker waits in
+        // that worker's LIFO slot, where no idle worker steals it, so
+        // sealing one half inline would run the halves one after the other.
         let second = prepared.split_off(prepared.len() / 2);
-        let keys2 = keys.clone();
-        let other = tokio::spawn(async move { seal_prepared(&keys2, second) });
-        let mut out = seal_prepared(&keys, prepared)?;
-        let rest = other
-            .await
-            .map_err(|e| WriteError::Rejected(format!("sealing task failed: {e}")))??;
-        out.extend(rest);
+        let (k1, k2) = (keys.clone(), keys);
+        let first = tokio::spawn(async move { seal_prepared(&k1, prepared) });
+        let second = tokio::spawn(async move { seal_prepared(&k2, second) });
+        let joined = |r: Result<_, tokio::task::JoinError>| {
+            r.map_err(|e| WriteError::Rejected(format!("sealing task failed: {e}")))
+        };
+        let mut out = joined(first.await)??;
+        out.extend(joined(second.await)??);
         Ok(out)
     }
 }
