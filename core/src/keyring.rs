@@ -80,6 +80,22 @@ pub struct Member {
     pub added_at: Hlc,
 }
 
+impl Member {
+    /// `device` as a member that added itself: the store's creator, or a
+    /// device joining from a key export.
+    fn founding(device: &DeviceIdentity, name: &str, now: Hlc) -> Self {
+        let device_id = device.device_id();
+        Self {
+            device_id,
+            ed25519_public: device.verifying_key().to_bytes(),
+            x25519_public: device.x25519_public(),
+            name: name.to_owned(),
+            added_by: device_id,
+            added_at: now,
+        }
+    }
+}
+
 /// Everything secret a device holds for one store.
 pub struct Keyring {
     /// The store.
@@ -128,14 +144,7 @@ impl Keyring {
         rng.fill_bytes(&mut store);
         let store_id = StoreId(store);
         let device_id = device.device_id();
-        let me = Member {
-            device_id,
-            ed25519_public: device.verifying_key().to_bytes(),
-            x25519_public: device.x25519_public(),
-            name: name.to_owned(),
-            added_by: device_id,
-            added_at: now,
-        };
+        let me = Member::founding(&device, name, now);
         let mut ring = Self {
             store_id,
             device,
@@ -166,15 +175,7 @@ impl Keyring {
         name: &str,
         now: Hlc,
     ) -> Self {
-        let device_id = device.device_id();
-        let me = Member {
-            device_id,
-            ed25519_public: device.verifying_key().to_bytes(),
-            x25519_public: device.x25519_public(),
-            name: name.to_owned(),
-            added_by: device_id,
-            added_at: now,
-        };
+        let me = Member::founding(&device, name, now);
         Self {
             store_id: keys.store_id,
             device,
