@@ -76,6 +76,9 @@ fn panic_message(payload: &(dyn Any + Send)) -> &str {
 /// that failed first has already reported the damage.
 pub(crate) struct Guarded<T>(Option<T>);
 
+// The `Option` is `Some` from `new` until `into_inner` or `drop` takes it,
+// and both consume the `Guarded`: no method that `expect`s it can see `None`.
+
 impl<T> Guarded<T> {
     pub(crate) fn new(inner: T) -> Self {
         Self(Some(inner))
