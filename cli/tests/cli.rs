@@ -14,7 +14,7 @@ use std::os::unix::fs::PermissionsExt as _;
 
 use serde_json::json;
 
-use common::{NOT_FOUND, OK, Out, Sandbox, USAGE, is_hex_id, output};
+use common::{NOT_FOUND, OK, Sandbox, USAGE, is_hex_id, output};
 
 #[test]
 fn init_prints_the_ids_and_where_the_key_lives() {
@@ -433,33 +433,10 @@ fn logs_stay_off_stdout() {
 
 #[test]
 fn put_reads_the_value_from_stdin_with_a_dash() {
-    use std::io::Write as _;
-    use std::process::Stdio;
-
     let sb = Sandbox::new();
     sb.init();
     let put_stdin = |path: &str, input: &[u8]| {
-        let mut cmd = sb.bare();
-        cmd.arg("put")
-            .arg("--store")
-            .arg(sb.store())
-            .arg("--key-file")
-            .arg(sb.key())
-            .args([path, "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().unwrap();
-        let mut stdin = child.stdin.take().unwrap();
-        // Errors are ignored: the child may refuse before reading it all.
-        let _ = stdin.write_all(input);
-        drop(stdin);
-        let out = child.wait_with_output().unwrap();
-        Out {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8(out.stdout).unwrap(),
-            stderr: String::from_utf8(out.stderr).unwrap(),
-        }
+        sb.run_with_stdin("put", &sb.store(), &sb.key(), &[path, "-"], input)
     };
     // Larger than one command-line argument may be (128 KiB on Linux).
     let big = json!({ "blob": "x".repeat(1 << 20) });
