@@ -51,8 +51,11 @@
 // exactly what the determinism rules keep out of engine logic.
 #![allow(clippy::disallowed_methods)]
 
+mod common;
+
+use common::{bench_root, env_usize, fs_type, ms, proc_status_kib, us};
 use std::error::Error;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -802,49 +805,7 @@ fn keep_lower_p99(best: &mut Option<Latency>, latency: Latency) {
     }
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-fn us(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e6
-}
-
 // ---- environment ----
-
-/// Where the databases go: a disk on which fsync does real work.
-fn bench_root() -> BenchResult<PathBuf> {
-    let root = match std::env::var_os("PERSIST_BENCH_DIR") {
-        Some(dir) => PathBuf::from(dir),
-        None => {
-            let tmp = std::env::temp_dir();
-            match fs_type(&tmp).as_deref() {
-                Some("tmpfs" | "ramfs") => {
-                    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/persist-bench")
-                }
-                _ => tmp,
-            }
-        }
-    };
-    std::fs::create_dir_all(&root)?;
-    Ok(root)
-}
-
-/// The file system type of the mount holding `path`, from /proc/mounts.
-fn fs_type(path: &Path) -> Option<String> {
-    let path = path.canonicalize().ok()?;
-    let mounts = std::fs::read_to_string("/proc/mounts").ok()?;
-    mounts
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let (_dev, mount, fs) = (fields.next()?, fields.next()?, fields.next()?);
-            path.starts_with(mount)
-                .then(|| (mount.len(), fs.to_owned()))
-        })
-        .max_by_key(|(len, _)| *len)
-        .map(|(_, fs)| fs)
-}
 
 /// CPU time (user + system) used so far by the whole process, exited
 /// threads included, from `/proc/self/stat`; zero where unavailable.
@@ -864,19 +825,6 @@ fn process_cpu() -> Duration {
         .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
         .sum();
     Duration::from_millis(ticks * 1000 / TICKS_PER_S)
-}
-
-/// A field of /proc/self/status in KiB (`VmHWM`, `VmRSS`).
-fn proc_status_kib(field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status.lines().find_map(|line| {
-        let rest = line.strip_prefix(field)?.strip_prefix(':')?;
-        rest.split_whitespace().next()?.parse().ok()
-    })
-}
-
-fn env_usize(name: &str) -> Option<usize> {
-    std::env::var(name).ok()?.parse().ok()
 }
 
 fn env_list(name: &str) -> Vec<String> {
