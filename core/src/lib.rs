@@ -3,8 +3,8 @@
 //! This crate holds the identifiers ([`ids`]), the hybrid logical clock
 //! ([`hlc`]), the last-write-wins rule ([`lww`]), the secret key types
 //! ([`keys`]), the sealed record and its padding ([`record`], [`padding`]),
-//! envelope v1 ([`envelope`]) and the keyring sealed under the device key
-//! ([`keyring`]).
+//! envelope v1 ([`envelope`]), the keyring sealed under the device key
+//! ([`keyring`]) and the sync wire protocol ([`protocol`]).
 //!
 //! It never reads a clock, an OS random source, a file or a socket: time and
 //! randomness come in as arguments through the [`env`] traits, so the same
@@ -56,6 +56,7 @@ pub mod keyring;
 pub mod keys;
 pub mod lww;
 pub mod padding;
+pub mod protocol;
 pub mod record;
 
 pub use ids::{DeviceId, Epoch, IdParseError, Locator, StoreId};
