@@ -1,0 +1,1 @@
+//! Persist relay node (being written: see the transport crate for now).
