@@ -101,6 +101,7 @@ mod backend;
 mod contain;
 mod db;
 mod error;
+pub mod relay;
 mod row;
 mod schema;
 mod txn;
