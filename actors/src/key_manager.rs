@@ -8,7 +8,7 @@
 //! retired keys, and exports.
 //!
 //! **Messages.** [`KeyManagerMsg`]: `Describe`, `Rotate`, `RotationDone`,
-//! `PurgeRetired`, `Export`.
+//! `PurgeRetired`, `AddMembers`, `OwnMember`, `Export`.
 //!
 //! **Supervisor.** The store supervisor. **On failure** it is restarted and
 //! reloads the keyring from the database, where every change it made was
@@ -21,7 +21,7 @@ use persist_core::Epoch;
 use persist_core::StoreId;
 use persist_core::env::{Entropy, RngStream};
 use persist_core::export::{ExportedKeys, KdfParams, generate_passphrase};
-use persist_core::keyring::{EpochState, Keyring};
+use persist_core::keyring::{EpochState, Keyring, Member};
 use persist_core::keys::Secret32;
 use persist_storage::LocalDb;
 use ractor::rpc::CallResult;
@@ -80,6 +80,16 @@ pub enum KeyManagerMsg {
     },
     /// Delete the keys of retired epochs; answers with the epochs purged.
     PurgeRetired(RpcReplyPort<Result<Vec<Epoch>, KeyError>>),
+    /// Remember `members` (checked by the caller, see
+    /// [`persist_core::membership`]); answers with how many were new.
+    AddMembers {
+        /// The members learned.
+        members: Vec<Member>,
+        /// Added count.
+        reply: RpcReplyPort<Result<usize, KeyError>>,
+    },
+    /// This device's own member entry, which it announces to the others.
+    OwnMember(RpcReplyPort<Option<Member>>),
     /// Export the store's keys.
     Export {
         /// The passphrase to wrap under; `None` generates one.
@@ -184,6 +194,13 @@ impl Actor for KeyManager {
                 let outcome = state.purge().await;
                 let _ = reply.send(outcome);
             }
+            KeyManagerMsg::AddMembers { members, reply } => {
+                let _ = reply.send(state.add_members(members).await);
+            }
+            KeyManagerMsg::OwnMember(reply) => {
+                let own = state.keyring.as_ref().and_then(|r| r.own_member().cloned());
+                let _ = reply.send(own);
+            }
             KeyManagerMsg::Export {
                 passphrase,
                 params,
@@ -235,6 +252,26 @@ impl KeyManagerState {
             return Ok(Vec::new());
         }
         self.change(|ring, _| Ok(ring.retire(unused))).await
+    }
+
+    /// Adds the members not known yet, in one durable keyring change.
+    async fn add_members(&mut self, members: Vec<Member>) -> Result<usize, KeyError> {
+        let known = |m: &Member| {
+            self.keyring
+                .as_ref()
+                .is_some_and(|r| r.members.iter().any(|k| k.device_id == m.device_id))
+        };
+        let new: Vec<Member> = members.into_iter().filter(|m| !known(m)).collect();
+        if new.is_empty() {
+            return Ok(0);
+        }
+        self.change(|ring, _| {
+            Ok(new
+                .into_iter()
+                .filter(|m| ring.add_member(m.clone()))
+                .count())
+        })
+        .await
     }
 
     /// Purges retired epochs, re-checking that none holds a record.

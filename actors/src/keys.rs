@@ -7,10 +7,11 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
-use ed25519_dalek::SigningKey;
+use ed25519_dalek::{SigningKey, VerifyingKey};
 use persist_core::envelope::{self, Algorithm, Envelope, OpenError, SealContext};
 use persist_core::keyring::Keyring;
 use persist_core::keys::{IndexKey, Secret32, plain_locator};
+use persist_core::protocol::AccessKey;
 use persist_core::record::Record;
 use persist_core::{DeviceId, Epoch, Locator, StoreId};
 
@@ -44,6 +45,12 @@ pub struct KeySet {
     pub device_id: DeviceId,
     /// Encryption keys, or `None` for an `encrypt(false)` store.
     pub crypto: Option<CryptoKeys>,
+    /// The Ed25519 keys of the store's known members, which sync ingest
+    /// checks envelope signatures against.
+    pub members: BTreeMap<DeviceId, VerifyingKey>,
+    /// The credential a remote checks (derived from the relay token), or
+    /// `None` for a store that does not encrypt.
+    pub access: Option<AccessKey>,
 }
 
 /// Secret keys of an encrypted store.
@@ -62,9 +69,19 @@ impl KeySet {
             .iter()
             .filter_map(|(e, entry)| entry.key.as_ref().map(|k| (*e, k.duplicate())))
             .collect();
+        let members = ring
+            .members
+            .iter()
+            .filter_map(|m| {
+                let key = VerifyingKey::from_bytes(&m.ed25519_public).ok()?;
+                Some((m.device_id, key))
+            })
+            .collect();
         Self {
             store_id: ring.store_id,
             device_id: ring.device_id(),
+            members,
+            access: Some(AccessKey::derive(&ring.relay_token, &ring.store_id)),
             crypto: Some(CryptoKeys {
                 index: IndexKey::new(ring.index_key.secret().duplicate()),
                 epochs,
@@ -80,6 +97,8 @@ impl KeySet {
             store_id,
             device_id,
             crypto: None,
+            members: BTreeMap::new(),
+            access: None,
         }
     }
 
@@ -96,6 +115,19 @@ impl KeySet {
         self.crypto
             .as_ref()
             .is_some_and(|c| c.epochs.contains_key(&epoch))
+    }
+
+    /// The verifying key of member `device`, if known.
+    pub fn member_key(&self, device: &DeviceId) -> Option<&VerifyingKey> {
+        self.members.get(device)
+    }
+
+    /// The epochs whose keys this device holds, oldest first.
+    pub fn epochs(&self) -> Vec<Epoch> {
+        self.crypto
+            .as_ref()
+            .map(|c| c.epochs.keys().copied().collect())
+            .unwrap_or_default()
     }
 
     /// The epoch new writes are sealed under (0 for plain stores).

@@ -16,9 +16,11 @@
 //! code on a paused, single-threaded runtime.
 
 mod blocking;
+pub mod ingest;
 pub mod key_manager;
 pub mod keys;
 pub mod meta;
+pub mod peer_session;
 pub mod rotator;
 pub mod routes;
 pub mod sealer;

@@ -17,3 +17,9 @@ pub const HLC: &str = "hlc";
 pub const SEQ: &str = "seq";
 /// The Rotator's cursor: the last locator resealed in the current pass.
 pub const ROTATION_CURSOR: &str = "rotation_cursor";
+/// The remote the sync cursors belong to (UTF-8, as the connector names it).
+pub const SYNC_REMOTE: &str = "sync_remote";
+/// The last local change sequence number the remote acknowledged (u64 BE).
+pub const SYNC_PUSH_CURSOR: &str = "sync_push_cursor";
+/// The remote log sequence number applied up to (u64 BE).
+pub const SYNC_PULL_CURSOR: &str = "sync_pull_cursor";

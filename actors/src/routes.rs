@@ -10,6 +10,7 @@ use std::sync::{Arc, RwLock};
 use ractor::ActorRef;
 
 use crate::key_manager::KeyManagerMsg;
+use crate::peer_session::PeerMsg;
 use crate::rotator::RotatorMsg;
 use crate::sealer::SealerMsg;
 use crate::storage_writer::WriterMsg;
@@ -24,6 +25,7 @@ struct Slots {
     sealer: Option<ActorRef<SealerMsg>>,
     writer: Option<ActorRef<WriterMsg>>,
     rotator: Option<ActorRef<RotatorMsg>>,
+    peer_session: Option<ActorRef<PeerMsg>>,
 }
 
 impl Routes {
@@ -45,6 +47,15 @@ impl Routes {
     /// The Rotator, if running.
     pub fn rotator(&self) -> Option<ActorRef<RotatorMsg>> {
         self.read(|s| s.rotator.clone())
+    }
+
+    /// The PeerSession, if the store syncs and it is running.
+    pub fn peer_session(&self) -> Option<ActorRef<PeerMsg>> {
+        self.read(|s| s.peer_session.clone())
+    }
+
+    pub(crate) fn set_peer_session(&self, r: Option<ActorRef<PeerMsg>>) {
+        self.write(|s| s.peer_session = r);
     }
 
     pub(crate) fn set_rotator(&self, r: Option<ActorRef<RotatorMsg>>) {

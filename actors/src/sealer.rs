@@ -7,7 +7,9 @@
 //! happen in one handler, so commit order is stamp order. CPU-only: it
 //! never sees the KEK, only the [`KeySet`] that KeyManager handed it.
 //!
-//! **Messages.** [`SealerMsg::Seal`] with a batch of [`WriteOp`]s.
+//! **Messages.** [`SealerMsg::Seal`] with a batch of [`WriteOp`]s;
+//! [`SealerMsg::Observe`] with the stamp of an applied remote write;
+//! [`SealerMsg::Barrier`].
 //!
 //! **Supervisor.** The store supervisor. **On failure** it is restarted;
 //! it resumes its clock and sequence from the high-water marks the
@@ -50,6 +52,9 @@ pub enum SealerMsg {
     /// StorageWriter (KeyManager uses it before retiring an epoch, so no
     /// write sealed under the old key is still on its way).
     Barrier(RpcReplyPort<()>),
+    /// A remote write stamped `Hlc` was applied: later local stamps must
+    /// exceed it, so a write made after seeing it wins over it.
+    Observe(Hlc),
     /// Seal `ops` and commit them as one atomic batch.
     Seal {
         /// The writes, applied in order.
@@ -123,6 +128,15 @@ impl Actor for Sealer {
         let (ops, reply) = match msg {
             SealerMsg::Barrier(reply) => {
                 let _ = reply.send(());
+                return Ok(());
+            }
+            SealerMsg::Observe(remote) => {
+                // Ingest parks envelopes stamped too far ahead, so a drift
+                // error here means the clock stepped back since; the stamp
+                // is still taken only if within bounds.
+                if let Err(e) = state.hlc.observe(remote, state.clock.now_ms()) {
+                    tracing::debug!(error = %e, "remote stamp not observed");
+                }
                 return Ok(());
             }
             SealerMsg::Seal { ops, reply } => (ops, reply),

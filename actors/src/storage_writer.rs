@@ -9,8 +9,11 @@
 //! [`BACKGROUND_SLICE_WRITES_MAX`], so no foreground write waits behind more
 //! than about one commit.
 //!
-//! **Messages.** [`WriterMsg::Commit`] queues a batch; [`WriterMsg::Flush`],
-//! which the writer sends itself, commits what is queued.
+//! **Messages.** [`WriterMsg::Commit`] queues a batch; [`WriterMsg::Ingest`]
+//! queues envelopes received by sync, with changes to the pending table and
+//! the sync cursor; [`WriterMsg::Flush`], which the writer sends itself,
+//! commits what is queued. After each commit the writer publishes the last
+//! change sequence number, which tells sync there is something to push.
 //!
 //! **Supervisor.** The store supervisor. **On failure** (a panic while
 //! committing) the requests of the failed commit see their reply port
@@ -28,6 +31,7 @@ use persist_core::lww::{self, Precedence};
 use persist_core::record::PathError;
 use persist_storage::{LocalDb, Row, StorageError};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::sync::watch;
 
 use crate::blocking::run_blocking;
 use crate::meta;
@@ -139,8 +143,45 @@ pub enum WriterMsg {
         /// Answered after the commit.
         reply: RpcReplyPort<Result<CommitReport, WriteError>>,
     },
+    /// Apply envelopes received by sync (background priority): `writes`
+    /// with last-write-wins, `parks` to the pending table, and `meta` (the
+    /// sync cursor) in the same transaction.
+    Ingest {
+        /// Opened, verified remote writes.
+        writes: Vec<SealedWrite>,
+        /// Envelopes to keep pending or to release.
+        parks: Vec<Park>,
+        /// Meta entries to set or remove with them.
+        meta: Vec<(&'static str, Option<Vec<u8>>)>,
+        /// Answered after the commit.
+        reply: RpcReplyPort<Result<CommitReport, WriteError>>,
+    },
     /// Commit what is queued (sent by the writer to itself).
     Flush,
+}
+
+/// A change to the pending table, applied with an ingest.
+#[derive(Debug)]
+pub enum Park {
+    /// Keep `envelope` pending at `locator`, unless the stored record or
+    /// the envelope already pending there has an equal or higher
+    /// precedence.
+    Keep {
+        /// Where it belongs.
+        locator: Locator,
+        /// Its precedence (read from its header).
+        precedence: Precedence,
+        /// The envelope.
+        envelope: Vec<u8>,
+    },
+    /// The envelope pending at `locator` with `precedence` was applied (or
+    /// refused for good): drop it, unless a newer one replaced it.
+    Release {
+        /// Where it was pending.
+        locator: Locator,
+        /// The precedence it had.
+        precedence: Precedence,
+    },
 }
 
 /// What the StorageWriter starts from.
@@ -148,6 +189,9 @@ pub enum WriterMsg {
 pub struct WriterArgs {
     /// The database.
     pub db: Arc<LocalDb>,
+    /// Set to the last local change sequence number after every commit,
+    /// so sync learns there is something to push.
+    pub committed: Arc<watch::Sender<u64>>,
 }
 
 /// The StorageWriter actor.
@@ -155,6 +199,7 @@ pub struct StorageWriter;
 
 struct Pending {
     writes: Vec<SealedWrite>,
+    parks: Vec<Park>,
     marks: Marks,
     meta: Vec<(&'static str, Option<Vec<u8>>)>,
     reply: RpcReplyPort<Result<CommitReport, WriteError>>,
@@ -163,6 +208,7 @@ struct Pending {
 /// The StorageWriter's state.
 pub struct WriterState {
     db: Arc<LocalDb>,
+    committed: Arc<watch::Sender<u64>>,
     foreground: VecDeque<Pending>,
     background: VecDeque<Pending>,
     flush_scheduled: bool,
@@ -181,6 +227,7 @@ impl Actor for StorageWriter {
     ) -> Result<Self::State, ActorProcessingErr> {
         Ok(WriterState {
             db: args.db,
+            committed: args.committed,
             foreground: VecDeque::new(),
             background: VecDeque::new(),
             flush_scheduled: false,
@@ -204,20 +251,27 @@ impl Actor for StorageWriter {
             } => {
                 let pending = Pending {
                     writes,
+                    parks: Vec::new(),
                     marks,
                     meta,
                     reply,
                 };
-                match priority {
-                    Priority::Foreground => state.foreground.push_back(pending),
-                    Priority::Background => state.background.push_back(pending),
-                }
-                if !state.flush_scheduled {
-                    // The Flush lands behind every message already queued,
-                    // so all of them join the next commit.
-                    myself.cast(WriterMsg::Flush)?;
-                    state.flush_scheduled = true;
-                }
+                state.enqueue(&myself, pending, priority)?;
+            }
+            WriterMsg::Ingest {
+                writes,
+                parks,
+                meta,
+                reply,
+            } => {
+                let pending = Pending {
+                    writes,
+                    parks,
+                    marks: Marks::default(),
+                    meta,
+                    reply,
+                };
+                state.enqueue(&myself, pending, Priority::Background)?;
             }
             WriterMsg::Flush => {
                 state.flush_scheduled = false;
@@ -244,6 +298,25 @@ impl Actor for StorageWriter {
 }
 
 impl WriterState {
+    fn enqueue(
+        &mut self,
+        myself: &ActorRef<WriterMsg>,
+        pending: Pending,
+        priority: Priority,
+    ) -> Result<(), ActorProcessingErr> {
+        match priority {
+            Priority::Foreground => self.foreground.push_back(pending),
+            Priority::Background => self.background.push_back(pending),
+        }
+        if !self.flush_scheduled {
+            // The Flush lands behind every message already queued, so all
+            // of them join the next commit.
+            myself.cast(WriterMsg::Flush)?;
+            self.flush_scheduled = true;
+        }
+        Ok(())
+    }
+
     /// Takes a commit's worth of queued batches and commits them.
     fn flush(&mut self) {
         let mut batch = Vec::new();
@@ -273,7 +346,12 @@ impl WriterState {
         let outcome = run_blocking(|| commit(&db, &mut batch));
         self.commits += 1;
         match outcome {
-            Ok(reports) => {
+            Ok((reports, last_change_seq)) => {
+                self.committed.send_if_modified(|seq| {
+                    let grew = last_change_seq > *seq;
+                    *seq = (*seq).max(last_change_seq);
+                    grew
+                });
                 for (p, mut report) in batch.into_iter().zip(reports) {
                     report.commit = self.commits;
                     let _ = p.reply.send(Ok(report));
@@ -312,8 +390,9 @@ fn take_batches(
     }
 }
 
-/// Applies `batch` in one durable transaction.
-fn commit(db: &LocalDb, batch: &mut [Pending]) -> Result<Vec<CommitReport>, WriteError> {
+/// Applies `batch` in one durable transaction; returns each batch's report
+/// and the last change sequence number after it.
+fn commit(db: &LocalDb, batch: &mut [Pending]) -> Result<(Vec<CommitReport>, u64), WriteError> {
     let mut txn = db.begin_write()?;
     let mut reports = Vec::with_capacity(batch.len());
     {
@@ -347,6 +426,11 @@ fn commit(db: &LocalDb, batch: &mut [Pending]) -> Result<Vec<CommitReport>, Writ
             reports.push(report);
         }
     }
+    for p in batch.iter_mut() {
+        for park in p.parks.drain(..) {
+            apply_park(&mut txn, park)?;
+        }
+    }
     let mut marks = Marks::default();
     for p in batch.iter_mut() {
         for (key, value) in p.meta.drain(..) {
@@ -366,8 +450,48 @@ fn commit(db: &LocalDb, batch: &mut [Pending]) -> Result<Vec<CommitReport>, Writ
         txn.set_meta(meta::HLC, &marks.hlc.to_bytes())?;
         txn.set_meta(meta::SEQ, &marks.seq.to_be_bytes())?;
     }
+    let last_change_seq = txn.last_change_seq();
     txn.commit()?;
-    Ok(reports)
+    Ok((reports, last_change_seq))
+}
+
+/// Applies one change to the pending table.
+fn apply_park(txn: &mut persist_storage::WriteTxn, park: Park) -> Result<(), WriteError> {
+    let parked_precedence = |txn: &persist_storage::WriteTxn, locator: &Locator| {
+        Ok::<_, WriteError>(
+            txn.parked(locator)?
+                .and_then(|bytes| Envelope::parse(&bytes).ok().map(|e| e.header.precedence())),
+        )
+    };
+    match park {
+        Park::Keep {
+            locator,
+            precedence,
+            envelope,
+        } => {
+            let stored = match txn.record(&locator) {
+                Ok(row) => row.as_ref().and_then(self::precedence),
+                Err(StorageError::CorruptRow { .. }) => None,
+                Err(e) => return Err(e.into()),
+            };
+            let beaten = |other: Option<Precedence>| {
+                other.is_some_and(|other| !lww::wins(precedence, other))
+            };
+            if beaten(stored) || beaten(parked_precedence(txn, &locator)?) {
+                return Ok(());
+            }
+            txn.park(&locator, &envelope)?;
+        }
+        Park::Release {
+            locator,
+            precedence,
+        } => {
+            if parked_precedence(txn, &locator)? == Some(precedence) {
+                txn.unpark(&locator)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The LWW precedence of a stored row, if its header parses.

@@ -26,6 +26,7 @@ use tokio::sync::watch;
 
 use crate::key_manager::{KeyManager, KeyManagerArgs};
 use crate::keys::KeyHandle;
+use crate::peer_session::{PeerSession, SessionArgs};
 use crate::rotator::{RotationProgress, Rotator, RotatorArgs};
 use crate::routes::Routes;
 use crate::sealer::{Sealer, SealerArgs};
@@ -59,6 +60,11 @@ pub struct StoreArgs {
     pub routes: Routes,
     /// A read-only store runs no Rotator: it never writes.
     pub read_only: bool,
+    /// The last local change sequence number, published by the
+    /// StorageWriter after every commit.
+    pub committed: Arc<watch::Sender<u64>>,
+    /// How to sync, for a store that does.
+    pub sync: Option<SessionArgs>,
 }
 
 /// Messages to the supervisor.
@@ -83,6 +89,7 @@ enum Child {
     Writer,
     Sealer,
     Rotator,
+    PeerSession,
 }
 
 impl Actor for StoreSupervisor {
@@ -105,8 +112,14 @@ impl Actor for StoreSupervisor {
             Child::Writer,
             Child::Sealer,
             Child::Rotator,
+            Child::PeerSession,
         ] {
-            if child == Child::Rotator && state.args.read_only {
+            let skip = match child {
+                Child::Rotator => state.args.read_only,
+                Child::PeerSession => state.args.read_only || state.args.sync.is_none(),
+                _ => false,
+            };
+            if skip {
                 continue;
             }
             state.start(myself.get_cell(), child).await?;
@@ -123,6 +136,11 @@ impl Actor for StoreSupervisor {
         let SupervisorMsg::Shutdown(reply) = msg;
         state.shutting_down = true;
         let routes = &state.args.routes;
+        if let Some(session) = routes.peer_session() {
+            routes.set_peer_session(None);
+            // An ingest in flight is committed or not; the cursor says which.
+            let _ = session.stop_and_wait(None, None).await;
+        }
         if let Some(rotator) = routes.rotator() {
             routes.set_rotator(None);
             // A slice in flight is committed or not; the cursor says which.
@@ -186,6 +204,8 @@ impl SupervisorState {
             Some(Child::Sealer)
         } else if r.rotator().is_some_and(|a| a.get_id() == id) {
             Some(Child::Rotator)
+        } else if r.peer_session().is_some_and(|a| a.get_id() == id) {
+            Some(Child::PeerSession)
         } else {
             None
         }
@@ -208,7 +228,10 @@ impl SupervisorState {
                 a.routes.set_key_manager(Some(r));
             }
             Child::Writer => {
-                let args = WriterArgs { db: a.db.clone() };
+                let args = WriterArgs {
+                    db: a.db.clone(),
+                    committed: a.committed.clone(),
+                };
                 let (r, _) = Actor::spawn_linked(None, StorageWriter, args, supervisor).await?;
                 a.routes.set_writer(Some(r));
             }
@@ -236,6 +259,13 @@ impl SupervisorState {
                 };
                 let (r, _) = Actor::spawn_linked(None, Rotator, args, supervisor).await?;
                 a.routes.set_rotator(Some(r));
+            }
+            Child::PeerSession => {
+                let Some(args) = a.sync.clone() else {
+                    return Ok(());
+                };
+                let (r, _) = Actor::spawn_linked(None, PeerSession, args, supervisor).await?;
+                a.routes.set_peer_session(Some(r));
             }
         }
         Ok(())

@@ -36,9 +36,16 @@ async fn fixture() -> Fixture {
         Hlc::default(),
         &mut rng,
     );
-    let (writer, _) = Actor::spawn(None, StorageWriter, WriterArgs { db: db.clone() })
-        .await
-        .unwrap();
+    let (writer, _) = Actor::spawn(
+        None,
+        StorageWriter,
+        WriterArgs {
+            db: db.clone(),
+            committed: Arc::new(tokio::sync::watch::channel(0).0),
+        },
+    )
+    .await
+    .unwrap();
     Fixture {
         ring,
         _dir: dir,

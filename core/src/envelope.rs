@@ -600,12 +600,12 @@ pub fn open_plain(
     }
     let record: Record = postcard::from_bytes(envelope.body)
         .map_err(|e| OpenError::Record(RecordError::Malformed(e.to_string())))?;
-    crate::record::validate_path(&record.path).map_err(RecordError::from)?;
+    crate::record::validate_stored_path(&record.path).map_err(RecordError::from)?;
     check_opened(envelope, locator, record, locator_of)
 }
 
 fn check_sealable(record: &Record) -> Result<(), SealError> {
-    crate::record::validate_path(&record.path)?;
+    crate::record::validate_stored_path(&record.path)?;
     if record.value.len() > VALUE_BYTES_MAX {
         return Err(SealError::ValueTooLarge {
             len: record.value.len(),

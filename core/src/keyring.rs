@@ -39,6 +39,10 @@ pub const DOMAIN_KEYRING: &[u8] = b"persist/keyring/v1";
 /// Domain separation for epoch announcement hashes.
 pub const DOMAIN_EPOCH: &[u8] = b"persist/epoch/v1";
 
+/// Most member devices a store has: far above any one person's or team's
+/// devices, and it bounds the keyring and what a receiver keeps in memory.
+pub const MEMBERS_MAX: usize = 1024;
+
 /// Where an epoch is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -112,6 +116,15 @@ pub struct Keyring {
     pub current: Epoch,
     /// Member devices.
     pub members: Vec<Member>,
+}
+
+/// What [`Keyring::merge_export`] took.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Merge {
+    /// Epochs added.
+    pub added: Vec<Epoch>,
+    /// Epochs both held under different keys; this keyring's were kept.
+    pub conflicting: Vec<Epoch>,
 }
 
 /// A keyring that cannot be unsealed or decoded.
@@ -212,6 +225,56 @@ impl Keyring {
         Some(next)
     }
 
+    /// Takes from `keys`, an export of this store made on another device,
+    /// the epochs this keyring lacks. If the export's current epoch is
+    /// newer than this keyring's, it becomes current here too and the old
+    /// current epoch starts rotating, as after a local rotation. Returns
+    /// the epochs added; an epoch number both hold under different keys
+    /// (concurrent rotations) keeps this keyring's key and is reported in
+    /// the error-free [`Merge::conflicting`].
+    pub fn merge_export(
+        &mut self,
+        keys: crate::export::ExportedKeys,
+    ) -> Result<Merge, KeyringError> {
+        if keys.store_id != self.store_id {
+            return Err(KeyringError::Invalid("the export belongs to another store"));
+        }
+        if keys.index_key.expose() != self.index_key.secret().expose()
+            || keys.relay_token != self.relay_token
+        {
+            return Err(KeyringError::Invalid(
+                "the export's index key or relay token differ from this store's",
+            ));
+        }
+        let mut merge = Merge::default();
+        let newer = keys.current > self.current;
+        for (epoch, mut entry) in keys.epochs {
+            match self.epochs.get(&epoch) {
+                Some(ours) if ours.announcement != entry.announcement => {
+                    merge.conflicting.push(epoch);
+                }
+                Some(_) => {}
+                None if entry.key.is_none() => {}
+                None => {
+                    if entry.state == EpochState::Current && !(newer && epoch == keys.current) {
+                        entry.state = EpochState::Rotating;
+                    }
+                    self.epochs.insert(epoch, entry);
+                    merge.added.push(epoch);
+                }
+            }
+        }
+        if newer && merge.added.contains(&keys.current) {
+            for (n, entry) in self.epochs.iter_mut() {
+                if *n != keys.current && entry.state == EpochState::Current {
+                    entry.state = EpochState::Rotating;
+                }
+            }
+            self.current = keys.current;
+        }
+        Ok(merge)
+    }
+
     /// Marks the rotating epochs for which `unused` holds retired: the
     /// caller has checked that no local record uses them any more. Returns
     /// the epochs retired.
@@ -238,6 +301,25 @@ impl Keyring {
             }
         }
         purged
+    }
+
+    /// Adds `member` unless a member with its device id is already known
+    /// or the list holds [`MEMBERS_MAX`]; returns whether it was added. The caller has checked the entry (see
+    /// [`crate::membership`]).
+    pub fn add_member(&mut self, member: Member) -> bool {
+        if self.members.len() >= MEMBERS_MAX
+            || self.members.iter().any(|m| m.device_id == member.device_id)
+        {
+            return false;
+        }
+        self.members.push(member);
+        true
+    }
+
+    /// This device's own member entry.
+    pub fn own_member(&self) -> Option<&Member> {
+        let me = self.device_id();
+        self.members.iter().find(|m| m.device_id == me)
     }
 
     /// This device's id.
@@ -511,6 +593,41 @@ mod tests {
         }
         assert!(Keyring::open(&sealed[..20], &r.store_id, &kek).is_err());
         assert!(Keyring::open(&[], &r.store_id, &kek).is_err());
+    }
+
+    #[test]
+    fn merging_a_newer_export_adds_its_epochs_and_moves_current() {
+        let mut a = ring(5);
+        let mut rng = SeededEntropy::from_u64(6).stream("rot");
+        let other = DeviceIdentity::generate(&mut rng);
+        let export = |r: &Keyring| crate::export::ExportedKeys::from_keyring(r);
+        let mut b = Keyring::from_export(other, export(&a), "b", Hlc::default());
+        a.rotate(&mut rng);
+        a.rotate(&mut rng);
+        let merge = b.merge_export(export(&a)).expect("same store");
+        assert_eq!(merge.added, vec![Epoch(2), Epoch(3)]);
+        assert!(merge.conflicting.is_empty());
+        assert_eq!(b.current, Epoch(3));
+        assert!(b.current_key() == a.current_key());
+        assert_eq!(b.epochs[&Epoch(1)].state, EpochState::Rotating);
+        assert_eq!(b.epochs[&Epoch(2)].state, EpochState::Rotating);
+        // Merging again, or an older export, changes nothing.
+        assert_eq!(b.merge_export(export(&a)).unwrap(), Merge::default());
+        // Another store's export is refused.
+        assert!(b.merge_export(export(&ring(9))).is_err());
+        // An epoch both rotated to independently is a conflict: ours stays.
+        let mut c = Keyring::from_export(
+            DeviceIdentity::generate(&mut rng),
+            export(&a),
+            "c",
+            Hlc::default(),
+        );
+        c.rotate(&mut rng);
+        a.rotate(&mut rng);
+        let ours = c.current_key().duplicate();
+        let merge = c.merge_export(export(&a)).unwrap();
+        assert_eq!(merge.conflicting, vec![Epoch(4)]);
+        assert!(c.current_key() == &ours);
     }
 
     #[test]

@@ -55,6 +55,7 @@ pub mod ids;
 pub mod keyring;
 pub mod keys;
 pub mod lww;
+pub mod membership;
 pub mod padding;
 pub mod protocol;
 pub mod record;

@@ -80,6 +80,31 @@ pub enum PathError {
 
 /// Checks that `path` may name a record.
 pub fn validate_path(path: &str) -> Result<(), PathError> {
+    validate_path_body(path, 0)
+}
+
+/// The first character of a path the store itself writes (member
+/// announcements, see [`crate::membership`]). A control character, so no
+/// app path can start with it and apps never see these records.
+pub const SYSTEM_PATH_PREFIX: char = '\u{1}';
+
+/// Whether `path` is one the store itself writes.
+pub fn is_system_path(path: &str) -> bool {
+    path.starts_with(SYSTEM_PATH_PREFIX)
+}
+
+/// Checks a path as stored in a record: an app path (see
+/// [`validate_path`]), or [`SYSTEM_PATH_PREFIX`] followed by one.
+pub fn validate_stored_path(path: &str) -> Result<(), PathError> {
+    match path.strip_prefix(SYSTEM_PATH_PREFIX) {
+        Some(rest) if !rest.is_empty() => validate_path_body(path, SYSTEM_PATH_PREFIX.len_utf8()),
+        _ => validate_path(path),
+    }
+}
+
+/// Checks `path` from byte `from` on for control characters, and its
+/// whole length.
+fn validate_path_body(path: &str, from: usize) -> Result<(), PathError> {
     if path.is_empty() {
         return Err(PathError::Empty);
     }
@@ -89,7 +114,11 @@ pub fn validate_path(path: &str) -> Result<(), PathError> {
             max: PATH_BYTES_MAX,
         });
     }
-    if let Some((at, found)) = path.char_indices().find(|(_, c)| c.is_control()) {
+    if let Some((at, found)) = path
+        .char_indices()
+        .skip_while(|(at, _)| *at < from)
+        .find(|(_, c)| c.is_control())
+    {
         return Err(PathError::ControlCharacter { found, at });
     }
     Ok(())
@@ -118,7 +147,7 @@ impl Record {
         if padme(used) != bytes.len() || rest.iter().any(|&b| b != 0) {
             return Err(RecordError::BadPadding);
         }
-        validate_path(&record.path)?;
+        validate_stored_path(&record.path)?;
         Ok(record)
     }
 }
@@ -141,6 +170,14 @@ mod tests {
             Err(PathError::ControlCharacter { at: 1, .. })
         ));
         assert!(validate_path("users/42/profile").is_ok());
+        assert!(
+            validate_path("\u{1}member/ab").is_err(),
+            "apps cannot write system paths"
+        );
+        assert!(validate_stored_path("\u{1}member/ab").is_ok());
+        assert!(validate_stored_path("\u{1}").is_err());
+        assert!(validate_stored_path("\u{1}a\u{1}").is_err());
+        assert!(is_system_path("\u{1}member/ab") && !is_system_path("member/ab"));
     }
 
     #[test]

@@ -60,10 +60,11 @@ pub(crate) fn bootstrap(db: &LocalDb, mut cfg: BootConfig, env: &Env) -> Result<
                     export: keys.store_id,
                 });
             }
-            // This device may already hold the store's key (the import was
-            // done before); then the export is not needed.
-            match load(cfg, found.clone()) {
-                Ok(boot) => Ok(boot),
+            // This device may already hold the store's keys (it imported
+            // before, or created the store): then it takes from the export
+            // only the epochs it lacks (a rotation made elsewhere).
+            match open_keyring(cfg, &found) {
+                Ok((ring, kek, location)) => merge(db, cfg, env, found, ring, kek, location, keys),
                 Err(OpenError::Key(_) | OpenError::WrongKey { .. }) => {
                     rekey(db, cfg, env, found, keys)
                 }
@@ -141,13 +142,31 @@ fn load(cfg: &BootConfig, found: Existing) -> Result<Boot, OpenError> {
         encrypted: found.encrypted,
         key_location,
     };
-    let Some(sealed) = &found.sealed_keyring else {
+    if found.sealed_keyring.is_none() {
         return Ok(Boot {
             kek: None,
             keys: KeySet::plain(found.store_id, found.device_id),
             info: info(None),
         });
-    };
+    }
+    let (keyring, kek, location) = open_keyring(cfg, &found)?;
+    Ok(Boot {
+        kek: Some(kek),
+        keys: KeySet::from_keyring(&keyring),
+        info: info(Some(location)),
+    })
+}
+
+/// Loads the device KEK and unseals the keyring of an encrypted store;
+/// returns them with where the KEK lives.
+fn open_keyring(
+    cfg: &BootConfig,
+    found: &Existing,
+) -> Result<(Keyring, Secret32, String), OpenError> {
+    let sealed = found
+        .sealed_keyring
+        .as_ref()
+        .ok_or_else(|| corrupted(cfg, "keyring missing"))?;
     let (kek, location) = kek::load(&cfg.key_source, &cfg.key_dir, &found.store_id.to_string())?;
     let kek = Secret32::from_bytes(*kek.as_bytes());
     let keyring =
@@ -158,10 +177,51 @@ fn load(cfg: &BootConfig, found: Existing) -> Result<Boot, OpenError> {
     if keyring.device_id() != found.device_id {
         return Err(corrupted(cfg, "keyring belongs to another device"));
     }
+    Ok((keyring, kek, location.to_string()))
+}
+
+/// Adds the epochs of an export that this device's keyring lacks, and
+/// stores the keyring if that changed it.
+#[allow(clippy::too_many_arguments, reason = "one call site, all of it state")]
+fn merge(
+    db: &LocalDb,
+    cfg: &BootConfig,
+    env: &Env,
+    found: Existing,
+    mut ring: Keyring,
+    kek: Secret32,
+    location: String,
+    keys: ExportedKeys,
+) -> Result<Boot, OpenError> {
+    let merge = ring.merge_export(keys).map_err(|e| {
+        OpenError::Import(persist_core::export::ExportError::Invalid(match e {
+            persist_core::keyring::KeyringError::Invalid(why) => why,
+            _ => "inconsistent with this store's keyring",
+        }))
+    })?;
+    if !merge.conflicting.is_empty() {
+        tracing::warn!(epochs = ?merge.conflicting,
+            "the export holds other keys for epochs this device has; kept this device's");
+    }
+    if !merge.added.is_empty() {
+        let mut rng = env.entropy.stream("bootstrap");
+        let mut txn = db.begin_write().map_err(storage(cfg))?;
+        txn.set_meta(meta::KEYRING, &ring.seal(&kek, &mut rng))
+            .map_err(storage(cfg))?;
+        txn.commit().map_err(storage(cfg))?;
+        tracing::info!(epochs = ?merge.added, "took new epoch keys from the export");
+    }
     Ok(Boot {
         kek: Some(kek),
-        keys: KeySet::from_keyring(&keyring),
-        info: info(Some(location.to_string())),
+        keys: KeySet::from_keyring(&ring),
+        info: StoreInfo {
+            store_id: found.store_id,
+            device_id: found.device_id,
+            name: found.name,
+            path: cfg.path.clone(),
+            encrypted: true,
+            key_location: Some(location),
+        },
     })
 }
 

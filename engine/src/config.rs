@@ -10,6 +10,7 @@ use persist_storage::Backend;
 use zeroize::Zeroizing;
 
 use crate::kek::KeySource;
+use crate::sync::SyncConfig;
 
 /// Options for [`Store::open`](crate::Store::open).
 ///
@@ -34,6 +35,7 @@ pub struct Config {
     pub(crate) export_kdf: KdfParams,
     pub(crate) read_only: bool,
     pub(crate) create_if_missing: bool,
+    pub(crate) sync: Option<SyncConfig>,
 }
 
 impl std::fmt::Debug for Config {
@@ -49,6 +51,7 @@ impl std::fmt::Debug for Config {
             .field("import", &self.import.as_ref().map(|_| "<key export>"))
             .field("read_only", &self.read_only)
             .field("create_if_missing", &self.create_if_missing)
+            .field("sync", &self.sync)
             .finish_non_exhaustive()
     }
 }
@@ -70,6 +73,7 @@ impl Config {
             export_kdf: KdfParams::default(),
             read_only: false,
             create_if_missing: true,
+            sync: None,
         }
     }
 
@@ -121,6 +125,13 @@ impl Config {
     /// of creating one.
     pub fn read_only(mut self) -> Self {
         self.read_only = true;
+        self
+    }
+
+    /// Keeps the store in sync with a relay or a serving device, in the
+    /// background, while it is open. Only encrypted stores sync.
+    pub fn sync(mut self, sync: SyncConfig) -> Self {
+        self.sync = Some(sync);
         self
     }
 

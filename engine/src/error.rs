@@ -22,6 +22,42 @@ pub enum Error {
     /// A key operation failed.
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// A sync failed.
+    #[error(transparent)]
+    Sync(#[from] SyncError),
+}
+
+/// A sync did not complete. Nothing local was lost: what was not pushed or
+/// pulled is pushed or pulled by the next attempt.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SyncError {
+    /// The store was opened without [`Config::sync`](crate::Config::sync).
+    #[error("this store was opened without a sync remote (Config::sync, or `persist remote set`)")]
+    NotConfigured,
+    /// The remote could not be reached, or the connection broke.
+    #[error("cannot reach {remote}: {detail}")]
+    Unreachable {
+        /// The remote's URL.
+        remote: String,
+        /// Why.
+        detail: String,
+    },
+    /// The remote refused this store or device (wrong access token,
+    /// admission secret needed, protocol version mismatch).
+    #[error("{remote} refused the connection: {detail}")]
+    Refused {
+        /// The remote's URL.
+        remote: String,
+        /// Its reason.
+        detail: String,
+    },
+    /// Applying what was pulled failed locally.
+    #[error("applying synced records failed: {0}")]
+    Storage(String),
+    /// The store is closed.
+    #[error("the store is closed")]
+    Closed,
 }
 
 /// A key operation (export, rotation, purge) failed; nothing changed.
@@ -115,6 +151,9 @@ pub enum OpenError {
         /// The store directory.
         path: PathBuf,
     },
+    /// Sync was asked of a store that does not encrypt.
+    #[error("only encrypted stores sync: this store was created with encrypt(false)")]
+    SyncNeedsEncryption,
     /// The actors could not start.
     #[error("the store could not start: {0}")]
     Start(String),

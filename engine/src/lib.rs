@@ -58,10 +58,11 @@ mod env;
 mod error;
 mod kek;
 mod store;
+mod sync;
 
 pub use config::{Config, DangerousConfig};
 pub use crypto::{Crypto, DangerousCrypto, KeyExport, Passphrase, Rotation};
-pub use error::{Error, KeyError, OpenError, ReadError, WriteError};
+pub use error::{Error, KeyError, OpenError, ReadError, SyncError, WriteError};
 pub use kek::{KekError, KeySource};
 pub use persist_core::env::{Clock, Entropy, Env, ManualClock, SeededEntropy};
 pub use persist_core::export::{ExportError, KdfParams};
@@ -72,3 +73,4 @@ pub use store::{
     Batch, Change, DB_FILE, EpochStatus, Lagged, RotationStatus, Status, Store, StoreInfo,
     WATCH_BUFFER_MAX, WRITES_IN_FLIGHT_MAX,
 };
+pub use sync::{DEFAULT_PORT, Remote, RemoteError, Strategy, SyncConfig, SyncReport, SyncStatus};

@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use futures::Stream;
+use persist_actors::peer_session::{OnApplied, PeerMsg, SessionArgs, SyncState};
 use persist_actors::rotator::RotationProgress;
 use persist_actors::sealer::SealerMsg;
 use persist_actors::{
@@ -12,7 +13,8 @@ use persist_actors::{
 };
 use persist_core::export::{ExportedKeys, KdfParams};
 use persist_core::keyring::EpochState;
-use persist_core::record::{VALUE_BYTES_MAX, validate_path};
+use persist_core::membership;
+use persist_core::record::{VALUE_BYTES_MAX, is_system_path, validate_path};
 use persist_core::{DeviceId, Epoch, Locator, StoreId};
 use persist_storage::{LocalDb, Row};
 use ractor::rpc::CallResult;
@@ -26,7 +28,8 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
 use crate::bootstrap::{BootConfig, bootstrap};
 use crate::config::Config;
-use crate::error::{OpenError, ReadError, WriteError};
+use crate::error::{OpenError, ReadError, SyncError, WriteError};
+use crate::sync::{SyncReport, SyncStatus};
 use crate::{codec, env};
 
 /// File name of the database inside a store directory.
@@ -60,6 +63,7 @@ struct Inner {
     changes: broadcast::Sender<Change>,
     writes_in_flight: Semaphore,
     info: StoreInfo,
+    sync: Option<Arc<watch::Sender<SyncState>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -276,6 +280,7 @@ impl Store {
             export_kdf,
             read_only,
             create_if_missing,
+            sync,
             ..
         } = config;
         if read_only && import.is_some() {
@@ -328,8 +333,44 @@ impl Store {
                 path: dir.clone(),
                 detail: e.to_string(),
             })?;
+        let last_change = db
+            .begin_read()
+            .and_then(|t| t.last_change_seq())
+            .map_err(|e| OpenError::Corrupted {
+                path: dir.clone(),
+                detail: e.to_string(),
+            })?;
+        let committed = Arc::new(watch::channel(last_change).0);
+        let (changes, _) = broadcast::channel(WATCH_BUFFER_MAX);
         let routes = Routes::default();
+        let max_drift_ms = u64::try_from(max_clock_drift.as_millis()).unwrap_or(u64::MAX);
+        let session = match (&sync, &boot.keys.access) {
+            (None, _) => None,
+            (Some(_), _) if read_only => None,
+            (Some(_), None) => return Err(OpenError::SyncNeedsEncryption),
+            (Some(sync), Some(access)) => Some(SessionArgs {
+                db: db.clone(),
+                store_id: boot.info.store_id,
+                device_id: boot.info.device_id,
+                access: access.clone(),
+                admission: sync.remote.admission_secret(),
+                keys: KeyHandle::new(KeySet::plain(boot.info.store_id, boot.info.device_id)),
+                routes: routes.clone(),
+                connector: sync.remote.connector(),
+                clock: env.clock.clone(),
+                entropy: env.entropy.clone(),
+                max_drift_ms,
+                committed: committed.clone(),
+                on_applied: watch_feed(changes.clone()),
+                status: Arc::new(watch::channel(SyncState::default()).0),
+            }),
+        };
         let keys = KeyHandle::new(boot.keys);
+        let session = session.map(|mut s| {
+            s.keys = keys.clone();
+            s
+        });
+        let sync_status = session.as_ref().map(|s| s.status.clone());
         let (progress, _) = watch::channel(RotationProgress::default());
         let progress = Arc::new(progress);
         let args = StoreArgs {
@@ -341,9 +382,11 @@ impl Store {
             progress: progress.clone(),
             hlc_mark,
             seq_mark,
-            max_drift_ms: u64::try_from(max_clock_drift.as_millis()).unwrap_or(u64::MAX),
+            max_drift_ms,
             routes: routes.clone(),
             read_only,
+            committed,
+            sync: session,
         };
         let (supervisor, supervisor_done) = Actor::spawn(None, StoreSupervisor, args)
             .await
@@ -354,8 +397,7 @@ impl Store {
             key = boot.info.key_location.as_deref().unwrap_or("none (not encrypted)"),
             "store open"
         );
-        let (changes, _) = broadcast::channel(WATCH_BUFFER_MAX);
-        Ok(Store {
+        let store = Store {
             inner: Arc::new(Inner {
                 db,
                 keys,
@@ -368,8 +410,76 @@ impl Store {
                 info: boot.info,
                 export_kdf,
                 read_only,
+                sync: sync_status,
             }),
-        })
+        };
+        if store.inner.sync.is_some() {
+            store.announce().await.map_err(|e| {
+                OpenError::Start(format!(
+                    "could not record this device's member entry for sync: {e}"
+                ))
+            })?;
+        }
+        Ok(store)
+    }
+
+    /// Writes this device's member announcement (its public keys, for the
+    /// other devices to check its signatures) unless it is stored already.
+    async fn announce(&self) -> Result<(), WriteError> {
+        let keys = self.inner.keys.current();
+        let path = membership::member_path(&self.inner.info.device_id);
+        let stored = self
+            .inner
+            .db
+            .begin_read()
+            .and_then(|t| t.record(&keys.locator(&path)))
+            .map_err(|e| WriteError::Storage(e.to_string()))?;
+        if stored.is_some() {
+            return Ok(());
+        }
+        let Some(km) = self.inner.routes.key_manager() else {
+            return Err(WriteError::Closed);
+        };
+        let own = km
+            .call(persist_actors::key_manager::KeyManagerMsg::OwnMember, None)
+            .await
+            .map_err(|_| WriteError::Closed)?;
+        let CallResult::Success(Some(member)) = own else {
+            return Err(WriteError::Closed);
+        };
+        self.write(vec![WriteOp::Put {
+            path,
+            value: membership::encode_member(&member),
+        }])
+        .await
+    }
+
+    /// Pushes every local change and pulls every remote one, once, and
+    /// says how many went each way. Sync also runs in the background; this
+    /// is for when the caller wants to know it is done.
+    pub async fn sync_now(&self) -> Result<SyncReport, SyncError> {
+        if self.inner.sync.is_none() {
+            return Err(SyncError::NotConfigured);
+        }
+        let session = self.inner.routes.peer_session().ok_or(SyncError::Closed)?;
+        let outcome = session
+            .call(PeerMsg::SyncNow, None)
+            .await
+            .map_err(|_| SyncError::Closed)?;
+        match outcome {
+            CallResult::Success(Ok(report)) => Ok(report.into()),
+            CallResult::Success(Err(e)) => Err(map_sync_error(e)),
+            CallResult::Timeout | CallResult::SenderError => Err(SyncError::Closed),
+        }
+    }
+
+    /// Where sync stands, or `None` for a store opened without
+    /// [`Config::sync`](crate::Config::sync).
+    pub fn sync_status(&self) -> Option<SyncStatus> {
+        self.inner
+            .sync
+            .as_ref()
+            .map(|s| SyncStatus::from(s.borrow().clone()))
     }
 
     /// Key export, rotation and purge.
@@ -480,7 +590,7 @@ impl Store {
                     what: format!("locator {locator}"),
                     detail: e.to_string(),
                 })?;
-                if record.path.starts_with(prefix) {
+                if record.path.starts_with(prefix) && !is_system_path(&record.path) {
                     let value = decode_value(&record.path, &record.value)?;
                     out.push((record.path, value));
                 }
@@ -616,6 +726,40 @@ impl Store {
             let _ = self.inner.changes.send(change);
         }
         Ok(())
+    }
+}
+
+/// Reports changes applied by sync to the store's watchers (not the
+/// store's own system records).
+fn watch_feed(changes: broadcast::Sender<Change>) -> OnApplied {
+    Arc::new(move |applied| {
+        for change in applied {
+            if is_system_path(&change.path) {
+                continue;
+            }
+            let change = match change.value {
+                Some(value) => Change::Put {
+                    path: change.path,
+                    value,
+                },
+                None => Change::Delete { path: change.path },
+            };
+            // No watcher is not an error.
+            let _ = changes.send(change);
+        }
+    })
+}
+
+fn map_sync_error(e: persist_actors::peer_session::SyncError) -> SyncError {
+    use persist_actors::peer_session::SyncError as E;
+    match e {
+        E::Unreachable { remote, detail } => SyncError::Unreachable { remote, detail },
+        E::Refused { remote, code, text } => SyncError::Refused {
+            remote,
+            detail: format!("{text} ({code:?})"),
+        },
+        E::Storage(detail) => SyncError::Storage(detail),
+        _ => SyncError::Closed,
     }
 }
 

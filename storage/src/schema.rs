@@ -12,6 +12,10 @@ pub(crate) const RECORDS: TableDefinition<'_, [u8; 32], &[u8]> = TableDefinition
 pub(crate) const CHANGES: TableDefinition<'_, u64, [u8; 32]> = TableDefinition::new("changes");
 /// Epoch → number of rows sealed under it.
 pub(crate) const EPOCH_COUNTS: TableDefinition<'_, u32, u64> = TableDefinition::new("epoch_counts");
+/// Locator → envelope that arrived by sync but cannot be applied yet (its
+/// epoch key or its signer is not known here). Created on first use, so a
+/// database made before it existed has none.
+pub(crate) const PENDING: TableDefinition<'_, [u8; 32], &[u8]> = TableDefinition::new("pending");
 /// Name → bytes: the format version, this crate's counters, and the engine's
 /// own entries.
 pub(crate) const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");

@@ -22,8 +22,8 @@ use crate::contain::{Guarded, contain};
 use crate::error::StorageError;
 use crate::row::{self, Row, RowFacts};
 use crate::schema::{
-    CHANGES, EPOCH_COUNTS, LAST_CHANGE_SEQ_KEY, LIVE_ROWS_KEY, META, RECORDS, is_reserved_meta_key,
-    meta_u64,
+    CHANGES, EPOCH_COUNTS, LAST_CHANGE_SEQ_KEY, LIVE_ROWS_KEY, META, PENDING, RECORDS,
+    is_reserved_meta_key, meta_u64,
 };
 
 /// The largest envelope the local database stores: a record must fit in one
@@ -185,6 +185,45 @@ impl ReadTxn {
     pub fn last_change_seq(&self) -> Result<u64, StorageError> {
         self.contained(|| meta_u64(&self.txn.open_table(META)?, LAST_CHANGE_SEQ_KEY))
     }
+
+    /// Up to `limit` pending envelopes (see [`WriteTxn::park`]) with a
+    /// locator after `after`, in locator order.
+    pub fn pending_page(
+        &self,
+        after: Option<&Locator>,
+        limit: usize,
+    ) -> Result<Vec<(Locator, Vec<u8>)>, StorageError> {
+        let mut page = Vec::new();
+        if limit == 0 {
+            return Ok(page);
+        }
+        let start = after.map_or(Bound::Unbounded, |after| Bound::Excluded(after.0));
+        self.contained(|| {
+            let table = match self.txn.open_table(PENDING) {
+                Ok(table) => table,
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            for entry in table.range((start, Bound::Unbounded))? {
+                let (key, value) = entry?;
+                page.push((Locator(key.value()), value.value().to_vec()));
+                if page.len() == limit {
+                    break;
+                }
+            }
+            Ok(())
+        })?;
+        Ok(page)
+    }
+
+    /// The number of pending envelopes.
+    pub fn pending_count(&self) -> Result<u64, StorageError> {
+        self.contained(|| match self.txn.open_table(PENDING) {
+            Ok(table) => Ok(table.len()?),
+            Err(redb::TableError::TableDoesNotExist(_)) => Ok(0),
+            Err(e) => Err(e.into()),
+        })
+    }
 }
 
 /// The one write transaction. Nothing it does is visible to readers, or
@@ -318,6 +357,44 @@ impl WriteTxn {
         self.contained(|| {
             let mut table = self.txn.open_table(META)?;
             let removed = table.remove(key).map_err(|err| failed(&self.failed, err))?;
+            Ok(removed.is_some())
+        })
+    }
+
+    /// Keeps `envelope`, which arrived by sync for `locator` but cannot be
+    /// applied yet, replacing any envelope pending there. The caller
+    /// decides which of two pending envelopes to keep.
+    pub fn park(&mut self, locator: &Locator, envelope: &[u8]) -> Result<(), StorageError> {
+        if envelope.len() > ENVELOPE_BYTES_MAX {
+            return Err(StorageError::EnvelopeTooLarge {
+                bytes: envelope.len(),
+                max: ENVELOPE_BYTES_MAX,
+            });
+        }
+        self.contained(|| {
+            let mut table = self.txn.open_table(PENDING)?;
+            table
+                .insert(&locator.0, envelope)
+                .map_err(|err| failed(&self.failed, err))?;
+            Ok(())
+        })
+    }
+
+    /// The envelope pending at `locator`, as this transaction sees it.
+    pub fn parked(&self, locator: &Locator) -> Result<Option<Vec<u8>>, StorageError> {
+        self.contained(|| {
+            let table = self.txn.open_table(PENDING)?;
+            Ok(table.get(&locator.0)?.map(|v| v.value().to_vec()))
+        })
+    }
+
+    /// Drops the envelope pending at `locator`; returns whether there was one.
+    pub fn unpark(&mut self, locator: &Locator) -> Result<bool, StorageError> {
+        self.contained(|| {
+            let mut table = self.txn.open_table(PENDING)?;
+            let removed = table
+                .remove(&locator.0)
+                .map_err(|err| failed(&self.failed, err))?;
             Ok(removed.is_some())
         })
     }

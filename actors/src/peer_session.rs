@@ -1,0 +1,974 @@
+//! PeerSession: keeps one store in sync with one remote (a relay, or a
+//! device serving its store).
+//!
+//! **Role.** Connects through an injected [`Connector`], says `Hello`, then
+//! pushes the local change log since the remote's acknowledged cursor and
+//! pulls the remote log since its own cursor, one request of each kind in
+//! flight at a time. Pulled envelopes go through [`crate::ingest`]
+//! (signature, AEAD, pending) and are applied by the StorageWriter together
+//! with the new pull cursor, so a crash never skips or re-applies a batch
+//! unseen. It subscribes to the remote's head, so a write elsewhere arrives
+//! live, and it learns of local commits from the StorageWriter, so a local
+//! write is pushed at once. Only envelopes this device signed are pushed
+//! (its own writes and its reseals); what it pulled came from the remote.
+//!
+//! On a lost connection it reconnects after a jittered exponential backoff,
+//! drawn from the injected randomness and timed on the runtime's clock, so
+//! a simulation replays it.
+//!
+//! **Messages.** [`PeerMsg::SyncNow`] (push and pull once, answered when
+//! both are done), plus messages it sends itself: `Connect`, `Received`,
+//! `Closed`, `LocalChange`.
+//!
+//! **Supervisor.** The store supervisor. **On failure** it is restarted;
+//! it reloads its cursors, which only ever advance with the commits they
+//! describe, and reconnects.
+//!
+//! # Invariants
+//! - Every queue is bounded: one push and one pull in flight, at most
+//!   [`FRAMES_QUEUED_MAX`] received frames waiting for the actor (the
+//!   reader stops reading, and QUIC flow control stops the remote).
+//! - The pull cursor is committed in the same transaction as the batch it
+//!   covers; the push cursor only after the remote acknowledged.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use persist_core::env::{Clock, Entropy, RngStream};
+use persist_core::envelope::Envelope;
+use persist_core::protocol::{
+    AccessKey, ENTRIES_PER_MESSAGE_MAX, ErrorCode, Hello, LogEntry, MESSAGE_PAYLOAD_BYTES_TARGET,
+    Message, PROTOCOL_VERSION, PushEntry,
+};
+use persist_core::{DeviceId, StoreId};
+use persist_storage::LocalDb;
+use persist_transport::frame::{RecvHalf, SendHalf};
+use ractor::rpc::CallResult;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use rand_core::Rng;
+use tokio::sync::{Semaphore, watch};
+
+use crate::blocking::run_blocking;
+use crate::ingest::{self, Incoming};
+use crate::key_manager::KeyManagerMsg;
+use crate::keys::KeyHandle;
+use crate::meta;
+use crate::routes::Routes;
+use crate::sealer::SealerMsg;
+use crate::storage_writer::{AppliedChange, CommitReport, Marks, Priority, WriterMsg};
+
+/// Frames read from the remote but not yet handled. Each may be a full
+/// batch (up to a frame, 16 MiB), so this bounds the session's memory.
+pub const FRAMES_QUEUED_MAX: usize = 2;
+/// First reconnect delay.
+pub const RECONNECT_DELAY_MIN: Duration = Duration::from_millis(200);
+/// Longest reconnect delay.
+pub const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(30);
+/// How long the remote has to answer `Hello`.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pending envelopes re-examined per ingest commit.
+pub const PENDING_RETRY_PAGE: usize = 256;
+
+/// A conversation with the remote: the two halves of one stream, and
+/// whatever keeps the connection under them open.
+pub struct Link {
+    /// Frames to the remote.
+    pub send: SendHalf,
+    /// Frames from the remote.
+    pub recv: RecvHalf,
+    /// Dropped when the link is: holds the connection open.
+    pub guard: Box<dyn Send + Sync>,
+}
+
+/// The boxed future of [`Connector::connect`].
+pub type ConnectFuture<'a> = Pin<Box<dyn Future<Output = Result<Link, String>> + Send + 'a>>;
+
+/// How a session reaches its remote: QUIC in the product, an in-memory pipe
+/// in tests and simulations.
+pub trait Connector: Send + Sync + 'static {
+    /// Opens a conversation; the error says why not, for people.
+    fn connect(&self) -> ConnectFuture<'_>;
+    /// The remote, for status and logs (e.g. `quic://relay:7443`). Cursors
+    /// are kept per remote: naming another remote starts them over.
+    fn remote(&self) -> String;
+}
+
+/// Called with the changes an ingest applied, for the store's watchers.
+pub type OnApplied = Arc<dyn Fn(Vec<AppliedChange>) + Send + Sync>;
+
+/// What a session starts from.
+#[derive(Clone)]
+pub struct SessionArgs {
+    /// The database (read for pushes and pending envelopes).
+    pub db: Arc<LocalDb>,
+    /// The store.
+    pub store_id: StoreId,
+    /// This device.
+    pub device_id: DeviceId,
+    /// The credential for the remote.
+    pub access: AccessKey,
+    /// The operator's admission secret, if the remote needs one.
+    pub admission: Option<String>,
+    /// Keys for ingest.
+    pub keys: KeyHandle,
+    /// The other actors.
+    pub routes: Routes,
+    /// The remote.
+    pub connector: Arc<dyn Connector>,
+    /// Wall clock, for the drift check of remote stamps.
+    pub clock: Arc<dyn Clock>,
+    /// Randomness for reconnect jitter.
+    pub entropy: Arc<dyn Entropy>,
+    /// Largest accepted drift of remote stamps, in ms.
+    pub max_drift_ms: u64,
+    /// The StorageWriter's last change sequence number.
+    pub committed: Arc<watch::Sender<u64>>,
+    /// Where applied remote changes are reported.
+    pub on_applied: OnApplied,
+    /// Where the session's state is published.
+    pub status: Arc<watch::Sender<SyncState>>,
+}
+
+/// The session's state, as `sync_status` reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncState {
+    /// The remote.
+    pub remote: String,
+    /// Whether a conversation is open.
+    pub connected: bool,
+    /// Local changes not yet acknowledged by the remote (an upper bound:
+    /// changes this device did not sign are skipped when reached).
+    pub pending_up: u64,
+    /// Remote log entries not yet pulled (an upper bound).
+    pub pending_down: u64,
+    /// Envelopes held pending (unknown epoch key or signer).
+    pub parked: u64,
+    /// Entries pushed and acknowledged since the session started.
+    pub pushed: u64,
+    /// Remote writes applied since the session started.
+    pub pulled: u64,
+    /// Envelopes refused (tampered, malformed) since the session started.
+    pub refused: u64,
+    /// The last error, for people; cleared by a successful `Hello`.
+    pub last_error: Option<String>,
+}
+
+/// What one `sync_now` did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Entries pushed and acknowledged.
+    pub pushed: u64,
+    /// Remote writes applied.
+    pub pulled: u64,
+    /// Envelopes refused.
+    pub refused: u64,
+    /// Envelopes held pending afterwards.
+    pub parked: u64,
+}
+
+/// Why `sync_now` did not complete.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SyncError {
+    /// The remote could not be reached or dropped the conversation.
+    #[error("cannot reach {remote}: {detail}")]
+    Unreachable {
+        /// The remote.
+        remote: String,
+        /// Why.
+        detail: String,
+    },
+    /// The remote refused this store or device.
+    #[error("{remote} refused the connection ({code:?}): {text}")]
+    Refused {
+        /// The remote.
+        remote: String,
+        /// Its code.
+        code: ErrorCode,
+        /// Its text.
+        text: String,
+    },
+    /// Applying pulled envelopes failed locally.
+    #[error("applying synced records failed: {0}")]
+    Storage(String),
+}
+
+/// Messages to the PeerSession.
+pub enum PeerMsg {
+    /// Push everything local and pull everything remote, once; answered
+    /// when both are done (or failed).
+    SyncNow(RpcReplyPort<Result<SyncReport, SyncError>>),
+    /// (Re)connect now.
+    Connect,
+    /// A frame arrived on connection `generation`.
+    Received {
+        /// Which connection.
+        generation: u64,
+        /// The message.
+        msg: Message,
+    },
+    /// Connection `generation` ended.
+    Closed {
+        /// Which connection.
+        generation: u64,
+        /// Why, for people.
+        error: String,
+    },
+    /// The StorageWriter committed local changes.
+    LocalChange,
+}
+
+/// The PeerSession actor.
+pub struct PeerSession;
+
+struct Conn {
+    send: SendHalf,
+    generation: u64,
+    _guard: Box<dyn Send + Sync>,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+struct Waiter {
+    push_target: u64,
+    round: u64,
+    start: SyncState,
+    reply: RpcReplyPort<Result<SyncReport, SyncError>>,
+}
+
+/// The PeerSession's state.
+pub struct SessionState {
+    args: SessionArgs,
+    rng: RngStream,
+    conn: Option<Conn>,
+    generation: u64,
+    frames: Arc<Semaphore>,
+    attempts: u32,
+    reconnect_scheduled: bool,
+    push_cursor: u64,
+    push_inflight: Option<(u64, u64)>,
+    next_push_id: u64,
+    pull_cursor: u64,
+    pull_inflight: bool,
+    remote_head: u64,
+    /// Pull rounds started and completed (a round ends with `more: false`).
+    rounds_started: u64,
+    rounds_done: u64,
+    waiters: Vec<Waiter>,
+    /// Members and epochs known when pending envelopes were last retried.
+    retried_with: (usize, usize),
+    forwarder: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Actor for PeerSession {
+    type Msg = PeerMsg;
+    type State = SessionState;
+    type Arguments = SessionArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: SessionArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let (push_cursor, pull_cursor) = match load_cursors(&args)? {
+            Some(cursors) => cursors,
+            None => {
+                // Another remote (or the first): its cursors start over.
+                forget_cursors(&args).await?;
+                (0, 0)
+            }
+        };
+        let rng = args.entropy.stream("peer-session");
+        let mut local = args.committed.subscribe();
+        let me = myself.clone();
+        // Turns the writer's commits into pushes; ends with the store.
+        let forwarder = tokio::spawn(async move {
+            while local.changed().await.is_ok() {
+                if me.cast(PeerMsg::LocalChange).is_err() {
+                    break;
+                }
+            }
+        });
+        args.status.send_modify(|s| {
+            *s = SyncState {
+                remote: args.connector.remote(),
+                ..SyncState::default()
+            }
+        });
+        myself.cast(PeerMsg::Connect)?;
+        Ok(SessionState {
+            args,
+            rng,
+            conn: None,
+            generation: 0,
+            frames: Arc::new(Semaphore::new(FRAMES_QUEUED_MAX)),
+            attempts: 0,
+            reconnect_scheduled: false,
+            push_cursor,
+            push_inflight: None,
+            next_push_id: 1,
+            pull_cursor,
+            pull_inflight: false,
+            remote_head: 0,
+            rounds_started: 0,
+            rounds_done: 0,
+            waiters: Vec::new(),
+            retried_with: (0, 0),
+            forwarder: Some(forwarder),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            PeerMsg::Connect => {
+                state.reconnect_scheduled = false;
+                if state.conn.is_none() {
+                    state.connect(&myself).await;
+                }
+            }
+            PeerMsg::SyncNow(reply) => {
+                let target = *state.args.committed.borrow();
+                let waiter = Waiter {
+                    push_target: target,
+                    // The round after any in flight: it starts after now.
+                    round: state.rounds_started + 1,
+                    start: state.args.status.borrow().clone(),
+                    reply,
+                };
+                state.waiters.push(waiter);
+                if state.conn.is_none() {
+                    state.connect(&myself).await;
+                } else {
+                    state.pump().await;
+                }
+            }
+            PeerMsg::Received { generation, msg } => {
+                state.frames.add_permits(1);
+                if state
+                    .conn
+                    .as_ref()
+                    .is_some_and(|c| c.generation == generation)
+                    && let Err(error) = state.on_message(msg).await
+                {
+                    state.disconnect(&myself, error);
+                }
+            }
+            PeerMsg::Closed { generation, error } => {
+                if state
+                    .conn
+                    .as_ref()
+                    .is_some_and(|c| c.generation == generation)
+                {
+                    state.disconnect(&myself, error);
+                }
+            }
+            PeerMsg::LocalChange => {
+                state.publish();
+                if state.conn.is_some() {
+                    state.pump().await;
+                }
+            }
+        }
+        state.answer_waiters();
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(conn) = state.conn.take() {
+            conn.reader.abort();
+        }
+        if let Some(forwarder) = state.forwarder.take() {
+            forwarder.abort();
+        }
+        let remote = state.args.connector.remote();
+        for w in state.waiters.drain(..) {
+            let _ = w.reply.send(Err(SyncError::Unreachable {
+                remote: remote.clone(),
+                detail: "the store is closing".into(),
+            }));
+        }
+        state.args.status.send_modify(|s| s.connected = false);
+        Ok(())
+    }
+}
+
+impl SessionState {
+    /// Opens a conversation and says `Hello`; on failure, fails the
+    /// waiters and schedules a retry.
+    async fn connect(&mut self, myself: &ActorRef<PeerMsg>) {
+        match self.open(myself).await {
+            Ok(()) => {
+                self.attempts = 0;
+                self.args.status.send_modify(|s| {
+                    s.connected = true;
+                    s.last_error = None;
+                });
+                self.pump().await;
+            }
+            Err(error) => {
+                tracing::info!(remote = %self.args.connector.remote(), %error, "sync: not connected");
+                self.fail_waiters(&error);
+                self.args.status.send_modify(|s| {
+                    s.connected = false;
+                    s.last_error = Some(error.to_string());
+                });
+                self.schedule_reconnect(myself);
+            }
+        }
+    }
+
+    async fn open(&mut self, myself: &ActorRef<PeerMsg>) -> Result<(), SyncError> {
+        let remote = self.args.connector.remote();
+        let unreachable = |detail: String| SyncError::Unreachable {
+            remote: remote.clone(),
+            detail,
+        };
+        let Link {
+            mut send,
+            mut recv,
+            guard,
+        } = self.args.connector.connect().await.map_err(unreachable)?;
+        let hello = Message::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            store: self.args.store_id,
+            access: self.args.access.clone(),
+            device: self.args.device_id,
+            admission: self.args.admission.clone(),
+        });
+        send.send(&hello)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        let answer = tokio::time::timeout(HELLO_TIMEOUT, recv.recv())
+            .await
+            .map_err(|_| unreachable("no answer to Hello".into()))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        let welcome = match answer {
+            Some(Message::Welcome(w)) => w,
+            Some(Message::Error { code, text }) => {
+                return Err(SyncError::Refused { remote, code, text });
+            }
+            Some(other) => {
+                return Err(unreachable(format!(
+                    "expected Welcome, got {}",
+                    other.kind()
+                )));
+            }
+            None => return Err(unreachable("closed before answering Hello".into())),
+        };
+        send.send(&Message::Subscribe)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        self.generation += 1;
+        let generation = self.generation;
+        self.remote_head = welcome.head;
+        self.push_inflight = None;
+        self.pull_inflight = false;
+        let reader = spawn_reader(recv, generation, self.frames.clone(), myself.clone());
+        self.conn = Some(Conn {
+            send,
+            generation,
+            _guard: guard,
+            reader,
+        });
+        tracing::info!(remote = %remote, head = welcome.head, created = welcome.created, "sync: connected");
+        Ok(())
+    }
+
+    fn disconnect(&mut self, myself: &ActorRef<PeerMsg>, error: impl std::fmt::Display) {
+        if let Some(conn) = self.conn.take() {
+            conn.reader.abort();
+        }
+        let error = error.to_string();
+        tracing::info!(remote = %self.args.connector.remote(), %error, "sync: disconnected");
+        self.push_inflight = None;
+        self.pull_inflight = false;
+        self.args.status.send_modify(|s| {
+            s.connected = false;
+            s.last_error = Some(error.clone());
+        });
+        self.fail_waiters(&SyncError::Unreachable {
+            remote: self.args.connector.remote(),
+            detail: error,
+        });
+        self.schedule_reconnect(myself);
+    }
+
+    fn schedule_reconnect(&mut self, myself: &ActorRef<PeerMsg>) {
+        if self.reconnect_scheduled {
+            return;
+        }
+        self.reconnect_scheduled = true;
+        let delay = backoff(self.attempts, &mut self.rng);
+        self.attempts = self.attempts.saturating_add(1);
+        myself.send_after(delay, || PeerMsg::Connect);
+    }
+
+    /// Starts a push and a pull if there is something to do and none is in
+    /// flight.
+    async fn pump(&mut self) {
+        if let Err(error) = self.start_push().await {
+            tracing::warn!(%error, "sync: push failed");
+        }
+        let want_round = self.waiters.iter().any(|w| w.round > self.rounds_started)
+            || self.pull_cursor < self.remote_head
+            || self.rounds_started == 0;
+        if !self.pull_inflight && want_round {
+            self.rounds_started += 1;
+            self.send_pull().await;
+        }
+        self.publish();
+    }
+
+    async fn send_pull(&mut self) {
+        let since = self.pull_cursor;
+        if let Some(conn) = self.conn.as_mut() {
+            let msg = Message::Pull {
+                since,
+                limit: ENTRIES_PER_MESSAGE_MAX as u32,
+            };
+            if conn.send.send(&msg).await.is_ok() {
+                self.pull_inflight = true;
+            }
+        }
+    }
+
+    async fn start_push(&mut self) -> Result<(), String> {
+        if self.push_inflight.is_some() || self.conn.is_none() {
+            return Ok(());
+        }
+        loop {
+            let (entries, upto) = self.next_push()?;
+            if upto == self.push_cursor {
+                return Ok(());
+            }
+            if entries.is_empty() {
+                // Only changes this device did not sign: nothing to send.
+                self.save_push_cursor(upto).await?;
+                continue;
+            }
+            let id = self.next_push_id;
+            self.next_push_id += 1;
+            let Some(conn) = self.conn.as_mut() else {
+                return Ok(());
+            };
+            conn.send
+                .send(&Message::Push { id, entries })
+                .await
+                .map_err(|e| e.to_string())?;
+            self.push_inflight = Some((id, upto));
+            return Ok(());
+        }
+    }
+
+    /// The next push: entries signed by this device among the changes after
+    /// the push cursor, and the change sequence number they reach.
+    fn next_push(&self) -> Result<(Vec<PushEntry>, u64), String> {
+        let db = self.args.db.clone();
+        let after = self.push_cursor;
+        let me = self.args.device_id;
+        run_blocking(move || {
+            let txn = db.begin_read().map_err(|e| e.to_string())?;
+            let changes = txn
+                .changes_since(after, ENTRIES_PER_MESSAGE_MAX)
+                .map_err(|e| e.to_string())?;
+            let mut entries: Vec<PushEntry> = Vec::new();
+            let mut upto = after;
+            let mut bytes = 0usize;
+            for (seq, locator) in changes {
+                if bytes >= MESSAGE_PAYLOAD_BYTES_TARGET {
+                    break;
+                }
+                upto = seq;
+                if entries.iter().any(|e| e.locator == locator) {
+                    continue;
+                }
+                let row = match txn.record(&locator) {
+                    Ok(Some(row)) => row,
+                    // Removed since (a purge), or damaged: nothing to send.
+                    Ok(None) | Err(_) => continue,
+                };
+                let signed_here = Envelope::parse(&row.envelope)
+                    .map(|e| e.header.signer == me)
+                    .unwrap_or(false);
+                if signed_here {
+                    bytes += row.envelope.len();
+                    entries.push(PushEntry {
+                        locator,
+                        envelope: row.envelope,
+                    });
+                }
+            }
+            Ok((entries, upto))
+        })
+    }
+
+    async fn save_push_cursor(&mut self, upto: u64) -> Result<(), String> {
+        let routes = self.args.routes.clone();
+        commit_meta(
+            &routes,
+            vec![(meta::SYNC_PUSH_CURSOR, Some(upto.to_be_bytes().to_vec()))],
+        )
+        .await?;
+        self.push_cursor = upto;
+        Ok(())
+    }
+
+    /// Handles one message on the open connection; an error ends it.
+    async fn on_message(&mut self, msg: Message) -> Result<(), String> {
+        match msg {
+            Message::PushAck {
+                id,
+                accepted,
+                stale,
+                head,
+            } => {
+                let Some((inflight, upto)) = self.push_inflight else {
+                    return Err("unexpected PushAck".into());
+                };
+                if inflight != id {
+                    return Err(format!("PushAck for push {id}, expected {inflight}"));
+                }
+                self.push_inflight = None;
+                self.remote_head = self.remote_head.max(head);
+                self.save_push_cursor(upto).await?;
+                let acked = u64::from(accepted) + u64::from(stale);
+                self.args.status.send_modify(|s| s.pushed += acked);
+                self.pump().await;
+            }
+            Message::Batch {
+                entries,
+                cursor,
+                more,
+            } => {
+                if !self.pull_inflight {
+                    return Err("unexpected Batch".into());
+                }
+                self.pull_inflight = false;
+                self.apply_batch(entries, cursor).await?;
+                if more {
+                    self.send_pull().await;
+                } else {
+                    self.rounds_done = self.rounds_started;
+                    self.remote_head = self.remote_head.max(cursor);
+                    self.retry_pending().await?;
+                    self.pump().await;
+                }
+            }
+            Message::Notify { head } => {
+                self.remote_head = self.remote_head.max(head);
+                self.pump().await;
+            }
+            Message::Error { code, text } => {
+                return Err(format!("remote error {code:?}: {text}"));
+            }
+            other => return Err(format!("unexpected {} from the remote", other.kind())),
+        }
+        self.publish();
+        Ok(())
+    }
+
+    /// Ingests one pulled batch and commits it with the new cursor.
+    async fn apply_batch(&mut self, entries: Vec<LogEntry>, cursor: u64) -> Result<(), String> {
+        if entries.iter().any(|e| e.seq <= self.pull_cursor) || cursor < self.pull_cursor {
+            return Err("the remote sent entries behind the cursor".into());
+        }
+        let batch = entries
+            .into_iter()
+            .map(|e| Incoming {
+                locator: e.locator,
+                envelope: e.envelope,
+                from_pending: false,
+            })
+            .collect();
+        let meta = vec![(meta::SYNC_PULL_CURSOR, Some(cursor.to_be_bytes().to_vec()))];
+        self.ingest(batch, meta).await?;
+        self.pull_cursor = cursor;
+        Ok(())
+    }
+
+    /// Plans and commits `batch` with `meta`, then tells the Sealer, the
+    /// KeyManager and the watchers what it learned.
+    async fn ingest(
+        &mut self,
+        batch: Vec<Incoming>,
+        meta: Vec<(&'static str, Option<Vec<u8>>)>,
+    ) -> Result<(), String> {
+        let keys = self.args.keys.current();
+        let now = self.args.clock.now_ms();
+        let plan = ingest::plan(&keys, batch, now, self.args.max_drift_ms);
+        for (locator, refusal) in &plan.refused {
+            tracing::warn!(%locator, %refusal, "sync: refused an envelope");
+        }
+        if !plan.learned.is_empty()
+            && let Some(km) = self.args.routes.key_manager()
+        {
+            let members = plan.learned.clone();
+            let added = km
+                .call(|reply| KeyManagerMsg::AddMembers { members, reply }, None)
+                .await
+                .map_err(|e| e.to_string())?;
+            if let CallResult::Success(Err(e)) = added {
+                return Err(e.to_string());
+            }
+        }
+        if let (Some(newest), Some(sealer)) = (plan.newest, self.args.routes.sealer()) {
+            let _ = sealer.cast(SealerMsg::Observe(newest));
+        }
+        let refused = plan.refused.len() as u64;
+        let writer = self.args.routes.writer().ok_or("the store is closing")?;
+        let outcome = writer
+            .call(
+                |reply| WriterMsg::Ingest {
+                    writes: plan.writes,
+                    parks: plan.parks,
+                    meta,
+                    reply,
+                },
+                None,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        let report: CommitReport = match outcome {
+            CallResult::Success(r) => r.map_err(|e| e.to_string())?,
+            _ => return Err("the store is closing".into()),
+        };
+        let applied = report.applied.len() as u64;
+        self.args.status.send_modify(|s| {
+            s.pulled += applied;
+            s.refused += refused;
+        });
+        if !report.applied.is_empty() {
+            (self.args.on_applied)(report.applied);
+        }
+        Ok(())
+    }
+
+    /// Re-examines pending envelopes if keys or members changed since the
+    /// last look.
+    async fn retry_pending(&mut self) -> Result<(), String> {
+        let keys = self.args.keys.current();
+        let known = (keys.members.len(), keys.epochs().len());
+        if known == self.retried_with {
+            return Ok(());
+        }
+        self.retried_with = known;
+        let mut after = None;
+        loop {
+            let db = self.args.db.clone();
+            let page = run_blocking(|| {
+                db.begin_read()
+                    .and_then(|t| t.pending_page(after.as_ref(), PENDING_RETRY_PAGE))
+            })
+            .map_err(|e| e.to_string())?;
+            let Some((last, _)) = page.last() else {
+                return Ok(());
+            };
+            after = Some(*last);
+            let full = page.len() == PENDING_RETRY_PAGE;
+            let batch = page
+                .into_iter()
+                .map(|(locator, envelope)| Incoming {
+                    locator,
+                    envelope,
+                    from_pending: true,
+                })
+                .collect();
+            self.ingest(batch, Vec::new()).await?;
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+
+    fn publish(&self) {
+        let committed = *self.args.committed.borrow();
+        let pending_up = committed.saturating_sub(self.push_cursor);
+        let pending_down = self.remote_head.saturating_sub(self.pull_cursor);
+        let db = self.args.db.clone();
+        let parked = db
+            .begin_read()
+            .and_then(|t| t.pending_count())
+            .unwrap_or_default();
+        self.args.status.send_modify(|s| {
+            s.pending_up = pending_up;
+            s.pending_down = pending_down;
+            s.parked = parked;
+        });
+    }
+
+    fn answer_waiters(&mut self) {
+        if self.conn.is_none() {
+            return;
+        }
+        let push_idle = self.push_inflight.is_none();
+        let now = self.args.status.borrow().clone();
+        let (done, waiting): (Vec<_>, Vec<_>) = self.waiters.drain(..).partition(|w| {
+            push_idle && self.push_cursor >= w.push_target && self.rounds_done >= w.round
+        });
+        self.waiters = waiting;
+        for w in done {
+            let _ = w.reply.send(Ok(SyncReport {
+                pushed: now.pushed - w.start.pushed,
+                pulled: now.pulled - w.start.pulled,
+                refused: now.refused - w.start.refused,
+                parked: now.parked,
+            }));
+        }
+    }
+
+    fn fail_waiters(&mut self, error: &SyncError) {
+        for w in self.waiters.drain(..) {
+            let _ = w.reply.send(Err(error.clone()));
+        }
+    }
+}
+
+/// Commits meta entries through the StorageWriter, as background work.
+async fn commit_meta(
+    routes: &Routes,
+    meta: Vec<(&'static str, Option<Vec<u8>>)>,
+) -> Result<(), String> {
+    let writer = routes.writer().ok_or("the store is closing")?;
+    let outcome = writer
+        .call(
+            |reply| WriterMsg::Commit {
+                writes: Vec::new(),
+                marks: Marks::default(),
+                meta,
+                priority: Priority::Background,
+                reply,
+            },
+            None,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    match outcome {
+        CallResult::Success(r) => r.map(|_| ()).map_err(|e| e.to_string()),
+        _ => Err("the store is closing".into()),
+    }
+}
+
+/// Reads frames into the actor's mailbox, at most [`FRAMES_QUEUED_MAX`]
+/// ahead of it.
+fn spawn_reader(
+    mut recv: RecvHalf,
+    generation: u64,
+    frames: Arc<Semaphore>,
+    actor: ActorRef<PeerMsg>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            // The semaphore is never closed; a permit is returned by the
+            // actor when it has handled the frame.
+            let Ok(permit) = frames.acquire().await else {
+                return;
+            };
+            permit.forget();
+            let msg = match recv.recv().await {
+                Ok(Some(msg)) => PeerMsg::Received { generation, msg },
+                Ok(None) => PeerMsg::Closed {
+                    generation,
+                    error: "the remote closed the connection".into(),
+                },
+                Err(e) => PeerMsg::Closed {
+                    generation,
+                    error: e.to_string(),
+                },
+            };
+            let last = matches!(msg, PeerMsg::Closed { .. });
+            if actor.cast(msg).is_err() || last {
+                return;
+            }
+        }
+    })
+}
+
+/// The delay before reconnect attempt `attempt`: exponential from
+/// [`RECONNECT_DELAY_MIN`] to [`RECONNECT_DELAY_MAX`], then scaled by a
+/// random factor in [0.5, 1) so that devices cut off together do not
+/// return together.
+fn backoff(attempt: u32, rng: &mut RngStream) -> Duration {
+    let base = RECONNECT_DELAY_MIN
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(RECONNECT_DELAY_MAX);
+    let jitter = 0.5 + (rng.next_u32() as f64 / u32::MAX as f64) / 2.0;
+    base.mul_f64(jitter.min(0.999_999))
+}
+
+/// The (push, pull) cursors kept for this session's remote, or `None` if
+/// the stored ones belong to another remote (or there are none).
+fn load_cursors(args: &SessionArgs) -> Result<Option<(u64, u64)>, ActorProcessingErr> {
+    let txn = args.db.begin_read()?;
+    let remote = args.connector.remote();
+    let same_remote = txn.meta(meta::SYNC_REMOTE)?.as_deref() == Some(remote.as_bytes());
+    if !same_remote {
+        return Ok(None);
+    }
+    let read = |key| -> Result<u64, ActorProcessingErr> {
+        Ok(txn
+            .meta(key)?
+            .and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
+            .map(u64::from_be_bytes)
+            .unwrap_or(0))
+    };
+    Ok(Some((
+        read(meta::SYNC_PUSH_CURSOR)?,
+        read(meta::SYNC_PULL_CURSOR)?,
+    )))
+}
+
+/// Records this session's remote with zeroed cursors.
+async fn forget_cursors(args: &SessionArgs) -> Result<(), ActorProcessingErr> {
+    let writer = args.routes.writer().ok_or("the store is closing")?;
+    let meta = vec![
+        (
+            meta::SYNC_REMOTE,
+            Some(args.connector.remote().into_bytes()),
+        ),
+        (meta::SYNC_PUSH_CURSOR, None),
+        (meta::SYNC_PULL_CURSOR, None),
+    ];
+    let outcome = writer
+        .call(
+            |reply| WriterMsg::Commit {
+                writes: Vec::new(),
+                marks: Marks::default(),
+                meta,
+                priority: Priority::Background,
+                reply,
+            },
+            None,
+        )
+        .await?;
+    match outcome {
+        CallResult::Success(r) => Ok(r.map(|_| ())?),
+        _ => Err("the store is closing".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use persist_core::env::SeededEntropy;
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter() {
+        let mut rng = SeededEntropy::from_u64(1).stream("t");
+        let first = backoff(0, &mut rng);
+        assert!(first >= RECONNECT_DELAY_MIN / 2 && first < RECONNECT_DELAY_MIN);
+        let late = backoff(40, &mut rng);
+        assert!(late >= RECONNECT_DELAY_MAX / 2 && late < RECONNECT_DELAY_MAX);
+        let mut again = SeededEntropy::from_u64(1).stream("t");
+        assert_eq!(backoff(0, &mut again), first, "jitter comes from the seed");
+    }
+}

@@ -1,0 +1,313 @@
+//! Sync through a real relay node over QUIC: two devices of one store,
+//! last write wins, live updates, held envelopes, and what the relay sees.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::StreamExt;
+use persist::{Change, Config, KdfParams, Remote, Store, SyncConfig, SyncError};
+use persist_relay::{RelayConfig, RelayHandle};
+use persist_storage::relay::RedbRelay;
+
+/// How long a test waits for something sync does in the background.
+const SETTLE: Duration = Duration::from_secs(20);
+
+struct Relay {
+    handle: RelayHandle,
+    dir: PathBuf,
+}
+
+async fn relay(dir: &Path) -> Relay {
+    std::fs::create_dir_all(dir).unwrap();
+    let backend = RedbRelay::open(&dir.join("relay.redb")).expect("relay db");
+    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let handle = persist_relay::start(RelayConfig::new(listen, dir), backend)
+        .await
+        .expect("relay starts");
+    Relay {
+        handle,
+        dir: dir.to_owned(),
+    }
+}
+
+fn remote(relay: &Relay) -> Remote {
+    let url = format!("quic://{}", relay.handle.addr());
+    Remote::pinned(&url, &relay.handle.pin().to_string()).expect("remote")
+}
+
+fn device(tmp: &Path, name: &str) -> Config {
+    Config::new(tmp.join(name).join("store"))
+        .key_file(tmp.join(name).join("keys").join("k.key"))
+        .name(name)
+        .dangerous()
+        .export_kdf(KdfParams::insecure_for_tests())
+        .done()
+}
+
+/// Device A (creating the store) and device B (joining from A's export),
+/// both syncing with `remote`.
+async fn pair(tmp: &Path, remote: &Remote) -> (Store, Store) {
+    let a = Store::open(device(tmp, "a").sync(SyncConfig::new(remote.clone())))
+        .await
+        .expect("open a");
+    let export = a
+        .crypto()
+        .export_key_with("correct horse")
+        .await
+        .expect("export");
+    let b = Store::open(
+        device(tmp, "b")
+            .key(&export.export, "correct horse")
+            .sync(SyncConfig::new(remote.clone())),
+    )
+    .await
+    .expect("open b");
+    (a, b)
+}
+
+/// Polls `check` every 20 ms until it holds, failing after [`SETTLE`].
+async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    const POLL: Duration = Duration::from_millis(20);
+    for _ in 0..SETTLE.as_millis() / POLL.as_millis() {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    panic!("timed out: {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_devices_sync_through_a_relay() {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = relay(&tmp.path().join("relay")).await;
+    let remote = remote(&relay);
+    let (a, b) = pair(tmp.path(), &remote).await;
+
+    a.put("notes/1", "from a").await.unwrap();
+    b.put("notes/2", "from b").await.unwrap();
+    a.sync_now().await.expect("a syncs");
+    b.sync_now().await.expect("b syncs");
+    a.sync_now().await.expect("a syncs again");
+
+    for store in [&a, &b] {
+        assert_eq!(
+            store.get::<String>("notes/1").await.unwrap().as_deref(),
+            Some("from a")
+        );
+        assert_eq!(
+            store.get::<String>("notes/2").await.unwrap().as_deref(),
+            Some("from b")
+        );
+        let listed: Vec<String> = store
+            .list::<String>("")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
+        assert_eq!(listed, ["notes/1", "notes/2"], "member records stay hidden");
+        let status = store.sync_status().expect("syncing");
+        assert!(status.connected, "{status:?}");
+        assert_eq!(status.refused, 0);
+    }
+    let status = b.sync_status().unwrap();
+    assert!(status.synced, "b has nothing pending: {status:?}");
+
+    // Deletes sync too, and the later write wins on both.
+    b.delete("notes/1").await.unwrap();
+    b.sync_now().await.unwrap();
+    a.sync_now().await.unwrap();
+    assert_eq!(a.get::<String>("notes/1").await.unwrap(), None);
+
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+    relay.handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_arrives_live_without_sync_now() {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = relay(&tmp.path().join("relay")).await;
+    let remote = remote(&relay);
+    let (a, b) = pair(tmp.path(), &remote).await;
+    b.sync_now().await.unwrap();
+    let mut changes = b.watch("live/");
+
+    a.put("live/x", &42u32).await.unwrap();
+    let change = tokio::time::timeout(SETTLE, changes.next())
+        .await
+        .expect("the change arrives")
+        .expect("stream open")
+        .expect("no lag");
+    assert_eq!(change.path(), "live/x");
+    assert!(matches!(change, Change::Put { .. }));
+    assert_eq!(change.value::<u32>().unwrap(), Some(42));
+    assert_eq!(b.get::<u32>("live/x").await.unwrap(), Some(42));
+
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+    relay.handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_converge_on_the_later_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = relay(&tmp.path().join("relay")).await;
+    let remote = remote(&relay);
+    let (a, b) = pair(tmp.path(), &remote).await;
+    a.sync_now().await.unwrap();
+    b.sync_now().await.unwrap();
+
+    for i in 0..50u32 {
+        a.put(&format!("k/{}", i % 7), &format!("a{i}"))
+            .await
+            .unwrap();
+        b.put(&format!("k/{}", i % 5), &format!("b{i}"))
+            .await
+            .unwrap();
+    }
+    until("both devices agree", async || {
+        let _ = a.sync_now().await;
+        let _ = b.sync_now().await;
+        let (la, lb) = (
+            a.list::<String>("k/").await.unwrap(),
+            b.list::<String>("k/").await.unwrap(),
+        );
+        la == lb && la.len() == 7
+    })
+    .await;
+
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+    relay.handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_under_an_unknown_epoch_are_held_then_applied() {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = relay(&tmp.path().join("relay")).await;
+    let remote = remote(&relay);
+    let (a, b) = pair(tmp.path(), &remote).await;
+
+    // A rotates; B has no way to learn the new key until pairing exists,
+    // so what A writes now is held on B, not dropped.
+    a.crypto().rotate_key().await.unwrap().wait().await.unwrap();
+    a.put("after/rotation", "secret").await.unwrap();
+    a.sync_now().await.unwrap();
+    let report = b.sync_now().await.unwrap();
+    assert!(report.held >= 1, "{report:?}");
+    assert_eq!(b.get::<String>("after/rotation").await.unwrap(), None);
+    assert!(!b.sync_status().unwrap().synced);
+
+    // B imports a fresh export from A (it carries the new epoch key): the
+    // held records apply.
+    let export = a.crypto().export_key_with("pw").await.unwrap();
+    b.close().await.unwrap();
+    let b = common::open_when_released(|| {
+        device(tmp.path(), "b")
+            .key(&export.export, "pw")
+            .sync(SyncConfig::new(remote.clone()))
+    })
+    .await
+    .expect("reopen b with the new keys");
+    until("the held record applies", async || {
+        let _ = b.sync_now().await;
+        b.get::<String>("after/rotation").await.unwrap().as_deref() == Some("secret")
+    })
+    .await;
+    assert_eq!(b.sync_status().unwrap().held, 0);
+
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+    relay.handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_or_wrong_remote_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = relay(&tmp.path().join("relay")).await;
+    // Right address, wrong pin.
+    let wrong_pin = Remote::pinned(
+        &format!("quic://{}", relay.handle.addr()),
+        &format!("sha256:{}", "00".repeat(32)),
+    )
+    .unwrap();
+    let a = Store::open(device(tmp.path(), "a").sync(SyncConfig::new(wrong_pin)))
+        .await
+        .unwrap();
+    a.put("x", "still written locally").await.unwrap();
+    let err = a.sync_now().await.expect_err("pin mismatch");
+    assert!(matches!(err, SyncError::Unreachable { .. }), "{err}");
+    assert!(err.to_string().contains("pin"), "{err}");
+    let status = a.sync_status().unwrap();
+    assert!(!status.connected && !status.synced);
+    assert!(status.last_error.is_some());
+    assert_eq!(
+        a.get::<String>("x").await.unwrap().as_deref(),
+        Some("still written locally")
+    );
+    a.close().await.unwrap();
+
+    // A store without sync says so.
+    let plain = common::open(&tmp.path().join("nosync")).await;
+    assert_eq!(plain.sync_now().await, Err(SyncError::NotConfigured));
+    assert!(plain.sync_status().is_none());
+    plain.close().await.unwrap();
+    relay.handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_holds_no_plaintext() {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = relay(&tmp.path().join("relay")).await;
+    let remote = remote(&relay);
+    let (a, b) = pair(tmp.path(), &remote).await;
+    let canary_path = "canary/path-4f1c2a9e77d3";
+    let canary_value = "canary-value-8b2e61d04c95";
+    a.put(canary_path, canary_value).await.unwrap();
+    a.sync_now().await.unwrap();
+    b.sync_now().await.unwrap();
+    assert_eq!(
+        b.get::<String>(canary_path).await.unwrap().as_deref(),
+        Some(canary_value)
+    );
+    let export = a.crypto().dangerous().export_raw().await.unwrap();
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+    relay.handle.shutdown().await;
+
+    let keys = persist_core::export::ExportedKeys::unwrap(&export, "").expect("raw export");
+    let mut secrets: Vec<Vec<u8>> = vec![
+        keys.index_key.expose().to_vec(),
+        keys.relay_token.expose().to_vec(),
+    ];
+    secrets.extend(
+        keys.epochs
+            .iter()
+            .map(|(_, e)| e.key.as_ref().unwrap().expose().to_vec()),
+    );
+    let mut needles: Vec<Vec<u8>> = vec![canary_path.into(), canary_value.into()];
+    for secret in secrets {
+        needles.push(hex::encode(&secret).into_bytes());
+        needles.push(secret);
+    }
+    let mut scanned = 0;
+    for entry in std::fs::read_dir(&relay.dir).unwrap() {
+        let path = entry.unwrap().path();
+        let bytes = std::fs::read(&path).unwrap();
+        scanned += bytes.len();
+        for needle in &needles {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle.as_slice()),
+                "{} holds a plaintext or key string",
+                path.display()
+            );
+        }
+    }
+    assert!(scanned > 0, "the relay stored something");
+}
