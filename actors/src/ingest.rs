@@ -37,8 +37,106 @@ use persist_core::record::Record;
 use persist_core::{DeviceId, Epoch, Locator};
 use persist_storage::Row;
 
-use crate::keys::{KeySet, OpenRecordError};
-use crate::storage_writer::{Park, SealedWrite};
+use std::sync::Arc;
+
+use persist_core::env::Clock;
+use ractor::rpc::CallResult;
+
+use crate::key_manager::KeyManagerMsg;
+use crate::keys::{KeyHandle, KeySet, OpenRecordError};
+use crate::routes::Routes;
+use crate::sealer::SealerMsg;
+use crate::storage_writer::{AppliedChange, CommitReport, Park, SealedWrite, WriterMsg};
+
+/// Called with the changes an ingest applied, for the store's watchers.
+pub type OnApplied = Arc<dyn Fn(Vec<AppliedChange>) + Send + Sync>;
+
+/// What applying a batch needs besides the batch.
+#[derive(Clone)]
+pub struct IngestContext {
+    /// The store's keys (read at each batch).
+    pub keys: KeyHandle,
+    /// The KeyManager, Sealer and StorageWriter.
+    pub routes: Routes,
+    /// Wall clock, for the drift check.
+    pub clock: Arc<dyn Clock>,
+    /// Largest accepted drift of remote stamps, in ms.
+    pub max_drift_ms: u64,
+    /// Where applied changes are reported.
+    pub on_applied: OnApplied,
+}
+
+/// What applying a batch did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Writes that took effect.
+    pub applied: u64,
+    /// Writes that lost to a version already stored.
+    pub superseded: u64,
+    /// Envelopes kept pending.
+    pub held: u64,
+    /// Envelopes refused.
+    pub refused: u64,
+}
+
+/// Plans `batch` (see [`plan`]) and commits it through the StorageWriter
+/// together with `meta`: remembers the members it announced (KeyManager),
+/// lets the Sealer observe its newest stamp, and reports what changed.
+pub async fn apply(
+    ctx: &IngestContext,
+    batch: Vec<Incoming>,
+    meta: Vec<(&'static str, Option<Vec<u8>>)>,
+) -> Result<Applied, String> {
+    let keys = ctx.keys.current();
+    let plan = plan(&keys, batch, ctx.clock.now_ms(), ctx.max_drift_ms);
+    for (locator, refusal) in &plan.refused {
+        tracing::warn!(%locator, %refusal, "sync: refused an envelope");
+    }
+    if !plan.learned.is_empty()
+        && let Some(km) = ctx.routes.key_manager()
+    {
+        let members = plan.learned.clone();
+        let added = km
+            .call(|reply| KeyManagerMsg::AddMembers { members, reply }, None)
+            .await
+            .map_err(|e| e.to_string())?;
+        if let CallResult::Success(Err(e)) = added {
+            return Err(e.to_string());
+        }
+    }
+    if let (Some(newest), Some(sealer)) = (plan.newest, ctx.routes.sealer()) {
+        let _ = sealer.cast(SealerMsg::Observe(newest));
+    }
+    let refused = plan.refused.len() as u64;
+    let held = plan.pending.len() as u64;
+    let writer = ctx.routes.writer().ok_or("the store is closing")?;
+    let outcome = writer
+        .call(
+            |reply| WriterMsg::Ingest {
+                writes: plan.writes,
+                parks: plan.parks,
+                meta,
+                reply,
+            },
+            None,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    let report: CommitReport = match outcome {
+        CallResult::Success(r) => r.map_err(|e| e.to_string())?,
+        _ => return Err("the store is closing".into()),
+    };
+    let applied = Applied {
+        applied: report.applied.len() as u64,
+        superseded: report.superseded as u64,
+        held,
+        refused,
+    };
+    if !report.applied.is_empty() {
+        (ctx.on_applied)(report.applied);
+    }
+    Ok(applied)
+}
 
 /// One envelope to ingest.
 #[derive(Debug)]
@@ -275,4 +373,202 @@ fn decide(
 
 fn integrity(e: OpenError) -> Refusal {
     Refusal::Integrity(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use persist_core::env::{Entropy, SeededEntropy};
+    use persist_core::envelope::{self, Flags, SealContext};
+    use persist_core::export::ExportedKeys;
+    use persist_core::keyring::Keyring;
+    use persist_core::keys::DeviceIdentity;
+
+    const NOW: u64 = 1_000_000;
+    const DRIFT: u64 = 600_000;
+
+    struct Device {
+        ring: Keyring,
+    }
+
+    impl Device {
+        fn seal(&self, path: &str, value: &[u8], ms: u64) -> Incoming {
+            let mut rng = SeededEntropy::from_u64(ms).stream("seal");
+            let record = Record {
+                path: path.into(),
+                value: value.to_vec(),
+                origin: self.ring.device_id(),
+                hlc: Hlc { ms, counter: 0 },
+            };
+            let locator = self.ring.index_key.locator(&self.ring.store_id, path);
+            let ctx = SealContext {
+                store_id: self.ring.store_id,
+                epoch: self.ring.current,
+                data_key: self.ring.current_key(),
+                signing_key: self.ring.device.signing_key(),
+                signer: self.ring.device_id(),
+            };
+            let envelope =
+                envelope::seal(&ctx, &locator, &record, Flags::default(), 1, &mut rng).unwrap();
+            Incoming {
+                locator,
+                envelope,
+                from_pending: false,
+            }
+        }
+
+        fn announcement(&self) -> Incoming {
+            let me = self.ring.own_member().unwrap().clone();
+            self.seal(
+                &membership::member_path(&me.device_id),
+                &membership::encode_member(&me),
+                NOW - 10,
+            )
+        }
+
+        fn keys(&self) -> KeySet {
+            KeySet::from_keyring(&self.ring)
+        }
+    }
+
+    /// Device `a` creates a store; `b` joins it from an export.
+    fn two_devices() -> (Device, Device) {
+        let mut rng = SeededEntropy::from_u64(1).stream("t");
+        let a = Keyring::create(
+            DeviceIdentity::generate(&mut rng),
+            "a",
+            Hlc::default(),
+            &mut rng,
+        );
+        let b = Keyring::from_export(
+            DeviceIdentity::generate(&mut rng),
+            ExportedKeys::from_keyring(&a),
+            "b",
+            Hlc::default(),
+        );
+        (Device { ring: a }, Device { ring: b })
+    }
+
+    #[test]
+    fn an_unknown_signer_is_learned_from_its_announcement_in_any_order() {
+        let (a, b) = two_devices();
+        // The record comes before the announcement that makes it checkable.
+        let plan = super::plan(
+            &b.keys(),
+            vec![a.seal("notes/1", b"hi", NOW), a.announcement()],
+            NOW,
+            DRIFT,
+        );
+        assert_eq!(plan.learned.len(), 1);
+        assert_eq!(plan.learned[0].device_id, a.ring.device_id());
+        assert_eq!(plan.writes.len(), 2, "{plan:?}");
+        assert!(plan.pending.is_empty() && plan.refused.is_empty());
+        assert_eq!(
+            plan.newest,
+            Some(Hlc {
+                ms: NOW,
+                counter: 0
+            })
+        );
+    }
+
+    #[test]
+    fn without_an_announcement_an_unknown_signer_waits() {
+        let (a, b) = two_devices();
+        let plan = super::plan(&b.keys(), vec![a.seal("notes/1", b"hi", NOW)], NOW, DRIFT);
+        assert!(plan.writes.is_empty());
+        assert_eq!(
+            plan.pending,
+            vec![(
+                plan.pending[0].0,
+                PendingReason::UnknownSigner(a.ring.device_id())
+            )]
+        );
+        assert!(matches!(plan.parks.as_slice(), [Park::Keep { .. }]));
+    }
+
+    #[test]
+    fn tampered_bytes_are_refused_and_never_applied() {
+        let (a, b) = two_devices();
+        let good = a.seal("notes/1", b"hi", NOW);
+        for at in [
+            0,
+            3,
+            40,
+            90,
+            good.envelope.len() - 70,
+            good.envelope.len() - 1,
+        ] {
+            let mut bad = Incoming {
+                locator: good.locator,
+                envelope: good.envelope.clone(),
+                from_pending: false,
+            };
+            bad.envelope[at] ^= 0x20;
+            let plan = super::plan(&b.keys(), vec![a.announcement(), bad], NOW, DRIFT);
+            assert_eq!(
+                plan.writes.len(),
+                1,
+                "only the announcement applies (byte {at})"
+            );
+            assert!(
+                plan.parks.is_empty(),
+                "a refused envelope is not kept (byte {at})"
+            );
+            assert_eq!(
+                plan.refused.len() + plan.pending.len(),
+                1,
+                "byte {at}: {plan:?}"
+            );
+        }
+        // Moved to another locator: refused too.
+        let mut moved = a.seal("notes/1", b"hi", NOW);
+        moved.locator = a.ring.index_key.locator(&a.ring.store_id, "notes/2");
+        let plan = super::plan(&b.keys(), vec![a.announcement(), moved], NOW, DRIFT);
+        assert_eq!(plan.refused.len(), 1, "{plan:?}");
+        // A forged announcement (another device's key under a's id) is refused.
+        let mut forged = a.ring.own_member().unwrap().clone();
+        forged.ed25519_public = b.ring.own_member().unwrap().ed25519_public;
+        let forged = a.seal(
+            &membership::member_path(&forged.device_id),
+            &membership::encode_member(&forged),
+            NOW,
+        );
+        let plan = super::plan(&b.keys(), vec![forged], NOW, DRIFT);
+        assert!(
+            plan.writes.is_empty() && plan.learned.is_empty(),
+            "{plan:?}"
+        );
+    }
+
+    #[test]
+    fn unknown_epochs_and_future_stamps_are_held() {
+        let (mut a, b) = two_devices();
+        let ahead = a.seal("notes/later", b"x", NOW + DRIFT + 1);
+        let announcement = a.announcement();
+        let mut rng = SeededEntropy::from_u64(3).stream("rot");
+        a.ring.rotate(&mut rng);
+        let rotated = a.seal("notes/1", b"y", NOW);
+        let plan = super::plan(&b.keys(), vec![announcement, ahead, rotated], NOW, DRIFT);
+        let reasons: Vec<PendingReason> = plan.pending.iter().map(|(_, r)| *r).collect();
+        assert!(
+            reasons.contains(&PendingReason::FromTheFuture),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons.contains(&PendingReason::UnknownEpoch(a.ring.current)),
+            "{reasons:?}"
+        );
+        assert_eq!(plan.parks.len(), 2);
+    }
+
+    #[test]
+    fn a_pending_envelope_that_applies_is_released() {
+        let (a, b) = two_devices();
+        let mut held = a.seal("notes/1", b"hi", NOW);
+        held.from_pending = true;
+        let plan = super::plan(&b.keys(), vec![a.announcement(), held], NOW, DRIFT);
+        assert_eq!(plan.writes.len(), 2);
+        assert!(matches!(plan.parks.as_slice(), [Park::Release { .. }]));
+    }
 }

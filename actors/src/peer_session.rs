@@ -51,13 +51,11 @@ use rand_core::Rng;
 use tokio::sync::{Semaphore, watch};
 
 use crate::blocking::run_blocking;
-use crate::ingest::{self, Incoming};
-use crate::key_manager::KeyManagerMsg;
+use crate::ingest::{self, Incoming, IngestContext, OnApplied};
 use crate::keys::KeyHandle;
 use crate::meta;
 use crate::routes::Routes;
-use crate::sealer::SealerMsg;
-use crate::storage_writer::{AppliedChange, CommitReport, Marks, Priority, WriterMsg};
+use crate::storage_writer::{Marks, Priority, WriterMsg};
 
 /// Frames read from the remote but not yet handled. Each may be a full
 /// batch (up to a frame, 16 MiB), so this bounds the session's memory.
@@ -94,9 +92,6 @@ pub trait Connector: Send + Sync + 'static {
     /// are kept per remote: naming another remote starts them over.
     fn remote(&self) -> String;
 }
-
-/// Called with the changes an ingest applied, for the store's watchers.
-pub type OnApplied = Arc<dyn Fn(Vec<AppliedChange>) + Send + Sync>;
 
 /// What a session starts from.
 #[derive(Clone)]
@@ -703,53 +698,18 @@ impl SessionState {
         batch: Vec<Incoming>,
         meta: Vec<(&'static str, Option<Vec<u8>>)>,
     ) -> Result<(), String> {
-        let keys = self.args.keys.current();
-        let now = self.args.clock.now_ms();
-        let plan = ingest::plan(&keys, batch, now, self.args.max_drift_ms);
-        for (locator, refusal) in &plan.refused {
-            tracing::warn!(%locator, %refusal, "sync: refused an envelope");
-        }
-        if !plan.learned.is_empty()
-            && let Some(km) = self.args.routes.key_manager()
-        {
-            let members = plan.learned.clone();
-            let added = km
-                .call(|reply| KeyManagerMsg::AddMembers { members, reply }, None)
-                .await
-                .map_err(|e| e.to_string())?;
-            if let CallResult::Success(Err(e)) = added {
-                return Err(e.to_string());
-            }
-        }
-        if let (Some(newest), Some(sealer)) = (plan.newest, self.args.routes.sealer()) {
-            let _ = sealer.cast(SealerMsg::Observe(newest));
-        }
-        let refused = plan.refused.len() as u64;
-        let writer = self.args.routes.writer().ok_or("the store is closing")?;
-        let outcome = writer
-            .call(
-                |reply| WriterMsg::Ingest {
-                    writes: plan.writes,
-                    parks: plan.parks,
-                    meta,
-                    reply,
-                },
-                None,
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        let report: CommitReport = match outcome {
-            CallResult::Success(r) => r.map_err(|e| e.to_string())?,
-            _ => return Err("the store is closing".into()),
+        let ctx = IngestContext {
+            keys: self.args.keys.clone(),
+            routes: self.args.routes.clone(),
+            clock: self.args.clock.clone(),
+            max_drift_ms: self.args.max_drift_ms,
+            on_applied: self.args.on_applied.clone(),
         };
-        let applied = report.applied.len() as u64;
+        let outcome = ingest::apply(&ctx, batch, meta).await?;
         self.args.status.send_modify(|s| {
-            s.pulled += applied;
-            s.refused += refused;
+            s.pulled += outcome.applied;
+            s.refused += outcome.refused;
         });
-        if !report.applied.is_empty() {
-            (self.args.on_applied)(report.applied);
-        }
         Ok(())
     }
 

@@ -57,6 +57,7 @@ mod crypto;
 mod env;
 mod error;
 mod kek;
+mod serve;
 mod store;
 mod sync;
 
@@ -69,6 +70,7 @@ pub use persist_core::export::{ExportError, KdfParams};
 pub use persist_core::record::{PATH_BYTES_MAX, PathError, VALUE_BYTES_MAX};
 pub use persist_core::{DeviceId, StoreId};
 pub use persist_storage::{Backend, MemoryBackend};
+pub use serve::{ServeError, ServeHandle};
 pub use store::{
     Batch, Change, DB_FILE, EpochStatus, Lagged, RotationStatus, Status, Store, StoreInfo,
     WATCH_BUFFER_MAX, WRITES_IN_FLIGHT_MAX,

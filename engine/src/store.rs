@@ -1,10 +1,12 @@
 //! The store: open, read, write, watch, close.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use futures::Stream;
-use persist_actors::peer_session::{OnApplied, PeerMsg, SessionArgs, SyncState};
+use persist_actors::ingest::{IngestContext, OnApplied};
+use persist_actors::peer_session::{PeerMsg, SessionArgs, SyncState};
 use persist_actors::rotator::RotationProgress;
 use persist_actors::sealer::SealerMsg;
 use persist_actors::{
@@ -29,6 +31,7 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use crate::bootstrap::{BootConfig, bootstrap};
 use crate::config::Config;
 use crate::error::{OpenError, ReadError, SyncError, WriteError};
+use crate::serve::{ServeError, ServeHandle, ServeParts};
 use crate::sync::{SyncReport, SyncStatus};
 use crate::{codec, env};
 
@@ -64,6 +67,8 @@ struct Inner {
     writes_in_flight: Semaphore,
     info: StoreInfo,
     sync: Option<Arc<watch::Sender<SyncState>>>,
+    committed: Arc<watch::Sender<u64>>,
+    ingest: IngestContext,
 }
 
 impl std::fmt::Debug for Store {
@@ -344,7 +349,16 @@ impl Store {
         let (changes, _) = broadcast::channel(WATCH_BUFFER_MAX);
         let routes = Routes::default();
         let max_drift_ms = u64::try_from(max_clock_drift.as_millis()).unwrap_or(u64::MAX);
-        let session = match (&sync, &boot.keys.access) {
+        let keys = KeyHandle::new(boot.keys);
+        let ingest = IngestContext {
+            keys: keys.clone(),
+            routes: routes.clone(),
+            clock: env.clock.clone(),
+            max_drift_ms,
+            on_applied: watch_feed(changes.clone()),
+        };
+        let access = keys.current().access.clone();
+        let session = match (&sync, &access) {
             (None, _) => None,
             (Some(_), _) if read_only => None,
             (Some(_), None) => return Err(OpenError::SyncNeedsEncryption),
@@ -354,22 +368,17 @@ impl Store {
                 device_id: boot.info.device_id,
                 access: access.clone(),
                 admission: sync.remote.admission_secret(),
-                keys: KeyHandle::new(KeySet::plain(boot.info.store_id, boot.info.device_id)),
+                keys: keys.clone(),
                 routes: routes.clone(),
                 connector: sync.remote.connector(),
                 clock: env.clock.clone(),
                 entropy: env.entropy.clone(),
                 max_drift_ms,
                 committed: committed.clone(),
-                on_applied: watch_feed(changes.clone()),
+                on_applied: ingest.on_applied.clone(),
                 status: Arc::new(watch::channel(SyncState::default()).0),
             }),
         };
-        let keys = KeyHandle::new(boot.keys);
-        let session = session.map(|mut s| {
-            s.keys = keys.clone();
-            s
-        });
         let sync_status = session.as_ref().map(|s| s.status.clone());
         let (progress, _) = watch::channel(RotationProgress::default());
         let progress = Arc::new(progress);
@@ -385,7 +394,7 @@ impl Store {
             max_drift_ms,
             routes: routes.clone(),
             read_only,
-            committed,
+            committed: committed.clone(),
             sync: session,
         };
         let (supervisor, supervisor_done) = Actor::spawn(None, StoreSupervisor, args)
@@ -411,6 +420,8 @@ impl Store {
                 export_kdf,
                 read_only,
                 sync: sync_status,
+                committed,
+                ingest,
             }),
         };
         if store.inner.sync.is_some() {
@@ -471,6 +482,37 @@ impl Store {
             CallResult::Success(Err(e)) => Err(map_sync_error(e)),
             CallResult::Timeout | CallResult::SenderError => Err(SyncError::Closed),
         }
+    }
+
+    /// Serves this store to its other devices on `listen` (UDP, QUIC), so
+    /// they sync with it directly, without a relay: a device names it as
+    /// its remote with [`ServeHandle::addr`] and [`ServeHandle::pin`].
+    /// Serving stops with [`ServeHandle::stop`] or when the runtime ends.
+    pub async fn serve(&self, listen: SocketAddr) -> Result<ServeHandle, ServeError> {
+        if self.inner.read_only {
+            return Err(ServeError::ReadOnly);
+        }
+        let access = self
+            .inner
+            .keys
+            .current()
+            .access
+            .clone()
+            .ok_or(ServeError::NotEncrypted)?;
+        // The devices it serves check its signatures against its announcement.
+        self.announce().await.map_err(|e| ServeError::Start {
+            addr: listen,
+            detail: format!("could not record this device's member entry: {e}"),
+        })?;
+        let parts = ServeParts {
+            dir: self.inner.info.path.clone(),
+            db: self.inner.db.clone(),
+            store_id: self.inner.info.store_id,
+            access,
+            committed: self.inner.committed.clone(),
+            ingest: self.inner.ingest.clone(),
+        };
+        crate::serve::start(parts, listen).await
     }
 
     /// Where sync stands, or `None` for a store opened without
