@@ -364,3 +364,208 @@ async fn two_devices_sync_directly_without_a_relay() {
     served.stop().await;
     a.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_reconnect_after_the_relay_restarts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay_dir = tmp.path().join("relay");
+    let first = relay(&relay_dir).await;
+    let addr = first.handle.addr();
+    let pin = first.handle.pin();
+    let remote = remote(&first);
+    let (a, b) = pair(tmp.path(), &remote).await;
+    a.put("before", "outage").await.unwrap();
+    a.sync_now().await.unwrap();
+    first.handle.shutdown().await;
+
+    // Writes during the outage stay local and say why they cannot sync.
+    a.put("during", "outage").await.unwrap();
+    let err = a.sync_now().await.expect_err("the relay is down");
+    assert!(matches!(err, SyncError::Unreachable { .. }), "{err}");
+
+    // The relay comes back on the same address with the same data and
+    // certificate: the devices reconnect by themselves.
+    let backend = RedbRelay::open(&relay_dir.join("relay.redb")).unwrap();
+    let second = persist_relay::start(RelayConfig::new(addr, &relay_dir), backend)
+        .await
+        .expect("relay restarts");
+    assert_eq!(second.pin(), pin, "same certificate after a restart");
+    until("b sees both writes", async || {
+        let _ = a.sync_now().await;
+        let _ = b.sync_now().await;
+        b.get::<String>("before").await.unwrap().is_some()
+            && b.get::<String>("during").await.unwrap().is_some()
+    })
+    .await;
+    until("both report synced", async || {
+        let _ = a.sync_now().await;
+        let _ = b.sync_now().await;
+        a.sync_status().unwrap().synced && b.sync_status().unwrap().synced
+    })
+    .await;
+
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+    second.shutdown().await;
+}
+
+/// A relay backend that keeps a copy of every byte the relay hands it.
+struct Recording {
+    inner: persist_storage::relay::MemoryRelay,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Recording {
+    fn record(&self, bytes: &[u8]) {
+        self.seen.lock().unwrap().extend_from_slice(bytes);
+    }
+}
+
+impl persist_storage::relay::RelayBackend for Recording {
+    async fn open_store(
+        &self,
+        store: &persist::StoreId,
+        fingerprint: &[u8; 32],
+        may_create: bool,
+    ) -> Result<persist_storage::relay::StoreAccess, persist_storage::relay::RelayError> {
+        self.record(fingerprint);
+        self.inner.open_store(store, fingerprint, may_create).await
+    }
+
+    async fn append(
+        &self,
+        store: &persist::StoreId,
+        entries: Vec<persist_storage::relay::Incoming>,
+    ) -> Result<persist_storage::relay::Appended, persist_storage::relay::RelayError> {
+        for e in &entries {
+            self.record(&e.locator.0);
+            self.record(&e.envelope);
+        }
+        self.inner.append(store, entries).await
+    }
+
+    async fn pull(
+        &self,
+        store: &persist::StoreId,
+        since: u64,
+        limit: usize,
+        bytes_target: usize,
+    ) -> Result<persist_storage::relay::Page, persist_storage::relay::RelayError> {
+        self.inner.pull(store, since, limit, bytes_target).await
+    }
+
+    async fn head(
+        &self,
+        store: &persist::StoreId,
+    ) -> Result<u64, persist_storage::relay::RelayError> {
+        self.inner.head(store).await
+    }
+
+    fn watch(&self, store: &persist::StoreId) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.watch(store)
+    }
+
+    async fn mailbox_put(
+        &self,
+        store: &persist::StoreId,
+        mailbox: &persist::DeviceId,
+        payload: Vec<u8>,
+    ) -> Result<u64, persist_storage::relay::RelayError> {
+        self.record(&payload);
+        self.inner.mailbox_put(store, mailbox, payload).await
+    }
+
+    async fn mailbox_fetch(
+        &self,
+        store: &persist::StoreId,
+        mailbox: &persist::DeviceId,
+        since: u64,
+        limit: usize,
+    ) -> Result<Vec<persist_core::protocol::MailboxItem>, persist_storage::relay::RelayError> {
+        self.inner.mailbox_fetch(store, mailbox, since, limit).await
+    }
+
+    async fn mailbox_ack(
+        &self,
+        store: &persist::StoreId,
+        mailbox: &persist::DeviceId,
+        upto: u64,
+    ) -> Result<(), persist_storage::relay::RelayError> {
+        self.inner.mailbox_ack(store, mailbox, upto).await
+    }
+
+    async fn stats(
+        &self,
+    ) -> Result<persist_storage::relay::RelayStats, persist_storage::relay::RelayError> {
+        self.inner.stats().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn everything_the_relay_receives_is_ciphertext() {
+    let tmp = tempfile::tempdir().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let backend = Recording {
+        inner: persist_storage::relay::MemoryRelay::new(),
+        seen: seen.clone(),
+    };
+    let relay_dir = tmp.path().join("relay");
+    let handle = persist_relay::start(
+        RelayConfig::new("127.0.0.1:0".parse().unwrap(), &relay_dir),
+        backend,
+    )
+    .await
+    .unwrap();
+    let remote = Remote::pinned(
+        &format!("quic://{}", handle.addr()),
+        &handle.pin().to_string(),
+    )
+    .unwrap();
+    let (a, b) = pair(tmp.path(), &remote).await;
+    let canary_path = "canary/path-93d0c1b7e2aa";
+    let canary_value = "canary-value-5e17a0c3f9b8";
+    a.put(canary_path, canary_value).await.unwrap();
+    b.put("canary/other-path-0d4e", canary_value).await.unwrap();
+    a.sync_now().await.unwrap();
+    b.sync_now().await.unwrap();
+    a.crypto().rotate_key().await.unwrap().wait().await.unwrap();
+    a.sync_now().await.unwrap();
+    let export = a.crypto().dangerous().export_raw().await.unwrap();
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+    handle.shutdown().await;
+
+    let keys = persist_core::export::ExportedKeys::unwrap(&export, "").unwrap();
+    let mut needles: Vec<(String, Vec<u8>)> = vec![
+        ("path".into(), canary_path.into()),
+        ("value".into(), canary_value.into()),
+        ("index key".into(), keys.index_key.expose().to_vec()),
+        ("relay token".into(), keys.relay_token.expose().to_vec()),
+    ];
+    for (epoch, entry) in &keys.epochs {
+        needles.push((
+            format!("key of epoch {epoch}"),
+            entry.key.as_ref().unwrap().expose().to_vec(),
+        ));
+    }
+    let hex_needles: Vec<(String, Vec<u8>)> = needles
+        .iter()
+        .map(|(name, n)| (format!("{name} (hex)"), hex::encode(n).into_bytes()))
+        .collect();
+    needles.extend(hex_needles);
+    let seen = seen.lock().unwrap();
+    // The tap works: it holds the canary record's locator, which is what
+    // the relay may see of it.
+    let index = persist_core::keys::IndexKey::new(keys.index_key.duplicate());
+    let locator = index.locator(&keys.store_id, canary_path);
+    assert!(
+        seen.windows(32).any(|w| w == locator.0),
+        "the relay received the canary record, under its locator"
+    );
+    for (name, needle) in &needles {
+        assert!(
+            !seen.windows(needle.len()).any(|w| w == needle.as_slice()),
+            "the relay received the {name}"
+        );
+    }
+}
