@@ -212,6 +212,15 @@ impl DangerousConfig {
         self
     }
 
+    /// Syncs through `dial` instead of QUIC: no TLS, no certificate
+    /// check; whatever `dial` connects to is trusted as the remote named
+    /// `name`. For simulations and tests, which run the relay's sessions
+    /// over in-memory streams.
+    pub fn sync_via(mut self, name: &str, dial: std::sync::Arc<dyn crate::sync::Dial>) -> Self {
+        self.0.sync = Some(SyncConfig::new(crate::sync::Remote::dialed(name, dial)));
+        self
+    }
+
     /// Back to the ordinary options.
     pub fn done(self) -> Config {
         self.0

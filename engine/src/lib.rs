@@ -75,4 +75,7 @@ pub use store::{
     Batch, Change, DB_FILE, EpochStatus, Lagged, RotationStatus, Status, Store, StoreInfo,
     WATCH_BUFFER_MAX, WRITES_IN_FLIGHT_MAX,
 };
-pub use sync::{DEFAULT_PORT, Remote, RemoteError, Strategy, SyncConfig, SyncReport, SyncStatus};
+pub use sync::{
+    Conversation, DEFAULT_PORT, Dial, DialFuture, Remote, RemoteError, Strategy, SyncConfig,
+    SyncReport, SyncStatus,
+};

@@ -9,12 +9,15 @@
 //! SHA-256 pin of its certificate (printed by `persist-relay` when it
 //! starts) or, for an operator's CA-signed certificate, by that CA.
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use persist_actors::peer_session::{ConnectFuture, Connector, Link, SyncReport as Report};
-use persist_transport::{CertPin, Trust};
+use persist_transport::{CertPin, FrameReceiver, FrameSender, Trust};
 use serde::Serialize;
+use tokio::io::{AsyncRead, AsyncWrite};
 use zeroize::Zeroizing;
 
 /// The default port of a relay node.
@@ -54,11 +57,39 @@ pub enum Strategy {
 #[derive(Clone)]
 pub struct Remote {
     url: String,
-    host: String,
-    port: u16,
-    trust: Arc<Trust>,
-    server_name: String,
+    target: Target,
     admission: Option<Arc<Zeroizing<String>>>,
+}
+
+#[derive(Clone)]
+enum Target {
+    Quic {
+        host: String,
+        port: u16,
+        trust: Arc<Trust>,
+        server_name: String,
+    },
+    Dial(Arc<dyn Dial>),
+}
+
+/// The two byte streams of one conversation with a remote.
+pub struct Conversation {
+    /// Bytes from the remote.
+    pub read: Box<dyn AsyncRead + Send + Unpin>,
+    /// Bytes to the remote.
+    pub write: Box<dyn AsyncWrite + Send + Unpin>,
+}
+
+/// The future [`Dial::dial`] returns.
+pub type DialFuture<'a> = Pin<Box<dyn Future<Output = Result<Conversation, String>> + Send + 'a>>;
+
+/// Reaches a remote without QUIC and TLS, for simulations and tests: the
+/// other end runs `persist_relay::serve` on the matching streams. Given to
+/// a store only through
+/// [`DangerousConfig::sync_via`](crate::DangerousConfig::sync_via).
+pub trait Dial: Send + Sync + 'static {
+    /// Opens a conversation, or says why not.
+    fn dial(&self) -> DialFuture<'_>;
 }
 
 impl std::fmt::Debug for Remote {
@@ -111,10 +142,12 @@ impl Remote {
         let (host, port) = parse_url(url)?;
         Ok(Remote {
             url: format!("quic://{host}:{port}"),
-            host,
-            port,
-            trust: Arc::new(Trust::Pin(pin)),
-            server_name: persist_transport::tls::DEFAULT_SERVER_NAME.to_owned(),
+            target: Target::Quic {
+                host,
+                port,
+                trust: Arc::new(Trust::Pin(pin)),
+                server_name: persist_transport::tls::DEFAULT_SERVER_NAME.to_owned(),
+            },
             admission: None,
         })
     }
@@ -128,12 +161,24 @@ impl Remote {
         let (host, port) = parse_url(url)?;
         Ok(Remote {
             url: format!("quic://{host}:{port}"),
-            server_name: host.clone(),
-            host,
-            port,
-            trust: Arc::new(trust),
+            target: Target::Quic {
+                server_name: host.clone(),
+                host,
+                port,
+                trust: Arc::new(trust),
+            },
             admission: None,
         })
+    }
+
+    /// A remote reached through `dial`, named `name` (cursors are kept per
+    /// name). No TLS: see [`Dial`].
+    pub(crate) fn dialed(name: &str, dial: Arc<dyn Dial>) -> Remote {
+        Remote {
+            url: name.to_owned(),
+            target: Target::Dial(dial),
+            admission: None,
+        }
     }
 
     /// The operator's admission secret, for a relay that requires one to
@@ -153,7 +198,7 @@ impl Remote {
     }
 
     pub(crate) fn connector(&self) -> Arc<dyn Connector> {
-        Arc::new(QuicConnector {
+        Arc::new(RemoteConnector {
             remote: self.clone(),
         })
     }
@@ -205,40 +250,63 @@ fn parse_url(url: &str) -> Result<(String, u16), RemoteError> {
     Ok((host, port))
 }
 
-/// Reaches a remote over QUIC.
-struct QuicConnector {
+/// Reaches a remote over QUIC, or through its [`Dial`].
+struct RemoteConnector {
     remote: Remote,
 }
 
-impl Connector for QuicConnector {
+impl Connector for RemoteConnector {
     fn connect(&self) -> ConnectFuture<'_> {
         Box::pin(async move {
-            let r = &self.remote;
-            let target = if r.host.contains(':') {
-                format!("[{}]:{}", r.host, r.port)
-            } else {
-                format!("{}:{}", r.host, r.port)
-            };
-            let addr = tokio::net::lookup_host(&target)
-                .await
-                .map_err(|e| format!("cannot resolve {}: {e}", r.host))?
-                .next()
-                .ok_or_else(|| format!("{} resolves to no address", r.host))?;
-            let conn = persist_transport::connect(addr, &r.server_name, &r.trust)
-                .await
-                .map_err(|e| e.to_string())?;
-            let (send, recv) = conn.open_stream().await.map_err(|e| e.to_string())?;
-            Ok(Link {
-                send,
-                recv,
-                guard: Box::new(conn),
-            })
+            match &self.remote.target {
+                Target::Quic {
+                    host,
+                    port,
+                    trust,
+                    server_name,
+                } => connect_quic(host, *port, trust, server_name).await,
+                Target::Dial(dial) => {
+                    let Conversation { read, write } = dial.dial().await?;
+                    Ok(Link {
+                        send: FrameSender::new(write).boxed(),
+                        recv: FrameReceiver::new(read).boxed(),
+                        guard: Box::new(()),
+                    })
+                }
+            }
         })
     }
 
     fn remote(&self) -> String {
         self.remote.url.clone()
     }
+}
+
+async fn connect_quic(
+    host: &str,
+    port: u16,
+    trust: &Trust,
+    server_name: &str,
+) -> Result<Link, String> {
+    let target = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    let addr = tokio::net::lookup_host(&target)
+        .await
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{host} resolves to no address"))?;
+    let conn = persist_transport::connect(addr, server_name, trust)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (send, recv) = conn.open_stream().await.map_err(|e| e.to_string())?;
+    Ok(Link {
+        send,
+        recv,
+        guard: Box::new(conn),
+    })
 }
 
 /// Where sync stands, as [`Store::sync_status`](crate::Store::sync_status)

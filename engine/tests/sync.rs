@@ -569,3 +569,151 @@ async fn everything_the_relay_receives_is_ciphertext() {
         );
     }
 }
+
+/// Copies every byte that passes through a stream into a shared buffer.
+struct Tap<S> {
+    inner: S,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Tap<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        let fresh = buf.filled()[before..].to_vec();
+        self.seen.lock().unwrap().extend_from_slice(&fresh);
+        poll
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Tap<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let poll = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &poll {
+            self.seen.lock().unwrap().extend_from_slice(&buf[..*n]);
+        }
+        poll
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Reaches an in-process relay session over an in-memory pipe, tapping
+/// every frame both ways.
+struct MemoryDial {
+    relay: std::sync::Arc<persist_storage::relay::MemoryRelay>,
+    frames: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl persist::Dial for MemoryDial {
+    fn dial(&self) -> persist::DialFuture<'_> {
+        Box::pin(async move {
+            let (client, server) = tokio::io::duplex(64 * 1024);
+            let (server_read, server_write) = tokio::io::split(server);
+            let relay = self.relay.clone();
+            tokio::spawn(async move {
+                let ctx = persist_relay::SessionContext::new(persist_relay::Admission::Open);
+                let tx = persist_transport::FrameSender::new(
+                    Box::new(server_write) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>
+                );
+                let rx = persist_transport::FrameReceiver::new(
+                    Box::new(server_read) as Box<dyn tokio::io::AsyncRead + Send + Unpin>
+                );
+                persist_relay::serve(&*relay, &ctx, tx, rx).await;
+            });
+            let (read, write) = tokio::io::split(client);
+            Ok(persist::Conversation {
+                read: Box::new(Tap {
+                    inner: read,
+                    seen: self.frames.clone(),
+                }),
+                write: Box::new(Tap {
+                    inner: write,
+                    seen: self.frames.clone(),
+                }),
+            })
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_frame_carries_a_path_a_value_or_a_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = std::sync::Arc::new(persist_storage::relay::MemoryRelay::new());
+    let frames = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let dial = || -> std::sync::Arc<dyn persist::Dial> {
+        std::sync::Arc::new(MemoryDial {
+            relay: relay.clone(),
+            frames: frames.clone(),
+        })
+    };
+    let with_dial = |config: Config| config.dangerous().sync_via("memory", dial()).done();
+    let a = Store::open(with_dial(device(tmp.path(), "a")))
+        .await
+        .unwrap();
+    let export = a.crypto().export_key_with("pw").await.unwrap();
+    let b = Store::open(with_dial(device(tmp.path(), "b").key(&export.export, "pw")))
+        .await
+        .unwrap();
+    let canary_path = "canary/frame-path-7c41d2";
+    let canary_value = "canary-frame-value-e09b3f";
+    a.put(canary_path, canary_value).await.unwrap();
+    a.sync_now().await.unwrap();
+    b.sync_now().await.unwrap();
+    assert_eq!(
+        b.get::<String>(canary_path).await.unwrap().as_deref(),
+        Some(canary_value)
+    );
+    let raw = a.crypto().dangerous().export_raw().await.unwrap();
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+
+    let keys = persist_core::export::ExportedKeys::unwrap(&raw, "").unwrap();
+    let index = persist_core::keys::IndexKey::new(keys.index_key.duplicate());
+    let frames = frames.lock().unwrap();
+    assert!(
+        frames
+            .windows(32)
+            .any(|w| w == index.locator(&keys.store_id, canary_path).0),
+        "the tap saw the canary record's frames"
+    );
+    let mut needles: Vec<Vec<u8>> = vec![
+        canary_path.into(),
+        canary_value.into(),
+        keys.index_key.expose().to_vec(),
+        keys.relay_token.expose().to_vec(),
+    ];
+    needles.extend(
+        keys.epochs
+            .iter()
+            .map(|(_, e)| e.key.as_ref().unwrap().expose().to_vec()),
+    );
+    for needle in needles {
+        for form in [needle.clone(), hex::encode(&needle).into_bytes()] {
+            assert!(
+                !frames.windows(form.len()).any(|w| w == form.as_slice()),
+                "a frame carried a plaintext or key string"
+            );
+        }
+    }
+}
