@@ -7,17 +7,19 @@
 //! one behind its back; `init` refuses to run where a store already is,
 //! except with `--import`, where a copied database is what it re-keys.
 //! Commands that only read (`get`, `ls`, `status`, `key export`) open the
-//! store read-only.
+//! store read-only; `status` opens it read-write, with sync, when a remote
+//! is configured (see [`crate::sync`] for which commands sync, and why).
 
 use std::fmt::Write as _;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use persist::{Config, DB_FILE, OpenError, Status, Store};
+use persist::{Config, DB_FILE, OpenError, Remote, Status, Store, SyncConfig, SyncStatus};
 
 use crate::failure::CliError;
-use crate::{json, keys};
+use crate::remote::{self, AdmissionSecret, RemoteSpec};
+use crate::{json, keys, sync};
 
 /// The store a command works on, and where its device key is.
 #[derive(Debug)]
@@ -59,6 +61,17 @@ impl Target {
         std::fs::metadata(self.db_file()).is_ok_and(|m| m.is_file() && m.len() > 0)
     }
 
+    /// Fails with "no store" unless the directory holds a database.
+    pub(crate) fn require_store(&self) -> Result<(), CliError> {
+        if self.has_db() {
+            Ok(())
+        } else {
+            Err(CliError::NoStore {
+                dir: self.dir.clone(),
+            })
+        }
+    }
+
     fn check_is_dir(&self) -> Result<(), CliError> {
         if self.dir.exists() && !self.dir.is_dir() {
             return Err(CliError::NotADirectory {
@@ -69,15 +82,67 @@ impl Target {
     }
 }
 
-/// `persist init`: creates the store and prints its ids and key location.
-pub(crate) async fn init(target: Target, name: &str) -> anyhow::Result<String> {
+/// The remote `init --relay` configures, as given.
+#[derive(Debug)]
+pub(crate) struct InitRemote {
+    /// The relay (or serving device) and how to trust it.
+    pub(crate) spec: RemoteSpec,
+    /// The operator's admission secret: with it, `init` syncs once, which
+    /// creates the store on a relay that admits new stores only with it.
+    pub(crate) admission_file: Option<PathBuf>,
+}
+
+/// An `InitRemote` checked before the store is touched: a bad URL, pin,
+/// CA or secret file leaves nothing behind.
+struct InitSync {
+    spec: RemoteSpec,
+    /// Set when `init` syncs once before returning.
+    first_sync: Option<Remote>,
+}
+
+impl InitSync {
+    fn check(remote: Option<InitRemote>) -> anyhow::Result<Option<InitSync>> {
+        let Some(InitRemote {
+            spec,
+            admission_file,
+        }) = remote
+        else {
+            return Ok(None);
+        };
+        spec.remote(None)?;
+        let first_sync = match admission_file {
+            Some(file) => Some(spec.remote(Some(&AdmissionSecret::read(&file)?))?),
+            None => None,
+        };
+        Ok(Some(InitSync { spec, first_sync }))
+    }
+
+    /// Opens the store with sync when `init` syncs once.
+    fn config(sync: Option<&InitSync>, config: Config) -> Config {
+        match sync.and_then(|s| s.first_sync.clone()) {
+            Some(remote) => config.sync(SyncConfig::new(remote)),
+            None => config,
+        }
+    }
+}
+
+/// `persist init [--relay URL (--pin P | --ca F) [--admission-secret-file
+/// F]]`: creates the store, keeps its remote, and prints its ids and key
+/// location.
+pub(crate) async fn init(
+    target: Target,
+    name: &str,
+    remote: Option<InitRemote>,
+) -> anyhow::Result<String> {
     target.check_is_dir()?;
     let db_file = target.db_file();
     if db_file.exists() {
         return Err(CliError::StoreExists { dir: target.dir }.into());
     }
+    let sync = InitSync::check(remote)?;
     let dir_existed = target.dir.exists();
-    let store = match Store::open(target.config().name(name)).await {
+    let config = InitSync::config(sync.as_ref(), target.config().name(name));
+    let store = match Store::open(config).await {
         Ok(store) => store,
         Err(error) => {
             remove_failed_init(&target.dir, &db_file, dir_existed);
@@ -85,12 +150,45 @@ pub(crate) async fn init(target: Target, name: &str) -> anyhow::Result<String> {
         }
     };
     let info = store.info().clone();
-    close(store).await?;
     let mut out = String::new();
     // Writing to a String cannot fail.
     let _ = writeln!(out, "created store at {}", info.path.display());
     ids_text(&mut out, &info);
+    let result = keep_remote(&target, &store, sync, &mut out).await;
+    finish(store, result).await?;
     Ok(out)
+}
+
+/// Saves the remote of `init --relay`, and runs the first sync if asked
+/// to; adds what it did to `out`.
+async fn keep_remote(
+    target: &Target,
+    store: &Store,
+    sync: Option<InitSync>,
+    out: &mut String,
+) -> anyhow::Result<()> {
+    let Some(InitSync { spec, first_sync }) = sync else {
+        return Ok(());
+    };
+    remote::save(&target.dir, &spec)?;
+    let _ = writeln!(out, "remote:     {}", spec.describe());
+    if first_sync.is_none() {
+        return Ok(());
+    }
+    let report = store.sync_now().await.with_context(|| {
+        format!(
+            "the store was created and its remote saved, but the first sync failed: \
+             run `persist sync --store {} --admission-secret-file F` once the remote \
+             can be reached",
+            target.dir.display()
+        )
+    })?;
+    let _ = writeln!(
+        out,
+        "first sync: pushed {}, pulled {}, held {}, refused {}",
+        report.pushed, report.pulled, report.held, report.refused
+    );
+    Ok(())
 }
 
 /// `persist init --import FILE [--passphrase-file F]`: opens the store with
@@ -102,9 +200,11 @@ pub(crate) async fn init_import(
     name: &str,
     export_file: &Path,
     passphrase_file: Option<&Path>,
+    remote: Option<InitRemote>,
 ) -> anyhow::Result<String> {
     target.check_is_dir()?;
     // Everything the user gives is read before the store is touched.
+    let sync = InitSync::check(remote)?;
     let export = keys::read_export_file(export_file)?;
     let passphrase = match passphrase_file {
         Some(file) => keys::read_passphrase_file(file)?,
@@ -113,6 +213,7 @@ pub(crate) async fn init_import(
     let had_store = target.has_db();
     let dir_existed = target.dir.exists();
     let config = target.config().name(name).key(&export, &passphrase);
+    let config = InitSync::config(sync.as_ref(), config);
     drop(passphrase);
     let store = match Store::open(config).await {
         Ok(store) => store,
@@ -126,7 +227,11 @@ pub(crate) async fn init_import(
         }
     };
     let info = store.info().clone();
-    let result = store.status().await;
+    let mut remote_lines = String::new();
+    let result = match keep_remote(&target, &store, sync, &mut remote_lines).await {
+        Ok(()) => store.status().await.map_err(anyhow::Error::from),
+        Err(error) => Err(error),
+    };
     let status = finish(store, result).await?;
     let mut out = String::new();
     if had_store {
@@ -144,10 +249,16 @@ pub(crate) async fn init_import(
         );
     }
     ids_text(&mut out, &info);
+    out.push_str(&remote_lines);
     if status.records == 0 {
+        let how = if remote_lines.is_empty() {
+            "set a remote with `persist remote set`, then run `persist sync`"
+        } else {
+            "run `persist sync`"
+        };
         let _ = writeln!(
             out,
-            "records:    0 (none on this device yet: records arrive by sync, which Persist does not do yet)"
+            "records:    0 (none on this device yet: records arrive by sync; {how})"
         );
     } else {
         let _ = writeln!(out, "records:    {}", status.records);
@@ -241,18 +352,38 @@ pub(crate) async fn ls(target: Target, prefix: &str) -> anyhow::Result<String> {
 }
 
 /// `persist status [--json]`.
+///
+/// With a remote configured, the store is opened with sync (read-write:
+/// a read-only store does not sync), and the session is given a moment to
+/// connect, so that the `sync` section says where it really stands. The
+/// JSON then holds the engine's `SyncStatus` under `"sync"`.
 pub(crate) async fn status(target: Target, as_json: bool) -> anyhow::Result<String> {
-    let store = open_existing(&target, Access::Read).await?;
-    let result = store.status().await;
-    let status = finish(store, result).await?;
+    target.require_store()?;
+    let (status, sync) = match remote::load(&target.dir)? {
+        None => {
+            let store = open_existing(&target, Access::Read).await?;
+            let result = store.status().await;
+            (finish(store, result).await?, None)
+        }
+        Some(spec) => {
+            let store = open_syncing(&target, spec.remote(None)?).await?;
+            let sync = sync::settled_status(&store).await;
+            let result = store.status().await;
+            (finish(store, result).await?, sync)
+        }
+    };
     if as_json {
-        let text = serde_json::to_string(&status).context("cannot print the status as JSON")?;
-        return Ok(format!("{text}\n"));
+        let mut value = serde_json::to_value(&status).context("cannot print the status as JSON")?;
+        if let (Some(sync), Some(object)) = (&sync, value.as_object_mut()) {
+            let sync = serde_json::to_value(sync).context("cannot print the status as JSON")?;
+            object.insert(String::from("sync"), sync);
+        }
+        return Ok(format!("{value}\n"));
     }
-    Ok(status_text(&status))
+    Ok(status_text(&status, sync.as_ref()))
 }
 
-fn status_text(status: &Status) -> String {
+fn status_text(status: &Status, sync: Option<&SyncStatus>) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "store id:   {}", status.store_id);
     let _ = writeln!(out, "device id:  {} ({})", status.device_id, status.name);
@@ -306,6 +437,9 @@ fn status_text(status: &Status) -> String {
             );
         }
     }
+    if let Some(sync) = sync {
+        sync::status_text(&mut out, sync);
+    }
     out
 }
 
@@ -326,17 +460,33 @@ fn read_stdin() -> anyhow::Result<String> {
 
 /// Opens a store that must already exist.
 pub(crate) async fn open_existing(target: &Target, access: Access) -> anyhow::Result<Store> {
+    let config = target.config().create_if_missing(false);
+    let config = match access {
+        Access::Read => config.read_only(),
+        Access::Write => config,
+    };
+    open_checked(target, config).await
+}
+
+/// Opens a store that must already exist, read-write, syncing with
+/// `remote` in the background until it is closed. The open itself does
+/// not wait for the remote: a remote that is down shows in
+/// `sync_status` and fails `sync_now`, not the open.
+pub(crate) async fn open_syncing(target: &Target, remote: Remote) -> anyhow::Result<Store> {
+    let config = target
+        .config()
+        .create_if_missing(false)
+        .sync(SyncConfig::new(remote));
+    open_checked(target, config).await
+}
+
+async fn open_checked(target: &Target, config: Config) -> anyhow::Result<Store> {
     let no_store = || CliError::NoStore {
         dir: target.dir.clone(),
     };
     if !target.has_db() {
         return Err(no_store().into());
     }
-    let config = target.config().create_if_missing(false);
-    let config = match access {
-        Access::Read => config.read_only(),
-        Access::Write => config,
-    };
     match Store::open(config).await {
         Ok(store) => Ok(store),
         // A database file without a store in it.

@@ -7,7 +7,9 @@
 
 use std::path::PathBuf;
 
-use persist::{KekError, KeyError, OpenError, PathError, ReadError, WriteError};
+use persist::{
+    KekError, KeyError, OpenError, PathError, ReadError, RemoteError, SyncError, WriteError,
+};
 
 /// The process exit codes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,6 +23,8 @@ pub(crate) enum Exit {
     Usage = 2,
     /// Nothing at the path asked for.
     NotFound = 3,
+    /// The remote could not be reached, or refused this store or device.
+    Remote = 4,
 }
 
 /// Failures found by the CLI itself.
@@ -132,6 +136,60 @@ pub(crate) enum CliError {
         /// The cause.
         source: std::io::Error,
     },
+    /// A command that syncs found no remote configured for the store.
+    #[error(
+        "no remote for the store at {dir}: use `persist remote set quic://HOST:PORT --pin sha256:…` \
+         (or --ca FILE)",
+        dir = .dir.display()
+    )]
+    NoRemote {
+        /// The store directory.
+        dir: PathBuf,
+    },
+    /// The sync session could not connect: the engine's own message
+    /// ("cannot reach …", "… refused the connection …").
+    #[error("{message}")]
+    SyncFailed {
+        /// What the session reported.
+        message: String,
+    },
+    /// Neither or both of --pin and --ca were given.
+    #[error(
+        "give the remote's certificate pin (--pin sha256:…) or its CA (--ca FILE), one of them"
+    )]
+    RemoteTrust,
+    /// The store's `remote.json` cannot be read as a remote.
+    #[error(
+        "{} is damaged ({detail}): set the remote again with `persist remote set`, \
+         or remove it with `persist remote clear`",
+        .path.display()
+    )]
+    BadRemoteFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// The store's `remote.json` could not be written or removed.
+    #[error("cannot update {}", .path.display())]
+    WriteRemote {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The admission secret file is not text.
+    #[error("the admission secret file {} is not UTF-8 text", .path.display())]
+    SecretNotText {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The admission secret file's first line is empty.
+    #[error("the admission secret file {} is empty: put the secret on its first line", .path.display())]
+    EmptySecret {
+        /// The file.
+        path: PathBuf,
+    },
     /// `key rotate --wait` ended with records it could not re-encrypt.
     #[error(
         "rotated to epoch {epoch}, but {remaining} records could not be re-encrypted \
@@ -190,6 +248,7 @@ fn classify(error: &(dyn std::error::Error + 'static)) -> Option<Exit> {
     if let Some(e) = error.downcast_ref::<CliError>() {
         return Some(match e {
             CliError::NotFound { .. } => Exit::NotFound,
+            CliError::SyncFailed { .. } => Exit::Remote,
             CliError::NoStore { .. }
             | CliError::StoreExists { .. }
             | CliError::NotADirectory { .. }
@@ -200,10 +259,16 @@ fn classify(error: &(dyn std::error::Error + 'static)) -> Option<Exit> {
             | CliError::InputFileTooLarge { .. }
             | CliError::PassphraseNotText { .. }
             | CliError::PassphraseTooLong { .. }
-            | CliError::EmptyPassphrase { .. } => Exit::Usage,
+            | CliError::EmptyPassphrase { .. }
+            | CliError::NoRemote { .. }
+            | CliError::RemoteTrust
+            | CliError::BadRemoteFile { .. }
+            | CliError::SecretNotText { .. }
+            | CliError::EmptySecret { .. } => Exit::Usage,
             CliError::WriteOutput { .. }
             | CliError::WriteStdout { .. }
             | CliError::ShowPassphrase { .. }
+            | CliError::WriteRemote { .. }
             | CliError::RotationIncomplete { .. }
             | CliError::RetiredKeysInUse { .. } => Exit::Unexpected,
         });
@@ -214,6 +279,7 @@ fn classify(error: &(dyn std::error::Error + 'static)) -> Option<Exit> {
             persist::Error::Write(e) => write_exit(e),
             persist::Error::Read(e) => read_exit(e),
             persist::Error::Key(e) => key_op_exit(e),
+            persist::Error::Sync(e) => sync_exit(e),
             _ => Exit::Unexpected,
         });
     }
@@ -232,10 +298,24 @@ fn classify(error: &(dyn std::error::Error + 'static)) -> Option<Exit> {
     if let Some(e) = error.downcast_ref::<KekError>() {
         return Some(key_exit(e));
     }
-    if error.downcast_ref::<PathError>().is_some() {
+    if let Some(e) = error.downcast_ref::<SyncError>() {
+        return Some(sync_exit(e));
+    }
+    if error.downcast_ref::<PathError>().is_some() || error.downcast_ref::<RemoteError>().is_some()
+    {
         return Some(Exit::Usage);
     }
     None
+}
+
+/// A remote that cannot be reached or says no is its own code, so that a
+/// script can retry later; a store opened without a remote is bad usage.
+fn sync_exit(error: &SyncError) -> Exit {
+    match error {
+        SyncError::Unreachable { .. } | SyncError::Refused { .. } => Exit::Remote,
+        SyncError::NotConfigured => Exit::Usage,
+        _ => Exit::Unexpected,
+    }
 }
 
 fn open_exit(error: &OpenError) -> Exit {
@@ -246,7 +326,8 @@ fn open_exit(error: &OpenError) -> Exit {
         | OpenError::Import(_)
         | OpenError::ImportForOtherStore { .. }
         | OpenError::ReadOnly(_)
-        | OpenError::NoStore { .. } => Exit::Usage,
+        | OpenError::NoStore { .. }
+        | OpenError::SyncNeedsEncryption => Exit::Usage,
         OpenError::Key(e) => key_exit(e),
         _ => Exit::Unexpected,
     }

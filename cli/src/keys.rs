@@ -351,7 +351,7 @@ fn strip_newline(text: &str) -> &str {
 }
 
 /// The bytes of `path`, refused past `max`.
-fn read_capped(path: &Path, max: u64, what: &'static str) -> anyhow::Result<Vec<u8>> {
+pub(crate) fn read_capped(path: &Path, max: u64, what: &'static str) -> anyhow::Result<Vec<u8>> {
     let read_error = |source| CliError::ReadInput {
         what,
         from: path.display().to_string(),

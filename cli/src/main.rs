@@ -18,7 +18,16 @@
 //! persist init --store ./t --key-file t.key --import s.key   # asks for it
 //! persist key rotate --store ./s --wait      # new data key, re-encrypt all
 //! persist key purge-retired --store ./s      # delete keys no record uses
+//!
+//! persist init --store ./s --relay quic://relay:7443 --pin sha256:…
+//! persist remote set --store ./s quic://relay:7443 --pin sha256:…
+//! persist sync --store ./s                   # pushed 2, pulled 0, held 0, refused 0
+//! persist sync --store ./s --watch           # then PATH<TAB>JSON per remote change
 //! ```
+//!
+//! Only `sync`, `status` (when a remote is set) and `serve` connect to the
+//! remote; the other commands stay local, and their writes are pushed by
+//! the next `persist sync` (see [`sync`] for why).
 //!
 //! Output is made for scripts: values are compact JSON, one per line, on
 //! stdout; errors (`error: ...` and their causes) and logs (`warn` and
@@ -30,8 +39,9 @@
 //! |---|---|
 //! | 0 | success |
 //! | 1 | unexpected error (storage, damaged store, keychain...) |
-//! | 2 | usage or bad input: bad arguments or JSON, invalid path, no store (or one already there for `init`), wrong or unusable device key, wrong passphrase or damaged key export, an output file that exists |
+//! | 2 | usage or bad input: bad arguments or JSON, invalid path, no store (or one already there for `init`), wrong or unusable device key, wrong passphrase or damaged key export, an output file that exists, a bad remote URL, pin or CA file, no remote set (`sync`) |
 //! | 3 | `get` / `rm`: nothing at that path |
+//! | 4 | `sync` (and `init` with an admission secret): the remote could not be reached or refused |
 //!
 //! # Layout
 //!
@@ -39,13 +49,17 @@
 //! the runtime, printing and the exit code. [`commands`] runs one command
 //! against a store and returns what to print; [`keys`] holds the key
 //! commands (`key export`, `key rotate`, `key purge-retired`) and reads
-//! passphrases; [`failure`] turns an error into its message and exit code;
-//! [`json`] shows stored values as JSON.
+//! passphrases; [`remote`] keeps the store's remote (`remote.json`, the
+//! `remote` commands); [`sync`] holds the commands that talk to it;
+//! [`failure`] turns an error into its message and exit code; [`json`]
+//! shows stored values as JSON.
 
 mod commands;
 mod failure;
 mod json;
 mod keys;
+mod remote;
+mod sync;
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -54,8 +68,9 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use crate::commands::Target;
+use crate::commands::{InitRemote, Target};
 use crate::failure::Exit;
+use crate::remote::RemoteSpec;
 
 /// Drive a Persist store (end-to-end-encrypted, local-first) from a shell.
 #[derive(Debug, Parser)]
@@ -75,9 +90,14 @@ enum Command {
     /// directory this device joins the store (its records arrive by sync);
     /// on a directory holding a copy of the store's persist.redb, the copy
     /// is re-keyed for this device.
+    ///
+    /// With --relay, the store syncs with that relay (or serving device):
+    /// it is kept in the store directory, and `persist sync` uses it.
     Init {
         #[command(flatten)]
         target: TargetArgs,
+        #[command(flatten)]
+        remote: InitRemoteArgs,
         /// This device's name, shown to other members.
         #[arg(long, value_name = "N", default_value = "device")]
         name: String,
@@ -135,6 +155,101 @@ enum Command {
         #[command(subcommand)]
         command: KeyCommand,
     },
+    /// Set, show or clear the relay (or serving device) the store syncs with.
+    Remote {
+        #[command(subcommand)]
+        command: RemoteCommand,
+    },
+    /// Push this device's changes to the remote and pull the others',
+    /// once; prints `pushed N, pulled M, held H, refused R`.
+    ///
+    /// Exits 4 if the remote cannot be reached or refuses; nothing is lost
+    /// then, and the next sync resumes where this one stopped.
+    Sync {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Then keep syncing, printing each change from the remote as
+        /// `PATH<TAB>JSON` (or `PATH<TAB>(deleted)`), until Ctrl-C.
+        #[arg(long)]
+        watch: bool,
+        /// The relay operator's admission secret (the file's first line),
+        /// which a relay may ask for when a store first syncs to it. It is
+        /// never stored.
+        #[arg(long, value_name = "F")]
+        admission_secret_file: Option<PathBuf>,
+        /// Print the summary (and, with --watch, each change) as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RemoteCommand {
+    /// Sync with the relay (or serving device) at URL from now on.
+    Set {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// quic://HOST:PORT
+        #[arg(value_name = "URL")]
+        url: String,
+        /// The SHA-256 pin of its certificate, as `persist-relay` prints it
+        /// when it starts: sha256:<64 hex digits>.
+        #[arg(
+            long,
+            value_name = "PIN",
+            required_unless_present = "ca",
+            conflicts_with = "ca"
+        )]
+        pin: Option<String>,
+        /// Trust its certificate if a CA in this PEM file signed it (for a
+        /// relay with an operator's certificate), instead of a pin.
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
+    },
+    /// Print the remote: its URL, and its pin or CA file.
+    Show {
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Stop syncing: forget the remote (records stay, here and there).
+    Clear {
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+}
+
+/// The remote of `persist init`.
+#[derive(Debug, Args)]
+struct InitRemoteArgs {
+    /// Sync with the relay (or serving device) at this URL,
+    /// quic://HOST:PORT; kept in the store directory (remote.json).
+    #[arg(long, value_name = "URL", requires = "trust")]
+    relay: Option<String>,
+    /// The SHA-256 pin of the relay's certificate, as `persist-relay`
+    /// prints it when it starts: sha256:<64 hex digits>.
+    #[arg(long, value_name = "PIN", group = "trust", requires = "relay")]
+    pin: Option<String>,
+    /// Trust the relay's certificate if a CA in this PEM file signed it,
+    /// instead of a pin.
+    #[arg(long, value_name = "FILE", group = "trust", requires = "relay")]
+    ca: Option<PathBuf>,
+    /// The relay operator's admission secret (the file's first line): with
+    /// it, init syncs once, which creates the store on the relay. It is
+    /// never stored.
+    #[arg(long, value_name = "F", requires = "relay")]
+    admission_secret_file: Option<PathBuf>,
+}
+
+impl InitRemoteArgs {
+    fn into_remote(self) -> anyhow::Result<Option<InitRemote>> {
+        let Some(url) = self.relay else {
+            return Ok(None);
+        };
+        Ok(Some(InitRemote {
+            spec: RemoteSpec::from_args(url, self.pin, self.ca)?,
+            admission_file: self.admission_secret_file,
+        }))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -217,12 +332,14 @@ async fn run(command: Command) -> anyhow::Result<String> {
     match command {
         Command::Init {
             target,
+            remote,
             name,
             import: None,
             passphrase_file: _,
-        } => commands::init(target.into(), &name).await,
+        } => commands::init(target.into(), &name, remote.into_remote()?).await,
         Command::Init {
             target,
+            remote,
             name,
             import: Some(export_file),
             passphrase_file,
@@ -232,6 +349,7 @@ async fn run(command: Command) -> anyhow::Result<String> {
                 &name,
                 &export_file,
                 passphrase_file.as_deref(),
+                remote.into_remote()?,
             )
             .await
         }
@@ -249,6 +367,22 @@ async fn run(command: Command) -> anyhow::Result<String> {
             KeyCommand::Rotate { target, wait } => keys::rotate(target.into(), wait).await,
             KeyCommand::PurgeRetired { target } => keys::purge_retired(target.into()).await,
         },
+        Command::Remote { command } => match command {
+            RemoteCommand::Set {
+                target,
+                url,
+                pin,
+                ca,
+            } => remote::set(&target.into(), &RemoteSpec::from_args(url, pin, ca)?),
+            RemoteCommand::Show { target } => remote::show(&target.into()),
+            RemoteCommand::Clear { target } => remote::clear(&target.into()),
+        },
+        Command::Sync {
+            target,
+            watch,
+            admission_secret_file,
+            json,
+        } => sync::sync(target.into(), watch, admission_secret_file.as_deref(), json).await,
     }
 }
 

@@ -16,6 +16,7 @@ use tempfile::TempDir;
 pub(crate) const OK: i32 = 0;
 pub(crate) const USAGE: i32 = 2;
 pub(crate) const NOT_FOUND: i32 = 3;
+pub(crate) const REMOTE: i32 = 4;
 
 /// One user's sandbox: a temp dir holding the store and its keyfile.
 pub(crate) struct Sandbox {
@@ -140,6 +141,25 @@ impl Sandbox {
             stdout: String::from_utf8(out.stdout).unwrap(),
             stderr: String::from_utf8(out.stderr).unwrap(),
         }
+    }
+
+    /// `persist SUBCOMMAND --store S --key-file K ARGS...` started in the
+    /// background, with stdout and stderr piped, for the commands that run
+    /// until stopped (`sync --watch`, `serve`).
+    pub(crate) fn spawn(&self, subcommand: &str, args: &[&str]) -> std::process::Child {
+        use std::process::Stdio;
+
+        let mut cmd = self.bare();
+        cmd.args(subcommand.split(' '))
+            .arg("--store")
+            .arg(self.store())
+            .arg("--key-file")
+            .arg(self.key())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd.spawn().unwrap()
     }
 
     pub(crate) fn init(&self) -> Out {

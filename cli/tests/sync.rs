@@ -1,0 +1,389 @@
+//! Sync through the binary: `init --relay`, `remote`, `sync [--watch]`
+//! and the `sync` section of `status`, against a relay node run in this
+//! test process (the `persist-relay` library on its own runtime).
+
+// Helpers outside `#[test]` functions are test code too.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::BufRead as _;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Child;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use persist_relay::{Admission, AdmissionSecret, RelayConfig, RelayHandle};
+use persist_storage::relay::RedbRelay;
+use serde_json::json;
+use tempfile::TempDir;
+
+use common::{OK, Out, REMOTE, Sandbox, USAGE};
+
+/// How long a test waits for something that happens in the background.
+const SETTLE: Duration = Duration::from_secs(30);
+
+/// A relay node on 127.0.0.1, on its own runtime; shut down on drop.
+struct Relay {
+    runtime: tokio::runtime::Runtime,
+    handle: Option<RelayHandle>,
+    url: String,
+    pin: String,
+    _dir: TempDir,
+}
+
+impl Relay {
+    fn start() -> Relay {
+        Relay::start_with(Admission::Open)
+    }
+
+    fn start_with(admission: Admission) -> Relay {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        let mut config = RelayConfig::new(listen, dir.path());
+        config.admission = admission;
+        let backend = RedbRelay::open(&dir.path().join("relay.redb")).unwrap();
+        let handle = runtime
+            .block_on(persist_relay::start(config, backend))
+            .unwrap();
+        Relay {
+            url: format!("quic://{}", handle.addr()),
+            pin: handle.pin().to_string(),
+            handle: Some(handle),
+            runtime,
+            _dir: dir,
+        }
+    }
+
+    /// `--relay URL --pin PIN`.
+    fn args(&self) -> [&str; 4] {
+        ["--relay", &self.url, "--pin", &self.pin]
+    }
+
+    fn stop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            self.runtime.block_on(handle.shutdown());
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn write_file(sb: &Sandbox, name: &str, text: &str) -> PathBuf {
+    let path = sb.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Device A creates the store with `relay` as its remote; device B joins
+/// it from A's key export, with the same remote.
+fn pair(relay: &Relay) -> (Sandbox, Sandbox) {
+    let a = Sandbox::new();
+    let out = a.run("init", &relay.args()).expect(OK);
+    assert!(
+        out.stdout
+            .contains(&format!("remote:     {} (pin {})", relay.url, relay.pin)),
+        "{out:#?}"
+    );
+    let b = Sandbox::new();
+    let pass = write_file(&a, "pass", "correct horse\n");
+    let export = a.path().join("a.export");
+    let pass = pass.to_str().unwrap();
+    let export_arg = export.to_str().unwrap();
+    a.run(
+        "key export",
+        &["--out", export_arg, "--passphrase-file", pass],
+    )
+    .expect(OK);
+    let mut args = vec!["--import", export_arg, "--passphrase-file", pass];
+    args.extend(relay.args());
+    let out = b.run("init", &args).expect(OK);
+    assert!(out.stdout.contains("run `persist sync`"), "{out:#?}");
+    (a, b)
+}
+
+/// `pushed N, pulled M, held H, refused R` as numbers.
+fn summary(out: &Out) -> [u64; 4] {
+    let line = out.stdout.trim_end();
+    let numbers: Vec<u64> = line
+        .split(", ")
+        .map(|part| part.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        line.starts_with("pushed ") && line.contains(", pulled ") && numbers.len() == 4,
+        "{out:#?}"
+    );
+    numbers.try_into().unwrap()
+}
+
+#[test]
+fn two_devices_sync_through_a_relay() {
+    let relay = Relay::start();
+    let (a, b) = pair(&relay);
+
+    a.put("notes/1", r#"{"text":"from a"}"#);
+    let [pushed, ..] = summary(&a.run("sync", &[]).expect(OK));
+    assert!(pushed >= 1, "a pushed its note");
+    let [_, pulled, held, refused] = summary(&b.run("sync", &[]).expect(OK));
+    assert!(pulled >= 1, "b pulled a's note");
+    assert_eq!((held, refused), (0, 0));
+    let out = b.run("get", &["notes/1"]).expect(OK);
+    assert_eq!(out.json(), json!({"text": "from a"}));
+
+    b.put("notes/2", r#""from b""#);
+    b.run("rm", &["notes/1"]).expect(OK);
+    let out = b.run("sync", &["--json"]).expect(OK);
+    let report = out.json();
+    assert!(report["pushed"].as_u64().unwrap() >= 2, "{out:#?}");
+    a.run("sync", &[]).expect(OK);
+    assert_eq!(a.run("get", &["notes/2"]).expect(OK).stdout, "\"from b\"\n");
+    a.run("get", &["notes/1"]).expect(common::NOT_FOUND);
+    assert_eq!(a.run("ls", &[]).expect(OK).stdout, "notes/2\t\"from b\"\n");
+
+    let status = a.status();
+    let sync = &status["sync"];
+    assert_eq!(sync["remote"], json!(relay.url), "{status}");
+    assert_eq!(sync["connected"], json!(true), "{status}");
+    assert_eq!(sync["pending_up"], json!(0), "{status}");
+    assert_eq!(sync["last_error"], json!(null), "{status}");
+    let text = a.run("status", &[]).expect(OK).stdout;
+    assert!(
+        text.contains(&format!("remote:     {} (connected", relay.url)),
+        "{text}"
+    );
+}
+
+#[test]
+fn remote_set_show_and_clear() {
+    let relay = Relay::start();
+    let sb = Sandbox::new();
+    sb.init();
+    let out = sb.run("sync", &[]).expect(USAGE);
+    assert!(out.stderr.contains("no remote"), "{out:#?}");
+    assert!(out.stderr.contains("persist remote set"), "{out:#?}");
+    sb.run("remote show", &[]).expect(USAGE);
+    assert!(
+        sb.status().get("sync").is_none(),
+        "no remote, no sync section"
+    );
+
+    let out = sb
+        .run("remote set", &[&relay.url, "--pin", &relay.pin])
+        .expect(OK);
+    assert!(out.stdout.contains(&relay.url), "{out:#?}");
+    let show = sb.run("remote show", &[]).expect(OK).stdout;
+    assert_eq!(show, format!("url: {}\npin: {}\n", relay.url, relay.pin));
+    let file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sb.store().join("remote.json")).unwrap()).unwrap();
+    assert_eq!(file, json!({"url": relay.url, "pin": relay.pin}));
+
+    sb.put("k", "1");
+    let [pushed, ..] = summary(&sb.run("sync", &[]).expect(OK));
+    assert!(pushed >= 1);
+
+    sb.run("remote clear", &[]).expect(OK);
+    assert!(!sb.store().join("remote.json").exists());
+    sb.run("sync", &[]).expect(USAGE);
+    let out = sb.run("remote clear", &[]).expect(OK);
+    assert!(out.stdout.contains("no remote was set"), "{out:#?}");
+    sb.run("remote set", &[&relay.url]).expect(USAGE);
+    let out = sb
+        .run(
+            "remote set",
+            &[&relay.url, "--pin", &relay.pin, "--ca", "x.pem"],
+        )
+        .expect(USAGE);
+    assert!(out.stderr.contains("cannot be used with"), "{out:#?}");
+}
+
+#[test]
+fn bad_urls_pins_and_ca_files_exit_2_with_the_engine_message() {
+    let good_pin = format!("sha256:{}", "ab".repeat(32));
+    let sb = Sandbox::new();
+    for (url, pin, says) in [
+        (
+            "relay.example.com:7443",
+            good_pin.as_str(),
+            "quic://HOST:PORT",
+        ),
+        ("quic://relay:0", good_pin.as_str(), "port"),
+        (
+            "quic://relay:7443",
+            "sha256:abc",
+            "persist-relay prints its pin",
+        ),
+        ("quic://relay:7443", "md5:00", "not a certificate pin"),
+    ] {
+        let out = sb
+            .run("init", &["--relay", url, "--pin", pin])
+            .expect(USAGE);
+        assert!(out.stderr.contains(says), "{url} {pin}: {out:#?}");
+        assert!(!sb.store().exists(), "a refused init leaves no store");
+        assert!(!sb.key().exists(), "nor a key");
+    }
+    let out = sb
+        .run(
+            "init",
+            &["--relay", "quic://relay:7443", "--ca", "/nonexistent.pem"],
+        )
+        .expect(USAGE);
+    assert!(out.stderr.contains("nonexistent.pem"), "{out:#?}");
+    sb.run("init", &["--pin", &good_pin]).expect(USAGE);
+    sb.run("init", &["--relay", "quic://relay:7443"])
+        .expect(USAGE);
+    assert!(!sb.store().exists());
+
+    // A bad remote set keeps the remote that was there.
+    sb.run(
+        "init",
+        &["--relay", "quic://relay:7443", "--pin", &good_pin],
+    )
+    .expect(OK);
+    let before = std::fs::read(sb.store().join("remote.json")).unwrap();
+    let out = sb
+        .run("remote set", &["quic://other:1", "--pin", "sha256:zz"])
+        .expect(USAGE);
+    assert!(out.stderr.contains("not a certificate pin"), "{out:#?}");
+    assert_eq!(
+        std::fs::read(sb.store().join("remote.json")).unwrap(),
+        before
+    );
+
+    // A damaged remote.json says how to fix it.
+    std::fs::write(sb.store().join("remote.json"), "{").unwrap();
+    let out = sb.run("sync", &[]).expect(USAGE);
+    assert!(out.stderr.contains("remote.json is damaged"), "{out:#?}");
+}
+
+#[test]
+fn a_relay_that_is_down_fails_sync_with_4_and_never_blocks_local_writes() {
+    let mut relay = Relay::start();
+    let sb = Sandbox::new();
+    sb.run("init", &relay.args()).expect(OK);
+    relay.stop();
+
+    sb.put("offline/1", r#""written while the relay is down""#);
+    assert_eq!(
+        sb.run("get", &["offline/1"]).expect(OK).stdout,
+        "\"written while the relay is down\"\n"
+    );
+    let out = sb.run("sync", &[]).expect(REMOTE);
+    assert!(
+        out.stderr
+            .starts_with(&format!("error: cannot reach {}", relay.url)),
+        "{out:#?}"
+    );
+    // Status still works, and says the session is not connected.
+    let status = sb.status();
+    assert_eq!(status["sync"]["connected"], json!(false), "{status}");
+    assert_eq!(status["sync"]["remote"], json!(relay.url), "{status}");
+    assert_eq!(
+        sb.run("get", &["offline/1"]).expect(OK).stdout,
+        "\"written while the relay is down\"\n",
+        "the local write is intact"
+    );
+}
+
+#[test]
+fn an_admission_secret_creates_the_store_on_a_closed_relay_and_is_never_kept() {
+    let secret = "let me in";
+    let relay = Relay::start_with(Admission::Secret(AdmissionSecret::new(secret).unwrap()));
+
+    // Without the secret the relay refuses a store it does not know.
+    let refused = Sandbox::new();
+    refused.run("init", &relay.args()).expect(OK);
+    let out = refused.run("sync", &[]).expect(REMOTE);
+    assert!(out.stderr.contains("refused"), "{out:#?}");
+
+    let sb = Sandbox::new();
+    let file = write_file(&sb, "admission", &format!("{secret}\n"));
+    let mut args = relay.args().to_vec();
+    args.extend(["--admission-secret-file", file.to_str().unwrap()]);
+    let out = sb.run("init", &args).expect(OK);
+    assert!(out.stdout.contains("first sync: pushed"), "{out:#?}");
+    let kept = std::fs::read_to_string(sb.store().join("remote.json")).unwrap();
+    assert!(!kept.contains(secret), "{kept}");
+    // Known to the relay now: later syncs need no secret.
+    sb.put("k", "1");
+    sb.run("sync", &[]).expect(OK);
+
+    // The refused device can still join with the secret on its sync.
+    let file = file.to_str().unwrap();
+    refused
+        .run("sync", &["--admission-secret-file", file])
+        .expect(OK);
+}
+
+/// Lines of a child's stdout, read on a thread (a blocking read cannot
+/// time out otherwise).
+fn lines(child: &mut Child) -> mpsc::Receiver<String> {
+    let stdout = child.stdout.take().unwrap();
+    let (send, receive) = mpsc::channel();
+    // allow-nondeterminism: the thread only forwards a pipe's lines; it ends
+    // when the child closes its stdout.
+    #[allow(clippy::disallowed_methods)]
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if send.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    receive
+}
+
+fn interrupt(child: &Child) {
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn sync_watch_prints_remote_changes_until_interrupted() {
+    let relay = Relay::start();
+    let (a, b) = pair(&relay);
+    a.put("live/0", "0");
+    a.run("sync", &[]).expect(OK);
+
+    let mut watch = b.spawn("sync", &["--watch"]);
+    let lines = lines(&mut watch);
+    let first = lines.recv_timeout(SETTLE).unwrap();
+    assert!(
+        first.starts_with("pushed "),
+        "the summary comes first: {first}"
+    );
+
+    a.put("live/1", r#"{"n":1}"#);
+    a.put("live/2", "2");
+    a.run("sync", &[]).expect(OK);
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        seen.push(lines.recv_timeout(SETTLE).unwrap());
+    }
+    seen.sort();
+    assert_eq!(seen, ["live/1\t{\"n\":1}", "live/2\t2"]);
+
+    a.run("rm", &["live/2"]).expect(OK);
+    a.run("sync", &[]).expect(OK);
+    assert_eq!(lines.recv_timeout(SETTLE).unwrap(), "live/2\t(deleted)");
+
+    interrupt(&watch);
+    let out = watch.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(OK), "{stderr}");
+    assert!(!stderr.contains("error"), "{stderr}");
+    // The store was closed cleanly: it opens at once, with what was pulled.
+    assert_eq!(b.run("get", &["live/1"]).expect(OK).stdout, "{\"n\":1}\n");
+}
