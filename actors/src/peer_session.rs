@@ -27,7 +27,8 @@
 //! # Invariants
 //! - Every queue is bounded: one push and one pull in flight, at most
 //!   [`FRAMES_QUEUED_MAX`] received frames waiting for the actor (the
-//!   reader stops reading, and QUIC flow control stops the remote).
+//!   reader stops reading, and QUIC flow control stops the remote), and at
+//!   most [`PENDING_HELD_MAX`] (plus one batch) envelopes held pending.
 //! - The pull cursor is committed in the same transaction as the batch it
 //!   covers; the push cursor only after the remote acknowledged.
 
@@ -68,6 +69,11 @@ pub const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(30);
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pending envelopes re-examined per ingest commit.
 pub const PENDING_RETRY_PAGE: usize = 256;
+/// Envelopes held pending before the session stops pulling. Held envelopes
+/// are never dropped, so a remote sending ones this device can never open
+/// would otherwise grow the pending table without bound; past this, the
+/// session stays at its cursor and says why, until keys or members arrive.
+pub const PENDING_HELD_MAX: u64 = 65_536;
 
 /// A conversation with the remote: the two halves of one stream, and
 /// whatever keeps the connection under them open.
@@ -676,6 +682,15 @@ impl SessionState {
     async fn apply_batch(&mut self, entries: Vec<LogEntry>, cursor: u64) -> Result<(), String> {
         if entries.iter().any(|e| e.seq <= self.pull_cursor) || cursor < self.pull_cursor {
             return Err("the remote sent entries behind the cursor".into());
+        }
+        let db = self.args.db.clone();
+        let held = run_blocking(|| db.begin_read().and_then(|t| t.pending_count()))
+            .map_err(|e| e.to_string())?;
+        if held >= PENDING_HELD_MAX {
+            return Err(format!(
+                "{held} envelopes are held for keys or members this device lacks; \
+                 not pulling more until they arrive (import a fresh key export)"
+            ));
         }
         let batch = entries
             .into_iter()
