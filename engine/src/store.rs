@@ -117,7 +117,8 @@ pub struct Status {
     pub device_id: String,
     /// This device's name.
     pub name: String,
-    /// Live (not deleted) records.
+    /// Live (not deleted) records the app wrote (the store's own member
+    /// records are not counted).
     pub records: u64,
     /// Whether records are encrypted.
     pub encrypted: bool,
@@ -661,7 +662,21 @@ impl Store {
     /// Counts, epochs and key location.
     pub async fn status(&self) -> Result<Status, ReadError> {
         let txn = self.inner.db.begin_read().map_err(storage_read_error)?;
-        let records = txn.live_count().map_err(storage_read_error)?;
+        let keys = self.inner.keys.current();
+        // Member announcements are the store's own records, not the app's.
+        let mut announcements = 0;
+        for device in keys.members.keys() {
+            let locator = keys.locator(&membership::member_path(device));
+            if let Some(row) = txn.record(&locator).map_err(storage_read_error)?
+                && !row.tombstone
+            {
+                announcements += 1;
+            }
+        }
+        let records = txn
+            .live_count()
+            .map_err(storage_read_error)?
+            .saturating_sub(announcements);
         let counts = txn.epoch_counts().map_err(storage_read_error)?;
         let states = self.epoch_states().await;
         let info = &self.inner.info;
@@ -686,7 +701,7 @@ impl Store {
             name: info.name.clone(),
             records,
             encrypted: info.encrypted,
-            current_epoch: self.inner.keys.current().current_epoch().0,
+            current_epoch: keys.current_epoch().0,
             rotation: RotationStatus::from(*self.inner.progress.borrow()),
             epochs,
             key_source: info.key_location.clone(),

@@ -117,6 +117,11 @@ async fn two_devices_sync_through_a_relay() {
     }
     let status = b.sync_status().unwrap();
     assert!(status.synced, "b has nothing pending: {status:?}");
+    assert_eq!(
+        b.status().await.unwrap().records,
+        2,
+        "member records are not counted"
+    );
 
     // Deletes sync too, and the later write wins on both.
     b.delete("notes/1").await.unwrap();
