@@ -8,7 +8,8 @@
 use std::path::PathBuf;
 
 use persist::{
-    KekError, KeyError, OpenError, PathError, ReadError, RemoteError, SyncError, WriteError,
+    KekError, KeyError, OpenError, PathError, ReadError, RemoteError, ServeError, SyncError,
+    WriteError,
 };
 
 /// The process exit codes.
@@ -301,6 +302,9 @@ fn classify(error: &(dyn std::error::Error + 'static)) -> Option<Exit> {
     if let Some(e) = error.downcast_ref::<SyncError>() {
         return Some(sync_exit(e));
     }
+    if let Some(e) = error.downcast_ref::<ServeError>() {
+        return Some(serve_exit(e));
+    }
     if error.downcast_ref::<PathError>().is_some() || error.downcast_ref::<RemoteError>().is_some()
     {
         return Some(Exit::Usage);
@@ -314,6 +318,15 @@ fn sync_exit(error: &SyncError) -> Exit {
     match error {
         SyncError::Unreachable { .. } | SyncError::Refused { .. } => Exit::Remote,
         SyncError::NotConfigured => Exit::Usage,
+        _ => Exit::Unexpected,
+    }
+}
+
+/// An address that cannot be served on (taken, not local) is the user's
+/// to change.
+fn serve_exit(error: &ServeError) -> Exit {
+    match error {
+        ServeError::Start { .. } | ServeError::NotEncrypted => Exit::Usage,
         _ => Exit::Unexpected,
     }
 }

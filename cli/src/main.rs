@@ -23,6 +23,7 @@
 //! persist remote set --store ./s quic://relay:7443 --pin sha256:…
 //! persist sync --store ./s                   # pushed 2, pulled 0, held 0, refused 0
 //! persist sync --store ./s --watch           # then PATH<TAB>JSON per remote change
+//! persist serve --store ./s --listen 0.0.0.0:7443  # others sync with this device
 //! ```
 //!
 //! Only `sync`, `status` (when a remote is set) and `serve` connect to the
@@ -62,6 +63,7 @@ mod remote;
 mod sync;
 
 use std::io::Write as _;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -180,6 +182,23 @@ enum Command {
         /// Print the summary (and, with --watch, each change) as JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Serve the store to its other devices, so that they sync with this
+    /// one directly, without a relay; runs until Ctrl-C or SIGTERM.
+    ///
+    /// Prints one line, `persist serve listening on ADDR pin sha256:…`:
+    /// another device syncs with this one after
+    /// `persist remote set quic://ADDR --pin sha256:…`. Only devices of
+    /// this store get in. The pin stays the same from one run to the next
+    /// (the serving identity is kept in the store directory).
+    Serve {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// The UDP address to serve QUIC on: 127.0.0.1:PORT for this
+        /// machine only, 0.0.0.0:PORT for the local network; port 0 picks
+        /// a free one.
+        #[arg(long, value_name = "ADDR")]
+        listen: SocketAddr,
     },
 }
 
@@ -383,6 +402,7 @@ async fn run(command: Command) -> anyhow::Result<String> {
             admission_secret_file,
             json,
         } => sync::sync(target.into(), watch, admission_secret_file.as_deref(), json).await,
+        Command::Serve { target, listen } => sync::serve(target.into(), listen).await,
     }
 }
 

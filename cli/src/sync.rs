@@ -1,6 +1,6 @@
-//! The commands that talk to a remote: `persist sync [--watch]`, the sync
-//! section of `persist status`, and (with them) the signal handling of the
-//! commands that run until stopped.
+//! The commands that talk to other devices: `persist sync [--watch]`,
+//! `persist serve`, the sync section of `persist status`, and the signal
+//! handling of the commands that run until stopped.
 //!
 //! # Which commands sync
 //!
@@ -15,6 +15,7 @@
 //! closes.
 
 use std::io::{IsTerminal as _, Write as _};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -24,7 +25,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use persist::{Change, Store, SyncReport, SyncStatus};
 use serde::Serialize;
 
-use crate::commands::{Target, finish, open_syncing};
+use crate::commands::{Access, Target, finish, open_existing, open_syncing};
 use crate::failure::CliError;
 use crate::json;
 use crate::remote::{self, AdmissionSecret};
@@ -84,6 +85,43 @@ pub(crate) async fn sync(
         Ok(()) => watch_changes(changes, shutdown, as_json).await,
         Err(error) => Err(error),
     };
+    finish(store, result).await?;
+    Ok(String::new())
+}
+
+/// `persist serve --listen ADDR`: serves the store to its other devices
+/// (they name it as their remote with the address and pin it prints) until
+/// SIGINT or SIGTERM. With a remote configured, the store also syncs with
+/// it meanwhile.
+pub(crate) async fn serve(target: Target, listen: SocketAddr) -> anyhow::Result<String> {
+    target.require_store()?;
+    let remote = remote::load(&target.dir)?
+        .map(|spec| spec.remote(None))
+        .transpose()?;
+    // Listening before announcing: a signal sent as soon as the line is
+    // read stops the server cleanly.
+    let mut shutdown = Shutdown::listen()?;
+    let store = match remote {
+        Some(remote) => open_syncing(&target, remote).await?,
+        None => open_existing(&target, Access::Write).await?,
+    };
+    let served = match store.serve(listen).await {
+        Ok(served) => served,
+        Err(error) => return finish(store, Err(error)).await,
+    };
+    let line = format!(
+        "persist serve listening on {} pin {}\n",
+        served.addr(),
+        served.pin()
+    );
+    let result = match print_line(&line) {
+        Ok(()) => {
+            shutdown.wait().await;
+            Ok(())
+        }
+        Err(error) => Err(error),
+    };
+    served.stop().await;
     finish(store, result).await?;
     Ok(String::new())
 }

@@ -387,3 +387,67 @@ fn sync_watch_prints_remote_changes_until_interrupted() {
     // The store was closed cleanly: it opens at once, with what was pulled.
     assert_eq!(b.run("get", &["live/1"]).expect(OK).stdout, "{\"n\":1}\n");
 }
+
+fn terminate(child: &Child) {
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn a_device_serves_its_store_to_another_directly() {
+    let a = Sandbox::new();
+    a.init();
+    a.put("notes/1", r#""from a""#);
+    let pass = write_file(&a, "pass", "correct horse\n");
+    let export = a.path().join("a.export");
+    let (pass, export) = (pass.to_str().unwrap(), export.to_str().unwrap());
+    a.run("key export", &["--out", export, "--passphrase-file", pass])
+        .expect(OK);
+
+    let mut served = a.spawn("serve", &["--listen", "127.0.0.1:0"]);
+    let lines = lines(&mut served);
+    let line = lines.recv_timeout(SETTLE).unwrap();
+    let words: Vec<&str> = line.split(' ').collect();
+    let ["persist", "serve", "listening", "on", addr, "pin", pin] = words[..] else {
+        panic!("not the serve line: {line}");
+    };
+    assert!(pin.starts_with("sha256:") && pin.len() == 7 + 64, "{line}");
+    let url = format!("quic://{addr}");
+
+    // Device C joins and syncs with A itself: no relay anywhere.
+    let c = Sandbox::new();
+    let args = [
+        "--import",
+        export,
+        "--passphrase-file",
+        pass,
+        "--relay",
+        &url,
+        "--pin",
+        pin,
+    ];
+    c.run("init", &args).expect(OK);
+    c.run("sync", &[]).expect(OK);
+    assert_eq!(c.run("get", &["notes/1"]).expect(OK).stdout, "\"from a\"\n");
+    c.put("notes/3", r#""from c""#);
+    let [pushed, ..] = summary(&c.run("sync", &[]).expect(OK));
+    assert!(pushed >= 1);
+
+    // A server whose certificate does not match the pin is not trusted.
+    let wrong = format!("sha256:{}", "00".repeat(32));
+    c.run("remote set", &[&url, "--pin", &wrong]).expect(OK);
+    let out = c.run("sync", &[]).expect(REMOTE);
+    assert!(out.stderr.contains(&url), "{out:#?}");
+
+    // The store is in use while served; SIGTERM stops serving cleanly.
+    let out = a.run("serve", &["--listen", "127.0.0.1:0"]).expect(1);
+    assert!(out.stderr.contains("in use"), "{out:#?}");
+    terminate(&served);
+    let out = served.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(OK), "{stderr}");
+    assert_eq!(a.run("get", &["notes/3"]).expect(OK).stdout, "\"from c\"\n");
+}
