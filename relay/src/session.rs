@@ -33,7 +33,7 @@
 //! - At most one request is being handled at a time, so a session holds at
 //!   most one frame and one backend page in memory.
 //! - A frame is never half-read when the session waits for something else:
-//!   the pending read survives across the select loop ([`Reader`]).
+//!   the pending read survives across the select loop (`Reader`).
 //! - `Notify{head}` is sent only for `head` above every head the client was
 //!   told (Welcome, PushAck, Notify), so a client is never told of its own
 //!   push twice, and heads it hears only grow.
