@@ -692,14 +692,34 @@ impl SessionState {
                  not pulling more until they arrive (import a fresh key export)"
             ));
         }
-        let batch = entries
-            .into_iter()
-            .map(|e| Incoming {
-                locator: e.locator,
-                envelope: e.envelope,
-                from_pending: false,
-            })
-            .collect();
+        let db = self.args.db.clone();
+        let me = self.args.device_id;
+        // The remote's log holds this device's own pushes too: skip those it
+        // still holds as they are (no signature check or decryption for an
+        // echo), but ingest any it lost, e.g. after restoring a backup.
+        let batch = run_blocking(|| {
+            let txn = db.begin_read()?;
+            let mut batch = Vec::with_capacity(entries.len());
+            for e in entries {
+                let echo = match Envelope::parse(&e.envelope) {
+                    Ok(env) if env.header.signer == me => {
+                        let held = txn.record(&e.locator).ok().flatten();
+                        held.and_then(|row| Envelope::parse(&row.envelope).ok().map(|r| r.header))
+                            .is_some_and(|h| h.precedence() >= env.header.precedence())
+                    }
+                    _ => false,
+                };
+                if !echo {
+                    batch.push(Incoming {
+                        locator: e.locator,
+                        envelope: e.envelope,
+                        from_pending: false,
+                    });
+                }
+            }
+            Ok::<_, persist_storage::StorageError>(batch)
+        })
+        .map_err(|e| e.to_string())?;
         let meta = vec![(meta::SYNC_PULL_CURSOR, Some(cursor.to_be_bytes().to_vec()))];
         self.ingest(batch, meta).await?;
         self.pull_cursor = cursor;
