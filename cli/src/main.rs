@@ -145,6 +145,9 @@ enum Command {
         prefix: String,
     },
     /// Show the store's ids, record counts, key epochs and key location.
+    ///
+    /// With a remote set, also where sync stands: the store is opened with
+    /// sync, and the session is given up to 2 s to connect first.
     Status {
         #[command(flatten)]
         target: TargetArgs,

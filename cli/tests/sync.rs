@@ -383,9 +383,35 @@ fn sync_watch_prints_remote_changes_until_interrupted() {
     let out = watch.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(OK), "{stderr}");
+
+    // With --json, the summary and each change are JSON objects.
+    let mut watch = b.spawn("sync", &["--watch", "--json"]);
+    let lines = self::lines(&mut watch);
+    let first: serde_json::Value =
+        serde_json::from_str(&lines.recv_timeout(SETTLE).unwrap()).unwrap();
+    assert!(first["pulled"].is_u64(), "{first}");
+    a.put("live/3", "[3]");
+    a.run("rm", &["live/1"]).expect(OK);
+    a.run("sync", &[]).expect(OK);
+    let mut seen: Vec<serde_json::Value> = (0..2)
+        .map(|_| serde_json::from_str(&lines.recv_timeout(SETTLE).unwrap()).unwrap())
+        .collect();
+    seen.sort_by_key(|v| v["path"].as_str().unwrap().to_owned());
+    assert_eq!(
+        seen,
+        [
+            json!({"path": "live/1", "deleted": true}),
+            json!({"path": "live/3", "value": [3]}),
+        ]
+    );
+    interrupt(&watch);
+    let out = watch.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(OK), "{stderr}");
     assert!(!stderr.contains("error"), "{stderr}");
     // The store was closed cleanly: it opens at once, with what was pulled.
-    assert_eq!(b.run("get", &["live/1"]).expect(OK).stdout, "{\"n\":1}\n");
+    assert_eq!(b.run("get", &["live/3"]).expect(OK).stdout, "[3]\n");
+    b.run("get", &["live/1"]).expect(common::NOT_FOUND);
 }
 
 fn terminate(child: &Child) {
