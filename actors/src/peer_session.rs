@@ -17,7 +17,8 @@
 //! a simulation replays it.
 //!
 //! **Messages.** [`PeerMsg::SyncNow`] (push and pull once, answered when
-//! both are done), plus messages it sends itself: `Connect`, `Received`,
+//! both are done), plus messages it sends itself: `Connect`, `Handshaken`
+//! (a connection attempt, which runs beside the actor, ended), `Received`,
 //! `Closed`, `LocalChange`.
 //!
 //! **Supervisor.** The store supervisor. **On failure** it is restarted;
@@ -41,7 +42,7 @@ use persist_core::env::{Clock, Entropy, RngStream};
 use persist_core::envelope::Envelope;
 use persist_core::protocol::{
     AccessKey, ENTRIES_PER_MESSAGE_MAX, ErrorCode, Hello, LogEntry, MESSAGE_PAYLOAD_BYTES_TARGET,
-    Message, PROTOCOL_VERSION, PushEntry,
+    Message, PROTOCOL_VERSION, PushEntry, Welcome,
 };
 use persist_core::{DeviceId, StoreId};
 use persist_storage::LocalDb;
@@ -203,6 +204,8 @@ pub enum PeerMsg {
     SyncNow(RpcReplyPort<Result<SyncReport, SyncError>>),
     /// (Re)connect now.
     Connect,
+    /// A connection attempt ended.
+    Handshaken(Box<Result<Handshake, SyncError>>),
     /// A frame arrived on connection `generation`.
     Received {
         /// Which connection.
@@ -219,6 +222,14 @@ pub enum PeerMsg {
     },
     /// The StorageWriter committed local changes.
     LocalChange,
+}
+
+/// An open conversation whose `Hello` the remote welcomed.
+pub struct Handshake {
+    send: SendHalf,
+    recv: RecvHalf,
+    guard: Box<dyn Send + Sync>,
+    welcome: Welcome,
 }
 
 /// The PeerSession actor.
@@ -260,6 +271,8 @@ pub struct SessionState {
     /// Members and epochs known when pending envelopes were last retried.
     retried_with: (usize, usize),
     forwarder: Option<tokio::task::JoinHandle<()>>,
+    /// The connection attempt in progress, if any.
+    connecting: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Actor for PeerSession {
@@ -317,6 +330,7 @@ impl Actor for PeerSession {
             waiters: Vec::new(),
             retried_with: (0, 0),
             forwarder: Some(forwarder),
+            connecting: None,
         })
     }
 
@@ -329,9 +343,11 @@ impl Actor for PeerSession {
         match msg {
             PeerMsg::Connect => {
                 state.reconnect_scheduled = false;
-                if state.conn.is_none() {
-                    state.connect(&myself).await;
-                }
+                state.start_connect(&myself);
+            }
+            PeerMsg::Handshaken(outcome) => {
+                state.connecting = None;
+                state.connected(&myself, *outcome).await;
             }
             PeerMsg::SyncNow(reply) => {
                 let target = *state.args.committed.borrow();
@@ -344,7 +360,8 @@ impl Actor for PeerSession {
                 };
                 state.waiters.push(waiter);
                 if state.conn.is_none() {
-                    state.connect(&myself).await;
+                    // Joins the attempt in progress, or starts one now.
+                    state.start_connect(&myself);
                 } else {
                     state.pump().await;
                 }
@@ -391,6 +408,9 @@ impl Actor for PeerSession {
         if let Some(forwarder) = state.forwarder.take() {
             forwarder.abort();
         }
+        if let Some(attempt) = state.connecting.take() {
+            attempt.abort();
+        }
         let remote = state.args.connector.remote();
         for w in state.waiters.drain(..) {
             let _ = w.reply.send(Err(SyncError::Unreachable {
@@ -404,11 +424,56 @@ impl Actor for PeerSession {
 }
 
 impl SessionState {
-    /// Opens a conversation and says `Hello`; on failure, fails the
-    /// waiters and schedules a retry.
-    async fn connect(&mut self, myself: &ActorRef<PeerMsg>) {
-        match self.open(myself).await {
-            Ok(()) => {
+    /// Starts a connection attempt unless one is running or a connection
+    /// is open. The attempt runs beside the actor, so `SyncNow` and a
+    /// shutdown are never stuck behind a slow or unreachable remote.
+    fn start_connect(&mut self, myself: &ActorRef<PeerMsg>) {
+        if self.conn.is_some() || self.connecting.is_some() {
+            return;
+        }
+        let connector = self.args.connector.clone();
+        let hello = Message::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            store: self.args.store_id,
+            access: self.args.access.clone(),
+            device: self.args.device_id,
+            admission: self.args.admission.clone(),
+        });
+        let me = myself.clone();
+        self.connecting = Some(tokio::spawn(async move {
+            let outcome = handshake(connector.as_ref(), hello).await;
+            let _ = me.cast(PeerMsg::Handshaken(Box::new(outcome)));
+        }));
+    }
+
+    /// Takes over a welcomed conversation, or fails the waiters and
+    /// schedules another attempt.
+    async fn connected(
+        &mut self,
+        myself: &ActorRef<PeerMsg>,
+        outcome: Result<Handshake, SyncError>,
+    ) {
+        match outcome {
+            Ok(Handshake {
+                send,
+                recv,
+                guard,
+                welcome,
+            }) => {
+                self.generation += 1;
+                let generation = self.generation;
+                self.remote_head = welcome.head;
+                self.push_inflight = None;
+                self.pull_inflight = false;
+                let reader = spawn_reader(recv, generation, self.frames.clone(), myself.clone());
+                self.conn = Some(Conn {
+                    send,
+                    generation,
+                    _guard: guard,
+                    reader,
+                });
+                tracing::info!(remote = %self.args.connector.remote(), head = welcome.head,
+                    created = welcome.created, "sync: connected");
                 self.attempts = 0;
                 self.args.status.send_modify(|s| {
                     s.connected = true;
@@ -426,63 +491,6 @@ impl SessionState {
                 self.schedule_reconnect(myself);
             }
         }
-    }
-
-    async fn open(&mut self, myself: &ActorRef<PeerMsg>) -> Result<(), SyncError> {
-        let remote = self.args.connector.remote();
-        let unreachable = |detail: String| SyncError::Unreachable {
-            remote: remote.clone(),
-            detail,
-        };
-        let Link {
-            mut send,
-            mut recv,
-            guard,
-        } = self.args.connector.connect().await.map_err(unreachable)?;
-        let hello = Message::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            store: self.args.store_id,
-            access: self.args.access.clone(),
-            device: self.args.device_id,
-            admission: self.args.admission.clone(),
-        });
-        send.send(&hello)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        let answer = tokio::time::timeout(HELLO_TIMEOUT, recv.recv())
-            .await
-            .map_err(|_| unreachable("no answer to Hello".into()))?
-            .map_err(|e| unreachable(e.to_string()))?;
-        let welcome = match answer {
-            Some(Message::Welcome(w)) => w,
-            Some(Message::Error { code, text }) => {
-                return Err(SyncError::Refused { remote, code, text });
-            }
-            Some(other) => {
-                return Err(unreachable(format!(
-                    "expected Welcome, got {}",
-                    other.kind()
-                )));
-            }
-            None => return Err(unreachable("closed before answering Hello".into())),
-        };
-        send.send(&Message::Subscribe)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        self.generation += 1;
-        let generation = self.generation;
-        self.remote_head = welcome.head;
-        self.push_inflight = None;
-        self.pull_inflight = false;
-        let reader = spawn_reader(recv, generation, self.frames.clone(), myself.clone());
-        self.conn = Some(Conn {
-            send,
-            generation,
-            _guard: guard,
-            reader,
-        });
-        tracing::info!(remote = %remote, head = welcome.head, created = welcome.created, "sync: connected");
-        Ok(())
     }
 
     fn disconnect(&mut self, myself: &ActorRef<PeerMsg>, error: impl std::fmt::Display) {
@@ -851,6 +859,50 @@ async fn commit_meta(
         CallResult::Success(r) => r.map(|_| ()).map_err(|e| e.to_string()),
         _ => Err("the store is closing".into()),
     }
+}
+
+/// Opens a conversation, says `hello` and waits for the `Welcome`, then
+/// subscribes to the remote's head.
+async fn handshake(connector: &dyn Connector, hello: Message) -> Result<Handshake, SyncError> {
+    let remote = connector.remote();
+    let unreachable = |detail: String| SyncError::Unreachable {
+        remote: remote.clone(),
+        detail,
+    };
+    let Link {
+        mut send,
+        mut recv,
+        guard,
+    } = connector.connect().await.map_err(unreachable)?;
+    send.send(&hello)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    let answer = tokio::time::timeout(HELLO_TIMEOUT, recv.recv())
+        .await
+        .map_err(|_| unreachable("no answer to Hello".into()))?
+        .map_err(|e| unreachable(e.to_string()))?;
+    let welcome = match answer {
+        Some(Message::Welcome(w)) => w,
+        Some(Message::Error { code, text }) => {
+            return Err(SyncError::Refused { remote, code, text });
+        }
+        Some(other) => {
+            return Err(unreachable(format!(
+                "expected Welcome, got {}",
+                other.kind()
+            )));
+        }
+        None => return Err(unreachable("closed before answering Hello".into())),
+    };
+    send.send(&Message::Subscribe)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    Ok(Handshake {
+        send,
+        recv,
+        guard,
+        welcome,
+    })
 }
 
 /// Reads frames into the actor's mailbox, at most [`FRAMES_QUEUED_MAX`]
