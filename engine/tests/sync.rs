@@ -198,15 +198,32 @@ async fn records_under_an_unknown_epoch_are_held_then_applied() {
     let relay = relay(&tmp.path().join("relay")).await;
     let remote = remote(&relay);
     let (a, b) = pair(tmp.path(), &remote).await;
+    for i in 0..20 {
+        a.put(&format!("a/{i}"), &format!("from a {i}"))
+            .await
+            .unwrap();
+        b.put(&format!("b/{i}"), &format!("from b {i}"))
+            .await
+            .unwrap();
+    }
+    a.sync_now().await.unwrap();
+    b.sync_now().await.unwrap();
+    a.sync_now().await.unwrap();
 
-    // A rotates; B has no way to learn the new key until pairing exists,
-    // so what A writes now is held on B, not dropped.
+    // A rotates and reseals everything, B's records included; B has no
+    // way to learn the new key until pairing exists, so the reseals and
+    // what A writes now are held on B, not dropped.
     a.crypto().rotate_key().await.unwrap().wait().await.unwrap();
     a.put("after/rotation", "secret").await.unwrap();
     a.sync_now().await.unwrap();
     let report = b.sync_now().await.unwrap();
     assert!(report.held >= 1, "{report:?}");
     assert_eq!(b.get::<String>("after/rotation").await.unwrap(), None);
+    assert_eq!(
+        b.get::<String>("a/3").await.unwrap().as_deref(),
+        Some("from a 3"),
+        "a held reseal leaves the record as it was"
+    );
     assert!(!b.sync_status().unwrap().synced);
 
     // B imports a fresh export from A (it carries the new epoch key): the
@@ -220,12 +237,35 @@ async fn records_under_an_unknown_epoch_are_held_then_applied() {
     })
     .await
     .expect("reopen b with the new keys");
-    until("the held record applies", async || {
+    until("the held records apply", async || {
         let _ = b.sync_now().await;
         b.get::<String>("after/rotation").await.unwrap().as_deref() == Some("secret")
+            && b.sync_status().unwrap().held == 0
     })
     .await;
-    assert_eq!(b.sync_status().unwrap().held, 0);
+
+    // Both end with every record under the new epoch, and agree.
+    until(
+        "no record under the old epoch on either device",
+        async || {
+            let _ = a.sync_now().await;
+            let _ = b.sync_now().await;
+            let mut clean = true;
+            for store in [&a, &b] {
+                let status = store.status().await.unwrap();
+                clean &= status.current_epoch == 2
+                    && status.epochs.iter().all(|e| e.epoch == 2 || e.records == 0);
+            }
+            clean
+        },
+    )
+    .await;
+    let (la, lb) = (
+        a.list::<String>("").await.unwrap(),
+        b.list::<String>("").await.unwrap(),
+    );
+    assert_eq!(la, lb);
+    assert_eq!(la.len(), 41);
 
     a.close().await.unwrap();
     b.close().await.unwrap();
@@ -721,4 +761,256 @@ async fn no_frame_carries_a_path_a_value_or_a_key() {
             );
         }
     }
+}
+
+/// What a [`Malicious`] relay does to the pages it serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Attack {
+    Honest,
+    /// Flip a bit in every envelope's ciphertext.
+    Flip,
+    /// Swap the envelopes of the first two entries of a page.
+    Swap,
+    /// Serve the oldest envelope it ever received for each locator.
+    Replay,
+    /// Leave every entry out.
+    Withhold,
+}
+
+/// A relay backend that lies to its clients.
+struct Malicious {
+    inner: persist_storage::relay::MemoryRelay,
+    attack: std::sync::Arc<std::sync::Mutex<Attack>>,
+    first_seen: std::sync::Mutex<std::collections::BTreeMap<[u8; 32], Vec<u8>>>,
+}
+
+impl persist_storage::relay::RelayBackend for Malicious {
+    async fn open_store(
+        &self,
+        store: &persist::StoreId,
+        fingerprint: &[u8; 32],
+        may_create: bool,
+    ) -> Result<persist_storage::relay::StoreAccess, persist_storage::relay::RelayError> {
+        self.inner.open_store(store, fingerprint, may_create).await
+    }
+
+    async fn append(
+        &self,
+        store: &persist::StoreId,
+        entries: Vec<persist_storage::relay::Incoming>,
+    ) -> Result<persist_storage::relay::Appended, persist_storage::relay::RelayError> {
+        {
+            let mut first = self.first_seen.lock().unwrap();
+            for e in &entries {
+                first
+                    .entry(e.locator.0)
+                    .or_insert_with(|| e.envelope.clone());
+            }
+        }
+        self.inner.append(store, entries).await
+    }
+
+    async fn pull(
+        &self,
+        store: &persist::StoreId,
+        since: u64,
+        limit: usize,
+        bytes_target: usize,
+    ) -> Result<persist_storage::relay::Page, persist_storage::relay::RelayError> {
+        let mut page = self.inner.pull(store, since, limit, bytes_target).await?;
+        let attack = *self.attack.lock().unwrap();
+        match attack {
+            Attack::Honest => {}
+            Attack::Flip => {
+                for e in &mut page.entries {
+                    let at = e.envelope.len() / 2;
+                    e.envelope[at] ^= 0x01;
+                }
+            }
+            Attack::Swap => {
+                if page.entries.len() >= 2 {
+                    let (a, b) = page.entries.split_at_mut(1);
+                    std::mem::swap(&mut a[0].envelope, &mut b[0].envelope);
+                }
+            }
+            Attack::Replay => {
+                let first = self.first_seen.lock().unwrap();
+                for e in &mut page.entries {
+                    if let Some(old) = first.get(&e.locator.0) {
+                        e.envelope = old.clone();
+                    }
+                }
+            }
+            Attack::Withhold => page.entries.clear(),
+        }
+        Ok(page)
+    }
+
+    async fn head(
+        &self,
+        store: &persist::StoreId,
+    ) -> Result<u64, persist_storage::relay::RelayError> {
+        self.inner.head(store).await
+    }
+
+    fn watch(&self, store: &persist::StoreId) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.watch(store)
+    }
+
+    async fn mailbox_put(
+        &self,
+        store: &persist::StoreId,
+        mailbox: &persist::DeviceId,
+        payload: Vec<u8>,
+    ) -> Result<u64, persist_storage::relay::RelayError> {
+        self.inner.mailbox_put(store, mailbox, payload).await
+    }
+
+    async fn mailbox_fetch(
+        &self,
+        store: &persist::StoreId,
+        mailbox: &persist::DeviceId,
+        since: u64,
+        limit: usize,
+    ) -> Result<Vec<persist_core::protocol::MailboxItem>, persist_storage::relay::RelayError> {
+        self.inner.mailbox_fetch(store, mailbox, since, limit).await
+    }
+
+    async fn mailbox_ack(
+        &self,
+        store: &persist::StoreId,
+        mailbox: &persist::DeviceId,
+        upto: u64,
+    ) -> Result<(), persist_storage::relay::RelayError> {
+        self.inner.mailbox_ack(store, mailbox, upto).await
+    }
+
+    async fn stats(
+        &self,
+    ) -> Result<persist_storage::relay::RelayStats, persist_storage::relay::RelayError> {
+        self.inner.stats().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malicious_relay_cannot_corrupt_or_roll_back_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let attack = std::sync::Arc::new(std::sync::Mutex::new(Attack::Honest));
+    let backend = Malicious {
+        inner: persist_storage::relay::MemoryRelay::new(),
+        attack: attack.clone(),
+        first_seen: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+    };
+    let handle = persist_relay::start(
+        RelayConfig::new("127.0.0.1:0".parse().unwrap(), tmp.path().join("relay")),
+        backend,
+    )
+    .await
+    .unwrap();
+    let remote = Remote::pinned(
+        &format!("quic://{}", handle.addr()),
+        &handle.pin().to_string(),
+    )
+    .unwrap();
+    let (a, b) = pair(tmp.path(), &remote).await;
+    let set = |mode| *attack.lock().unwrap() = mode;
+
+    // Honest start: both hold version 1 of every record.
+    for path in ["flip", "swap/1", "swap/2", "replay", "withheld"] {
+        a.put(path, &format!("{path} v1")).await.unwrap();
+    }
+    a.sync_now().await.unwrap();
+    b.sync_now().await.unwrap();
+    assert_eq!(
+        b.get::<String>("replay").await.unwrap().as_deref(),
+        Some("replay v1")
+    );
+    let refused_before = b.sync_status().unwrap().refused;
+
+    // Flipped bytes: refused and counted, the old value stays.
+    // (Each attack starts before the write, since B pulls live.)
+    set(Attack::Flip);
+    a.put("flip", "flip v2").await.unwrap();
+    a.sync_now().await.unwrap();
+    b.sync_now().await.unwrap();
+    set(Attack::Honest);
+    assert_eq!(
+        b.get::<String>("flip").await.unwrap().as_deref(),
+        Some("flip v1")
+    );
+    let after_flip = b.sync_status().unwrap().refused;
+    assert!(
+        after_flip > refused_before,
+        "the flipped envelope was counted"
+    );
+
+    // Envelopes swapped between locators: both refused.
+    set(Attack::Swap);
+    let mut batch = a.batch();
+    batch.put("swap/1", "swap/1 v2").put("swap/2", "swap/2 v2");
+    batch.commit().await.unwrap();
+    a.sync_now().await.unwrap();
+    b.sync_now().await.unwrap();
+    set(Attack::Honest);
+    assert_eq!(
+        b.get::<String>("swap/1").await.unwrap().as_deref(),
+        Some("swap/1 v1")
+    );
+    assert_eq!(
+        b.get::<String>("swap/2").await.unwrap().as_deref(),
+        Some("swap/2 v1")
+    );
+    assert!(
+        b.sync_status().unwrap().refused >= after_flip + 2,
+        "both swapped envelopes counted"
+    );
+
+    // An honest relay delivers later writes; then a replay of the oldest
+    // version never rolls a record back.
+    a.put("replay", "replay v2").await.unwrap();
+    a.sync_now().await.unwrap();
+    b.sync_now().await.unwrap();
+    assert_eq!(
+        b.get::<String>("replay").await.unwrap().as_deref(),
+        Some("replay v2")
+    );
+    set(Attack::Replay);
+    a.put("replay", "replay v3").await.unwrap();
+    a.sync_now().await.unwrap();
+    b.sync_now().await.unwrap();
+    set(Attack::Honest);
+    assert_eq!(
+        b.get::<String>("replay").await.unwrap().as_deref(),
+        Some("replay v2"),
+        "the replayed v1 lost to the v2 already held"
+    );
+
+    // Withholding: the device holds what it had and goes on working.
+    set(Attack::Withhold);
+    a.put("withheld", "withheld v2").await.unwrap();
+    a.sync_now().await.unwrap();
+    b.sync_now().await.unwrap();
+    set(Attack::Honest);
+    assert_eq!(
+        b.get::<String>("withheld").await.unwrap().as_deref(),
+        Some("withheld v1")
+    );
+    b.put("after/attacks", "after/attacks from b")
+        .await
+        .unwrap();
+    b.sync_now().await.unwrap();
+    a.sync_now().await.unwrap();
+    assert_eq!(
+        a.get::<String>("after/attacks").await.unwrap().as_deref(),
+        Some("after/attacks from b"),
+        "the sessions went on after refusing envelopes"
+    );
+    // Every value either device holds is one a device wrote.
+    for (path, value) in b.list::<String>("").await.unwrap() {
+        assert!(value.starts_with(&path), "{path} = {value}");
+    }
+
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+    handle.shutdown().await;
 }
