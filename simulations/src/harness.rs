@@ -6,11 +6,14 @@
 //! drives a [`Workload`] through setup, run and check, and returns the
 //! trace hash. Any failure carries the command that replays it.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use persist::{Config, Env, MemoryBackend, Store};
 
+use crate::cluster::Cluster;
+use crate::sync::{self, SyncFault, SyncOptions, SyncRunError, SyncWorkload};
 use crate::trace::{Event, Trace, TraceHash};
 use crate::workload::{Ctx, KvWorkload, ModelFault, Workload, WorkloadError};
 
@@ -41,18 +44,53 @@ impl fmt::Display for BackendKind {
     }
 }
 
+/// Which workload a run drives.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[non_exhaustive]
+pub enum WorkloadKind {
+    /// One device: puts, deletes, gets against a model.
+    #[default]
+    Kv,
+    /// Several devices syncing through a faulty network and relay, with
+    /// rotations, crashes and partitions (see [`crate::sync`]).
+    Sync,
+}
+
+impl fmt::Display for WorkloadKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WorkloadKind::Kv => "kv",
+            WorkloadKind::Sync => "sync",
+        })
+    }
+}
+
 /// What to run.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct SimConfig {
     /// The seed every choice of the run derives from.
     pub seed: u64,
-    /// Operations in the workload's run phase.
+    /// Operations (steps) in the workload's run phase.
     pub ops: usize,
-    /// Where the database lives.
+    /// Where the database lives (`kv` only; `sync` devices use simulated
+    /// disks that lose unsynced writes on a crash).
     pub backend: BackendKind,
     /// A deliberate model error, to test the checkers (never from the CLI).
     pub model_fault: Option<ModelFault>,
+    /// The workload.
+    pub workload: WorkloadKind,
+    /// Devices (`sync` only).
+    pub devices: usize,
+    /// One device's clock runs beyond the drift limit (`sync` only).
+    pub far_skew: bool,
+    /// A deliberate break of a sync property (tests only).
+    pub sync_fault: Option<SyncFault>,
+    /// Keep a readable line per trace event (for `replay --trace`).
+    pub keep_trace: bool,
+    /// Reboot every device when faults stop (`sync` only; see
+    /// [`SyncOptions::reboot_at_quiesce`]).
+    pub reboot_at_quiesce: bool,
 }
 
 impl SimConfig {
@@ -63,7 +101,53 @@ impl SimConfig {
             ops: OPS_DEFAULT,
             backend: BackendKind::File,
             model_fault: None,
+            workload: WorkloadKind::Kv,
+            devices: sync::DEVICES_DEFAULT,
+            far_skew: false,
+            sync_fault: None,
+            keep_trace: false,
+            reboot_at_quiesce: false,
         }
+    }
+
+    /// A `sync` run of [`sync::STEPS_DEFAULT`] steps on
+    /// [`sync::DEVICES_DEFAULT`] devices from `seed`.
+    pub fn sync(seed: u64) -> Self {
+        Self {
+            ops: sync::STEPS_DEFAULT,
+            workload: WorkloadKind::Sync,
+            ..Self::new(seed)
+        }
+    }
+
+    /// Sets the number of devices.
+    pub fn devices(mut self, devices: usize) -> Self {
+        self.devices = devices;
+        self
+    }
+
+    /// Runs one device's clock far ahead.
+    pub fn far_skew(mut self, far: bool) -> Self {
+        self.far_skew = far;
+        self
+    }
+
+    /// Breaks a sync property on purpose, to prove its checker fails.
+    pub fn sync_fault(mut self, fault: SyncFault) -> Self {
+        self.sync_fault = Some(fault);
+        self
+    }
+
+    /// Reboots every device when faults stop.
+    pub fn reboot_at_quiesce(mut self, reboot: bool) -> Self {
+        self.reboot_at_quiesce = reboot;
+        self
+    }
+
+    /// Keeps the readable trace.
+    pub fn keep_trace(mut self, keep: bool) -> Self {
+        self.keep_trace = keep;
+        self
     }
 
     /// Sets the number of operations.
@@ -86,10 +170,28 @@ impl SimConfig {
 
     /// The shell command that replays this run from a checkout.
     pub fn replay_command(&self) -> String {
-        let mut cmd = format!(
-            "cargo run -p persist-sim -- run --seed {} --ops {} --backend {}",
-            self.seed, self.ops, self.backend
-        );
+        let mut cmd = match self.workload {
+            WorkloadKind::Kv => format!(
+                "cargo run -p persist-sim -- run --seed {} --ops {} --backend {}",
+                self.seed, self.ops, self.backend
+            ),
+            WorkloadKind::Sync => {
+                format!(
+                    "cargo run -p persist-sim -- run --workload sync --seed {} --steps {} --devices {}{}",
+                    self.seed,
+                    self.ops,
+                    self.devices,
+                    if self.far_skew { " --far-skew" } else { "" }
+                ) + if self.reboot_at_quiesce {
+                    " --reboot-at-quiesce"
+                } else {
+                    ""
+                }
+            }
+        };
+        if let Some(fault) = self.sync_fault {
+            cmd.push_str(&format!("  # plus sync fault {fault:?}, set only by tests"));
+        }
         if let Some(fault) = self.model_fault {
             cmd.push_str(&format!(
                 "  # plus model fault {fault:?}, set only by tests"
@@ -112,6 +214,12 @@ pub struct Outcome {
     pub records: usize,
     /// Size of the final database image ([`BackendKind::Memory`] only).
     pub db_bytes: Option<usize>,
+    /// Faults that fired, by kind (`sync` only).
+    pub faults: BTreeMap<String, u64>,
+    /// Invariant checks that ran, by invariant (`sync` only).
+    pub checks: BTreeMap<&'static str, u64>,
+    /// The readable trace, if [`SimConfig::keep_trace`].
+    pub trace: Vec<String>,
 }
 
 /// A failed run, with the command that replays it.
@@ -125,6 +233,8 @@ pub struct Failure {
     pub kind: Box<FailureKind>,
     /// The command that replays the run.
     pub replay: String,
+    /// The readable trace up to the failure, if [`SimConfig::keep_trace`].
+    pub trace: Vec<String>,
 }
 
 /// What went wrong in a failed run.
@@ -145,14 +255,21 @@ pub enum FailureKind {
     /// The store did not close cleanly.
     #[error("close: {0}")]
     Close(String),
+    /// The sync workload failed: an invariant, or an engine error.
+    #[error("workload sync: {0}")]
+    Sync(SyncRunError),
 }
 
 /// Runs `config` to completion on a fresh paused runtime.
 pub fn run(config: &SimConfig) -> Result<Outcome, Failure> {
+    if config.workload == WorkloadKind::Sync {
+        return run_sync(config);
+    }
     let fail = |kind| Failure {
         seed: config.seed,
         kind: Box::new(kind),
         replay: config.replay_command(),
+        trace: Vec::new(),
     };
     // Declared before the runtime so that it outlives every task.
     let dir = tempfile::Builder::new()
@@ -225,5 +342,95 @@ async fn run_on(config: &SimConfig, dir: &Path, key_file: PathBuf) -> Result<Out
         trace_hash: trace.finish(),
         records,
         db_bytes,
+        faults: BTreeMap::new(),
+        checks: BTreeMap::new(),
+        trace: Vec::new(),
     })
+}
+
+/// Runs a `sync` workload on a fresh paused runtime.
+fn run_sync(config: &SimConfig) -> Result<Outcome, Failure> {
+    let fail = |kind, trace: Vec<String>| Failure {
+        seed: config.seed,
+        kind: Box::new(kind),
+        replay: config.replay_command(),
+        trace,
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("persist-sim-")
+        .tempdir()
+        .map_err(|e| {
+            fail(
+                FailureKind::Setup(format!("temporary directory: {e}")),
+                Vec::new(),
+            )
+        })?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .map_err(|e| {
+            fail(
+                FailureKind::Setup(format!("tokio runtime: {e}")),
+                Vec::new(),
+            )
+        })?;
+    let mut trace = if config.keep_trace {
+        Trace::logging()
+    } else {
+        Trace::new()
+    };
+    let result = runtime.block_on(run_sync_on(config, dir.path(), &mut trace));
+    // Tasks left on the runtime (relay sessions, pumps) end with it,
+    // before the directory goes.
+    drop(runtime);
+    match result {
+        Ok(summary) => Ok(Outcome {
+            events: trace.events(),
+            trace: trace.lines().to_vec(),
+            trace_hash: trace.finish(),
+            records: summary.records,
+            db_bytes: None,
+            faults: summary.faults,
+            checks: summary.checks,
+        }),
+        Err(kind) => {
+            let lines = trace.lines().to_vec();
+            Err(fail(kind, lines))
+        }
+    }
+}
+
+async fn run_sync_on(
+    config: &SimConfig,
+    dir: &Path,
+    trace: &mut Trace,
+) -> Result<sync::SyncSummary, FailureKind> {
+    if config.devices < 2 {
+        return Err(FailureKind::Setup(
+            "the sync workload needs at least 2 devices".into(),
+        ));
+    }
+    let opts = SyncOptions {
+        seed: config.seed,
+        devices: config.devices,
+        steps: config.ops,
+        far_skew: config.far_skew,
+        fault: config.sync_fault,
+        reboot_at_quiesce: config.reboot_at_quiesce,
+    };
+    let skews = sync::skews(&opts);
+    let mut cluster = Cluster::new(config.seed, dir, START_MS, &skews);
+    let mut workload = SyncWorkload::new(opts);
+    let phases = async {
+        workload.setup(&mut cluster, trace).await?;
+        workload.run(&mut cluster, trace).await?;
+        workload.quiesce(&mut cluster, trace).await?;
+        workload.check(&mut cluster, trace).await
+    };
+    let outcome = phases.await;
+    let closed = cluster.close_all().await;
+    let summary = outcome.map_err(FailureKind::Sync)?;
+    closed.map_err(FailureKind::Close)?;
+    Ok(summary)
 }

@@ -1,17 +1,26 @@
-//! `persist-sim`: run one seeded simulation and print its trace hash.
+//! `persist-sim`: run seeded simulations of Persist.
 //!
 //! ```text
-//! persist-sim run --seed 42 [--ops 500] [--backend file|memory]
+//! persist-sim run --seed 42 [--workload kv|sync] [--steps N] [--devices 3] [--far-skew]
+//! persist-sim sweep --seeds 200 [--from S] [--jobs 2] [--workload sync] [--steps N]
+//! persist-sim replay --seed 42 --trace [--workload sync] …
 //! ```
 //!
-//! Exits 0 and prints the trace hash when the store agreed with the model
-//! throughout; exits 1 and prints what differed and the replay command
-//! otherwise.
+//! `run` prints the trace hash; `sweep` runs many seeds with a progress bar
+//! and prints a summary and, per failure, the command that replays it;
+//! `replay --trace` prints every event of one run. Any failure exits 1.
 
+use std::collections::BTreeMap;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
-use persist_sim::harness::{self, BackendKind, OPS_DEFAULT, SimConfig};
+use clap::{Args, Parser, Subcommand};
+use persist_sim::harness::{
+    self, BackendKind, Failure, OPS_DEFAULT, Outcome, SimConfig, WorkloadKind,
+};
+use persist_sim::sync::{DEVICES_DEFAULT, STEPS_DEFAULT};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -24,6 +33,48 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Debug, Args, Clone)]
+struct RunArgs {
+    /// Which workload.
+    #[arg(long, value_enum, default_value_t = WorkloadKind::Kv)]
+    workload: WorkloadKind,
+    /// Steps in the run phase (default: 500 for kv, 300 for sync).
+    #[arg(long, alias = "ops")]
+    steps: Option<usize>,
+    /// Devices (sync).
+    #[arg(long, default_value_t = DEVICES_DEFAULT)]
+    devices: usize,
+    /// One device's clock runs 15-60 minutes ahead, beyond the drift
+    /// limit: its writes are held elsewhere until clocks catch up (sync).
+    #[arg(long)]
+    far_skew: bool,
+    /// Reboot every device when faults stop, so a sync session wedged
+    /// during the faults starts fresh (sync).
+    #[arg(long)]
+    reboot_at_quiesce: bool,
+    /// Where the store keeps its database (kv).
+    #[arg(long, value_enum, default_value_t = BackendKind::File)]
+    backend: BackendKind,
+}
+
+impl RunArgs {
+    fn config(&self, seed: u64) -> SimConfig {
+        let base = match self.workload {
+            WorkloadKind::Sync => SimConfig::sync(seed),
+            _ => SimConfig::new(seed),
+        };
+        let steps = self.steps.unwrap_or(match self.workload {
+            WorkloadKind::Sync => STEPS_DEFAULT,
+            _ => OPS_DEFAULT,
+        });
+        base.ops(steps)
+            .backend(self.backend)
+            .devices(self.devices)
+            .far_skew(self.far_skew)
+            .reboot_at_quiesce(self.reboot_at_quiesce)
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run one seeded simulation and print its trace hash.
@@ -31,38 +82,187 @@ enum Command {
         /// The seed; the same seed replays the same run.
         #[arg(long)]
         seed: u64,
-        /// Operations in the run phase.
-        #[arg(long, default_value_t = OPS_DEFAULT)]
-        ops: usize,
-        /// Where the store keeps its database.
-        #[arg(long, value_enum, default_value_t = BackendKind::File)]
-        backend: BackendKind,
+        #[command(flatten)]
+        args: RunArgs,
+    },
+    /// Run many seeds and summarise.
+    Sweep {
+        /// How many seeds.
+        #[arg(long, default_value_t = 200)]
+        seeds: u64,
+        /// The first seed.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+        /// OS threads, each with its own runtime (each run stays
+        /// deterministic: it owns its runtime).
+        #[arg(long, default_value_t = 1)]
+        jobs: usize,
+        #[command(flatten)]
+        args: RunArgs,
+    },
+    /// Replay one seed, printing its trace.
+    Replay {
+        /// The seed.
+        #[arg(long)]
+        seed: u64,
+        /// Print every event.
+        #[arg(long)]
+        trace: bool,
+        #[command(flatten)]
+        args: RunArgs,
     },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { seed, ops, backend } => {
-            let config = SimConfig::new(seed).ops(ops).backend(backend);
-            match harness::run(&config) {
-                Ok(outcome) => {
-                    let db = outcome
-                        .db_bytes
-                        .map(|n| format!(" db_bytes={n}"))
-                        .unwrap_or_default();
-                    println!(
-                        "ok seed={seed} ops={ops} backend={backend} events={} records={}{db}",
-                        outcome.events, outcome.records
-                    );
-                    println!("trace {}", outcome.trace_hash);
-                    ExitCode::SUCCESS
+        Command::Run { seed, args } => report(&args.config(seed), harness::run(&args.config(seed))),
+        Command::Replay { seed, trace, args } => {
+            let config = args.config(seed).keep_trace(trace);
+            let result = harness::run(&config);
+            let lines = match &result {
+                Ok(o) => &o.trace,
+                Err(f) => &f.trace,
+            };
+            for line in lines {
+                println!("{line}");
+            }
+            report(&config, result)
+        }
+        Command::Sweep {
+            seeds,
+            from,
+            jobs,
+            args,
+        } => sweep(seeds, from, jobs.max(1), &args),
+    }
+}
+
+fn report(config: &SimConfig, result: Result<Outcome, Failure>) -> ExitCode {
+    match result {
+        Ok(outcome) => {
+            let db = outcome
+                .db_bytes
+                .map(|n| format!(" db_bytes={n}"))
+                .unwrap_or_default();
+            println!(
+                "ok seed={} workload={} steps={} events={} records={}{db}",
+                config.seed, config.workload, config.ops, outcome.events, outcome.records
+            );
+            if !outcome.faults.is_empty() {
+                println!("faults {:?}", outcome.faults);
+            }
+            println!("trace {}", outcome.trace_hash);
+            ExitCode::SUCCESS
+        }
+        Err(failure) => {
+            eprintln!("{failure}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What a sweep gathers.
+#[derive(Default)]
+struct Tally {
+    runs: u64,
+    failures: Vec<(u64, String, String)>,
+    faults: BTreeMap<String, u64>,
+    checks: BTreeMap<&'static str, u64>,
+}
+
+fn sweep(seeds: u64, from: u64, jobs: usize, args: &RunArgs) -> ExitCode {
+    let bar = indicatif::ProgressBar::new(seeds);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} seeds  {per_sec}  eta {eta}  {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let next = Arc::new(AtomicU64::new(0));
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    // allow-nondeterminism: sweep timing is reported, never part of a run.
+    #[allow(clippy::disallowed_methods)]
+    let started = std::time::Instant::now();
+    let worker = {
+        let (next, tally, bar, args) = (next.clone(), tally.clone(), bar.clone(), args.clone());
+        move || {
+            loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                if i >= seeds {
+                    return;
                 }
-                Err(failure) => {
-                    eprintln!("{failure}");
-                    ExitCode::FAILURE
+                let config = args.config(from + i);
+                let result = harness::run(&config);
+                let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
+                t.runs += 1;
+                match result {
+                    Ok(outcome) => {
+                        for (k, v) in outcome.faults {
+                            *t.faults.entry(k).or_default() += v;
+                        }
+                        for (k, v) in outcome.checks {
+                            *t.checks.entry(k).or_default() += v;
+                        }
+                    }
+                    Err(failure) => {
+                        t.failures
+                            .push((failure.seed, failure.kind.to_string(), failure.replay));
+                        bar.set_message(format!("{} failed", t.failures.len()));
+                    }
                 }
+                bar.inc(1);
             }
         }
+    };
+    // Each thread runs whole simulations, each on its own current-thread
+    // runtime: threads only change which seed runs when, never a run.
+    let handles: Vec<_> = (0..jobs)
+        .map(|_| {
+            let w = worker.clone();
+            // allow-nondeterminism: one runtime per thread, one run at a time.
+            #[allow(clippy::disallowed_methods)]
+            std::thread::spawn(w)
+        })
+        .collect();
+    for h in handles {
+        let _ = h.join();
+    }
+    bar.finish();
+    let elapsed = started.elapsed().max(Duration::from_millis(1));
+    let t = tally.lock().unwrap_or_else(|p| p.into_inner());
+    println!();
+    println!("workload     {}", args.workload);
+    println!("runs         {}", t.runs);
+    println!("failures     {}", t.failures.len());
+    println!(
+        "seeds/second {:.2}  ({} jobs, {:.1}s)",
+        t.runs as f64 / elapsed.as_secs_f64(),
+        jobs,
+        elapsed.as_secs_f64()
+    );
+    if !t.faults.is_empty() {
+        println!("faults fired:");
+        for (k, v) in &t.faults {
+            println!("  {k:<26} {v}");
+        }
+    }
+    if !t.checks.is_empty() {
+        println!("invariants checked:");
+        for (k, v) in &t.checks {
+            println!("  {k:<26} {v}");
+        }
+    }
+    let mut failures = t.failures.clone();
+    failures.sort();
+    for (seed, kind, replay) in &failures {
+        println!();
+        println!("FAILED seed {seed}: {kind}");
+        println!("  replay: {replay}");
+    }
+    if failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }

@@ -28,6 +28,9 @@ pub enum Event {
     List,
     /// The final database image (in-memory runs only); field: its bytes.
     Database,
+    /// Something a multi-device workload did or saw, as one line of text
+    /// (which device, which operation, what came back).
+    Note,
 }
 
 impl Event {
@@ -39,6 +42,7 @@ impl Event {
             Event::Get => 4,
             Event::List => 5,
             Event::Database => 6,
+            Event::Note => 7,
         }
     }
 }
@@ -48,6 +52,8 @@ impl Event {
 pub struct Trace {
     hasher: Sha256,
     events: u64,
+    /// One readable line per event, when asked for (`replay --trace`).
+    log: Option<Vec<String>>,
 }
 
 impl Default for Trace {
@@ -69,7 +75,30 @@ impl Trace {
     pub fn new() -> Self {
         let mut hasher = Sha256::new();
         hasher.update(TRACE_DOMAIN);
-        Self { hasher, events: 0 }
+        Self {
+            hasher,
+            events: 0,
+            log: None,
+        }
+    }
+
+    /// An empty trace that also keeps a readable line per event.
+    pub fn logging() -> Self {
+        Self {
+            log: Some(Vec::new()),
+            ..Self::new()
+        }
+    }
+
+    /// Adds a [`Event::Note`].
+    pub fn note(&mut self, line: impl Into<String>) {
+        let line = line.into();
+        self.record(Event::Note, &[line.as_bytes()]);
+    }
+
+    /// The readable lines so far (empty unless made with [`Trace::logging`]).
+    pub fn lines(&self) -> &[String] {
+        self.log.as_deref().unwrap_or_default()
     }
 
     /// Adds one event with its fields.
@@ -81,6 +110,27 @@ impl Trace {
             self.hasher.update(field);
         }
         self.events += 1;
+        if let Some(log) = &mut self.log {
+            let line = match (event, fields) {
+                (Event::Note, [text]) => String::from_utf8_lossy(text).into_owned(),
+                (Event::Advance, [ms]) if ms.len() == 8 => {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(ms);
+                    format!("+{}ms", u64::from_be_bytes(b))
+                }
+                _ => {
+                    let shown: Vec<String> = fields
+                        .iter()
+                        .map(|f| {
+                            let text = String::from_utf8_lossy(f);
+                            text.chars().take(64).collect()
+                        })
+                        .collect();
+                    format!("{event:?} {}", shown.join(" "))
+                }
+            };
+            log.push(format!("{:>6} {line}", self.events));
+        }
     }
 
     /// How many events were recorded.

@@ -1,0 +1,266 @@
+//! The devices of one simulated store: their clocks, disks and lives.
+//!
+//! Device 0 creates the store; every other device joins from its key
+//! export. Each device has its own skewed view of one simulated wall clock
+//! ([`SkewedClock`]), its own disk ([`SimDisk`]) and, for each time it boots,
+//! fresh randomness derived from the seed (a rebooted device draws new
+//! nonces, as a real one does). A device can be closed and reopened, crash
+//! (dropped without closing, losing what was not fsynced) and reboot, or be
+//! reopened with a fresh export from device 0 to receive keys of epochs
+//! made since it last imported ("key delivery": until pairing lands, that
+//! is how a new epoch reaches another device).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use persist::{Config, Env, KdfParams, ManualClock, OpenError, SeededEntropy, Store};
+use persist_core::env::Clock;
+use sha2::{Digest, Sha256};
+
+use crate::disk::SimDisk;
+use crate::net::SimNet;
+
+/// The passphrase of every export in a run (the KDF is cheap under test).
+const EXPORT_PASSPHRASE: &str = "simulated export passphrase";
+/// How long a crashed device waits, in simulated time, for its old
+/// actors to let go of the disk before it gives up.
+const RELEASE_WAIT_MAX: Duration = Duration::from_secs(60);
+/// The poll interval of that wait.
+const RELEASE_POLL: Duration = Duration::from_millis(10);
+
+/// One device's wall clock: the run's clock plus a fixed skew.
+#[derive(Clone, Debug)]
+pub struct SkewedClock {
+    base: ManualClock,
+    skew_ms: i64,
+}
+
+impl SkewedClock {
+    /// The reading of `base` shifted by `skew_ms`.
+    pub fn new(base: ManualClock, skew_ms: i64) -> Self {
+        Self { base, skew_ms }
+    }
+
+    /// The skew, ms.
+    pub fn skew_ms(&self) -> i64 {
+        self.skew_ms
+    }
+}
+
+impl Clock for SkewedClock {
+    fn now_ms(&self) -> u64 {
+        self.base.now_ms().saturating_add_signed(self.skew_ms)
+    }
+}
+
+/// A device of the store.
+pub struct Device {
+    /// Its index in the run (0 created the store).
+    pub index: usize,
+    store: Option<Store>,
+    dir: PathBuf,
+    disk: SimDisk,
+    clock: SkewedClock,
+    /// Boots so far; each draws fresh randomness.
+    boots: u64,
+    /// The highest epoch this device holds keys for, as far as the
+    /// workload delivered them.
+    pub keys_epoch: u32,
+}
+
+impl Device {
+    /// The skew of this device's clock, ms.
+    pub fn clock_skew_ms(&self) -> i64 {
+        self.clock.skew_ms()
+    }
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("index", &self.index)
+            .field("open", &self.store.is_some())
+            .field("skew_ms", &self.clock.skew_ms)
+            .field("boots", &self.boots)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a device's reboot goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shutdown {
+    /// `close()`: every accepted write committed, actors stopped.
+    Clean,
+    /// Dropped without closing, then power lost: only fsynced bytes stay.
+    Crash,
+}
+
+/// Every device of a run, and what they share.
+pub struct Cluster {
+    /// The devices, by index.
+    pub devices: Vec<Device>,
+    /// The network.
+    pub net: SimNet,
+    /// The simulated wall clock devices skew from.
+    pub clock: ManualClock,
+    seed: u64,
+    /// Whether a reboot draws fresh randomness (only a negative test
+    /// turns this off, to prove the nonce checker catches reuse).
+    pub fresh_entropy_on_boot: bool,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("devices", &self.devices)
+            .field("net", &self.net)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// `skews.len()` devices under `root`, none open yet.
+    pub fn new(seed: u64, root: &Path, start_ms: u64, skews: &[i64]) -> Self {
+        let clock = ManualClock::new(start_ms);
+        let devices = skews
+            .iter()
+            .enumerate()
+            .map(|(index, &skew)| Device {
+                index,
+                store: None,
+                dir: root.join(format!("device-{index}")),
+                disk: SimDisk::new(),
+                clock: SkewedClock::new(clock.clone(), skew),
+                boots: 0,
+                keys_epoch: 0,
+            })
+            .collect();
+        Self {
+            devices,
+            net: SimNet::new(derive(seed, "net", 0, 0), skews.len()),
+            clock,
+            seed,
+            fresh_entropy_on_boot: true,
+        }
+    }
+
+    /// The open store of device `index`, if it is up.
+    pub fn store(&self, index: usize) -> Option<&Store> {
+        self.devices[index].store.as_ref()
+    }
+
+    /// Device `index`'s clock reading now.
+    pub fn device_now_ms(&self, index: usize) -> u64 {
+        self.devices[index].clock.now_ms()
+    }
+
+    /// Boots device `index`, importing `export` (an export of device 0)
+    /// if given.
+    pub async fn boot(&mut self, index: usize, export: Option<&str>) -> Result<(), OpenError> {
+        let device = &mut self.devices[index];
+        debug_assert!(device.store.is_none(), "boot of a running device");
+        // Actors of a crashed store may still be winding down.
+        let mut waited = Duration::ZERO;
+        while device.disk.in_use() && waited < RELEASE_WAIT_MAX {
+            tokio::time::sleep(RELEASE_POLL).await;
+            waited += RELEASE_POLL;
+        }
+        if device.disk.in_use() {
+            return Err(OpenError::Start(format!(
+                "simulation: device {index}'s previous store still holds its disk after {}s",
+                RELEASE_WAIT_MAX.as_secs()
+            )));
+        }
+        if self.fresh_entropy_on_boot {
+            device.boots += 1;
+        }
+        let entropy = SeededEntropy::new(derive_bytes(self.seed, "device", index, device.boots));
+        let env = Env {
+            clock: Arc::new(device.clock.clone()),
+            entropy: Arc::new(entropy),
+        };
+        let mut config = Config::new(device.dir.join("store"))
+            .key_file(device.dir.join("keys").join("device.key"))
+            .name(format!("device-{index}"))
+            .storage_backend(device.disk.handle());
+        if let Some(export) = export {
+            config = config.key(export, EXPORT_PASSPHRASE);
+        }
+        let config = config
+            .dangerous()
+            .env(env)
+            .export_kdf(KdfParams::insecure_for_tests())
+            .sync_via("sim-relay", self.net.dial_for(index))
+            .done();
+        device.store = Some(Store::open(config).await?);
+        Ok(())
+    }
+
+    /// Shuts device `index` down, cleanly or by crashing.
+    pub async fn shutdown(&mut self, index: usize, how: Shutdown) -> Result<usize, String> {
+        let device = &mut self.devices[index];
+        let Some(store) = device.store.take() else {
+            return Ok(0);
+        };
+        match how {
+            Shutdown::Clean => {
+                store.close().await.map_err(|e| e.to_string())?;
+                Ok(0)
+            }
+            Shutdown::Crash => {
+                drop(store);
+                let mut waited = Duration::ZERO;
+                while device.disk.in_use() && waited < RELEASE_WAIT_MAX {
+                    tokio::time::sleep(RELEASE_POLL).await;
+                    waited += RELEASE_POLL;
+                }
+                if device.disk.in_use() {
+                    return Err(format!(
+                        "device {index}: a dropped store still holds its disk after {}s",
+                        RELEASE_WAIT_MAX.as_secs()
+                    ));
+                }
+                Ok(device.disk.power_loss())
+            }
+        }
+    }
+
+    /// A fresh export of device 0's keys (every epoch it holds).
+    pub async fn export_from_zero(&self) -> Result<String, String> {
+        let store = self.store(0).ok_or("device 0 is down")?;
+        let export = store
+            .crypto()
+            .export_key_with(EXPORT_PASSPHRASE)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(export.export)
+    }
+
+    /// Closes every device that is up.
+    pub async fn close_all(&mut self) -> Result<(), String> {
+        for index in 0..self.devices.len() {
+            self.shutdown(index, Shutdown::Clean).await?;
+        }
+        Ok(())
+    }
+}
+
+/// A `u64` for `label`'s `a`-th/`b`-th use, derived from the run's seed.
+pub fn derive(seed: u64, label: &str, a: usize, b: u64) -> u64 {
+    let bytes = derive_bytes(seed, label, a, b);
+    u64::from_le_bytes([
+        bytes[0], bytes[1], bytes[2], bytes[3], bytes[4], bytes[5], bytes[6], bytes[7],
+    ])
+}
+
+fn derive_bytes(seed: u64, label: &str, a: usize, b: u64) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(b"persist-sim/derive/v1");
+    h.update(seed.to_le_bytes());
+    h.update((label.len() as u64).to_le_bytes());
+    h.update(label.as_bytes());
+    h.update((a as u64).to_le_bytes());
+    h.update(b.to_le_bytes());
+    h.finalize().into()
+}

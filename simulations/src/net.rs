@@ -1,0 +1,465 @@
+//! The simulated network: every device reaches one in-memory relay through
+//! a seeded, faulty, tapped pipe.
+//!
+//! A device's store dials through [`DeviceDial`] (given to it with
+//! `Config::dangerous().sync_via`). Each dial, if the device is not
+//! partitioned and the relay is up, makes two in-memory pipes joined by two
+//! pump tasks (one per direction) and starts the relay's own session code
+//! (`persist_relay::serve`) on the far end, over a shared
+//! [`MemoryRelay`]. The pumps are where faults happen and where every byte
+//! is tapped for the checkers.
+//!
+//! # Faults (drawn from the seed, per connection)
+//! - **dial delay**: the dial sleeps on the paused clock before answering.
+//! - **latency**: each chunk a pump moves waits before it is delivered.
+//! - **cut**: after a seeded number of bytes (both ways together) the
+//!   connection is killed mid-stream: the pumps and the relay session stop
+//!   and both ends see the pipe close, exactly as a dropped connection.
+//! - **partition**: a partitioned device's dials fail and its open
+//!   connections are killed, until healed.
+//! - **relay down**: the relay's sessions are all killed and dials fail
+//!   until it is up again; its stored state (the [`MemoryRelay`]) is kept,
+//!   as a relay restarting on its database.
+//!
+//! Within a stream bytes stay in order (the protocol needs it, as QUIC
+//! gives it). Duplication happens the way it does in the product: a push
+//! cut before its acknowledgement is pushed again after the reconnect.
+//!
+//! # Invariants
+//! - The state lock is never held across an `.await`.
+//! - Every draw from the network's RNG happens in an order fixed by the
+//!   (single-threaded, paused) runtime, so a seed replays the same faults.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use persist_storage::relay::MemoryRelay;
+use rand_chacha::ChaCha8Rng;
+use rand_core::{Rng, SeedableRng};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
+use tokio::task::AbortHandle;
+
+/// Bytes each in-memory pipe buffers per direction.
+const PIPE_BYTES: usize = 64 * 1024;
+/// Bytes a pump moves per chunk.
+const CHUNK_BYTES: usize = 16 * 1024;
+
+/// How often and how hard the network misbehaves while faults are on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NetFaults {
+    /// Percent of dials that are delayed.
+    pub dial_delay_percent: u32,
+    /// Longest dial delay, ms.
+    pub dial_delay_ms_max: u64,
+    /// Percent of connections with per-chunk latency.
+    pub latency_percent: u32,
+    /// Longest per-chunk latency, ms.
+    pub latency_ms_max: u64,
+    /// Percent of connections cut mid-stream.
+    pub cut_percent: u32,
+    /// Most bytes a cut connection carries before it is cut.
+    pub cut_after_bytes_max: u64,
+}
+
+impl NetFaults {
+    /// No faults: what the quiet phase at the end of a run uses.
+    pub const NONE: NetFaults = NetFaults {
+        dial_delay_percent: 0,
+        dial_delay_ms_max: 0,
+        latency_percent: 0,
+        latency_ms_max: 0,
+        cut_percent: 0,
+        cut_after_bytes_max: 0,
+    };
+
+    /// The faults of a run's busy phase, scaled by the seed's `intensity`
+    /// (0..=3, 0 meaning none): FoundationDB's "buggify" switches whole
+    /// classes of faults on per run rather than sprinkling all of them
+    /// into every run.
+    pub fn from_intensity(intensity: u32) -> NetFaults {
+        if intensity == 0 {
+            return NetFaults::NONE;
+        }
+        NetFaults {
+            dial_delay_percent: 10 * intensity,
+            dial_delay_ms_max: 2_000,
+            latency_percent: 10 * intensity,
+            latency_ms_max: 300,
+            cut_percent: 10 * intensity,
+            cut_after_bytes_max: 20_000,
+        }
+    }
+}
+
+/// Everything that crossed one connection, each direction in order.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TappedConn {
+    /// The device that dialled.
+    pub device: usize,
+    /// Device → relay bytes.
+    pub up: Vec<u8>,
+    /// Relay → device bytes.
+    pub down: Vec<u8>,
+}
+
+/// The network every device of a run shares. Cheap to clone.
+#[derive(Clone)]
+pub struct SimNet {
+    inner: Arc<Mutex<NetState>>,
+    relay: Arc<MemoryRelay>,
+}
+
+impl std::fmt::Debug for SimNet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let state = self.lock();
+        f.debug_struct("SimNet")
+            .field("relay_up", &state.relay_up)
+            .field("partitioned", &state.partitioned)
+            .field("connections", &state.tapped.len())
+            .finish_non_exhaustive()
+    }
+}
+
+struct NetState {
+    rng: ChaCha8Rng,
+    faults: NetFaults,
+    relay_up: bool,
+    partitioned: Vec<bool>,
+    /// Per connection (index = connection id): what crossed it.
+    tapped: Vec<TappedConn>,
+    /// Open connections: id → (device, the tasks that keep it alive).
+    live: BTreeMap<usize, (usize, Vec<AbortHandle>)>,
+    /// Faults that fired, by kind.
+    fired: BTreeMap<&'static str, u64>,
+}
+
+impl SimNet {
+    /// A network of `devices` devices around an empty relay, its faults
+    /// drawn from `seed`.
+    pub fn new(seed: u64, devices: usize) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(NetState {
+                rng: ChaCha8Rng::seed_from_u64(seed),
+                faults: NetFaults::NONE,
+                relay_up: true,
+                partitioned: vec![false; devices],
+                tapped: Vec::new(),
+                live: BTreeMap::new(),
+                fired: BTreeMap::new(),
+            })),
+            relay: Arc::new(MemoryRelay::new()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, NetState> {
+        // No code panics while holding the lock; a poisoned lock still
+        // holds consistent state.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The dial device `device` syncs through.
+    pub fn dial_for(&self, device: usize) -> Arc<dyn persist::Dial> {
+        Arc::new(DeviceDial {
+            net: self.clone(),
+            device,
+        })
+    }
+
+    /// The relay's storage, kept across relay restarts.
+    pub fn relay(&self) -> &MemoryRelay {
+        &self.relay
+    }
+
+    /// Sets the per-connection faults for dials from now on.
+    pub fn set_faults(&self, faults: NetFaults) {
+        self.lock().faults = faults;
+    }
+
+    /// Cuts `device` off: its dials fail and its connections die.
+    pub fn partition(&self, device: usize) {
+        let doomed = {
+            let mut state = self.lock();
+            state.partitioned[device] = true;
+            state.count("partition");
+            state.take_live(|d| d == device)
+        };
+        kill(doomed);
+    }
+
+    /// Lets `device` reach the relay again.
+    pub fn heal(&self, device: usize) {
+        self.lock().partitioned[device] = false;
+    }
+
+    /// Whether `device` is cut off.
+    pub fn is_partitioned(&self, device: usize) -> bool {
+        self.lock().partitioned[device]
+    }
+
+    /// Stops the relay: every session dies, dials fail. Its data stays.
+    pub fn relay_down(&self) {
+        let doomed = {
+            let mut state = self.lock();
+            state.relay_up = false;
+            state.count("relay_restart");
+            state.take_live(|_| true)
+        };
+        kill(doomed);
+    }
+
+    /// Starts the relay again on the data it had.
+    pub fn relay_up(&self) {
+        self.lock().relay_up = true;
+    }
+
+    /// Whether the relay is up.
+    pub fn is_relay_up(&self) -> bool {
+        self.lock().relay_up
+    }
+
+    /// Heals every partition and starts the relay; faults off.
+    pub fn calm(&self) {
+        let mut state = self.lock();
+        state.faults = NetFaults::NONE;
+        state.relay_up = true;
+        for p in &mut state.partitioned {
+            *p = false;
+        }
+    }
+
+    /// Every connection's bytes so far.
+    pub fn tapped(&self) -> Vec<TappedConn> {
+        self.lock().tapped.clone()
+    }
+
+    /// Adds bytes to the tap as if a connection of `device` carried them
+    /// up. Only for the negative tests of the checkers.
+    pub fn inject_tapped(&self, device: usize, bytes: &[u8]) {
+        self.lock().tapped.push(TappedConn {
+            device,
+            up: bytes.to_vec(),
+            down: Vec::new(),
+        });
+    }
+
+    /// Faults that fired, by kind.
+    pub fn fired(&self) -> BTreeMap<&'static str, u64> {
+        self.lock().fired.clone()
+    }
+
+    /// Connections made so far.
+    pub fn connections(&self) -> usize {
+        self.lock().tapped.len()
+    }
+
+    /// Opens one connection for `device`, or says why not.
+    async fn dial(&self, device: usize) -> Result<persist::Conversation, String> {
+        let (delay_ms, latency_ms, cut_after) = {
+            let mut state = self.lock();
+            if !state.relay_up {
+                state.count("dial_refused_relay_down");
+                return Err("simulated: the relay is down".into());
+            }
+            if state.partitioned[device] {
+                state.count("dial_refused_partition");
+                return Err("simulated: this device is partitioned from the relay".into());
+            }
+            let f = state.faults;
+            let delay = state.draw(f.dial_delay_percent, f.dial_delay_ms_max);
+            let latency = state.draw(f.latency_percent, f.latency_ms_max);
+            let cut = state.draw(f.cut_percent, f.cut_after_bytes_max);
+            if delay.is_some() {
+                state.count("dial_delay");
+            }
+            if latency.is_some() {
+                state.count("latency");
+            }
+            (delay, latency, cut)
+        };
+        if let Some(ms) = delay_ms {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            // The world may have changed while the dial was in flight.
+            let state = self.lock();
+            if !state.relay_up || state.partitioned[device] {
+                return Err("simulated: the relay went away during the dial".into());
+            }
+        }
+        let (client, client_far) = tokio::io::duplex(PIPE_BYTES);
+        let (server_far, server) = tokio::io::duplex(PIPE_BYTES);
+        let id = {
+            let mut state = self.lock();
+            state.tapped.push(TappedConn {
+                device,
+                ..TappedConn::default()
+            });
+            state.tapped.len() - 1
+        };
+        let (server_read, server_write) = tokio::io::split(server);
+        let relay = self.relay.clone();
+        let session = tokio::spawn(async move {
+            let ctx = persist_relay::SessionContext::new(persist_relay::Admission::Open);
+            let tx = persist_transport::FrameSender::new(
+                Box::new(server_write) as Box<dyn tokio::io::AsyncWrite + Send + Unpin>
+            );
+            let rx = persist_transport::FrameReceiver::new(
+                Box::new(server_read) as Box<dyn tokio::io::AsyncRead + Send + Unpin>
+            );
+            persist_relay::serve(&*relay, &ctx, tx, rx).await;
+        });
+        let (cf_read, cf_write) = tokio::io::split(client_far);
+        let (sf_read, sf_write) = tokio::io::split(server_far);
+        let shared = Pump {
+            net: self.clone(),
+            id,
+            latency: latency_ms.map(Duration::from_millis),
+            cut_after,
+        };
+        let up = tokio::spawn(shared.clone().run(cf_read, sf_write, Direction::Up));
+        let down = tokio::spawn(shared.run(sf_read, cf_write, Direction::Down));
+        self.lock().live.insert(
+            id,
+            (
+                device,
+                vec![
+                    session.abort_handle(),
+                    up.abort_handle(),
+                    down.abort_handle(),
+                ],
+            ),
+        );
+        let (read, write) = tokio::io::split(client);
+        Ok(persist::Conversation {
+            read: Box::new(read),
+            write: Box::new(write),
+        })
+    }
+}
+
+impl NetState {
+    fn count(&mut self, kind: &'static str) {
+        *self.fired.entry(kind).or_default() += 1;
+    }
+
+    /// With `percent` chance, a value in `1..=max`.
+    fn draw(&mut self, percent: u32, max: u64) -> Option<u64> {
+        if percent == 0 || max == 0 || self.rng.next_u32() % 100 >= percent {
+            return None;
+        }
+        Some(1 + self.rng.next_u64() % max)
+    }
+
+    fn take_live(&mut self, which: impl Fn(usize) -> bool) -> Vec<AbortHandle> {
+        let ids: Vec<usize> = self
+            .live
+            .iter()
+            .filter(|(_, (device, _))| which(*device))
+            .map(|(id, _)| *id)
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| self.live.remove(&id))
+            .flat_map(|(_, handles)| handles)
+            .collect()
+    }
+}
+
+/// Stops a connection's tasks; dropping their pipe ends closes the pipes,
+/// so the device sees the connection end.
+fn kill(handles: Vec<AbortHandle>) {
+    for handle in handles {
+        handle.abort();
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Direction {
+    Up,
+    Down,
+}
+
+/// One direction of one connection.
+#[derive(Clone)]
+struct Pump {
+    net: SimNet,
+    id: usize,
+    latency: Option<Duration>,
+    /// Bytes (both directions) after which the connection is cut.
+    cut_after: Option<u64>,
+}
+
+impl Pump {
+    async fn run(
+        self,
+        mut from: ReadHalf<DuplexStream>,
+        mut to: WriteHalf<DuplexStream>,
+        dir: Direction,
+    ) {
+        let mut buf = vec![0u8; CHUNK_BYTES];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    // A half-close travels on: the far end sees the end.
+                    let _ = to.shutdown().await;
+                    return;
+                }
+                Ok(n) => n,
+            };
+            let (keep, cut) = self.tap(dir, &buf[..n]);
+            if let Some(latency) = self.latency {
+                tokio::time::sleep(latency).await;
+            }
+            if to.write_all(&buf[..keep]).await.is_err() {
+                return;
+            }
+            if cut {
+                let doomed = {
+                    let mut state = self.net.lock();
+                    state.count("connection_cut");
+                    state.take_live_id(self.id)
+                };
+                kill(doomed);
+                return;
+            }
+        }
+    }
+
+    /// Records `chunk` and says how much of it passes, and whether the
+    /// connection is cut after it.
+    fn tap(&self, dir: Direction, chunk: &[u8]) -> (usize, bool) {
+        let mut state = self.net.lock();
+        let conn = &mut state.tapped[self.id];
+        let moved = (conn.up.len() + conn.down.len()) as u64;
+        let (keep, cut) = match self.cut_after {
+            Some(limit) if moved + chunk.len() as u64 >= limit => (
+                usize::try_from(limit.saturating_sub(moved)).unwrap_or(0),
+                true,
+            ),
+            _ => (chunk.len(), false),
+        };
+        let keep = keep.min(chunk.len());
+        match dir {
+            Direction::Up => conn.up.extend_from_slice(&chunk[..keep]),
+            Direction::Down => conn.down.extend_from_slice(&chunk[..keep]),
+        }
+        (keep, cut)
+    }
+}
+
+impl NetState {
+    fn take_live_id(&mut self, id: usize) -> Vec<AbortHandle> {
+        self.live.remove(&id).map(|(_, h)| h).unwrap_or_default()
+    }
+}
+
+/// How one device dials: through the shared [`SimNet`].
+struct DeviceDial {
+    net: SimNet,
+    device: usize,
+}
+
+impl persist::Dial for DeviceDial {
+    fn dial(&self) -> persist::DialFuture<'_> {
+        Box::pin(self.net.dial(self.device))
+    }
+}
