@@ -1,17 +1,21 @@
 //! The actors of a Persist store, each a thin shell around `persist-core`.
 //!
 //! ```text
-//!                          StoreSupervisor
-//!          ┌───────────────┬───────┴────────┬──────────────┐
-//!      KeyManager     StorageWriter       Sealer         Rotator
-//!   (keyring, KEK)  (only redb writer)  (HLC, seal)  (background reseal)
+//!                               StoreSupervisor
+//!          ┌───────────────┬───────────┴───┬──────────────┬──────────────┐
+//!      KeyManager     StorageWriter       Sealer         Rotator       PeerSession
+//!   (keyring, KEK)  (only redb writer)  (HLC, seal)  (background     (sync with one
+//!                                                      reseal)        remote, if any)
 //! ```
 //!
 //! A put travels engine → [`Sealer`](sealer) (stamp, seal) →
 //! [`StorageWriter`](storage_writer) (LWW, group commit) → reply. Reads
 //! do not pass through actors: the engine opens a redb read transaction
 //! and opens the envelope with the [`KeySet`](keys::KeySet) that
-//! [`KeyManager`](key_manager) hands out. Decisions live in `persist-core`;
+//! [`KeyManager`](key_manager) hands out. Sync is the reverse path:
+//! [`PeerSession`](peer_session) pulls envelopes, [`ingest`] checks them
+//! (signature, tag, known epoch and signer) and the StorageWriter applies
+//! them with LWW. Decisions live in `persist-core`;
 //! these modules only move messages, so a simulation can drive the same
 //! code on a paused, single-threaded runtime.
 

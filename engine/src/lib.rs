@@ -1,7 +1,8 @@
 //! Persist: an embedded, end-to-end-encrypted, local-first store.
 //!
 //! An app opens a [`Store`], then reads and writes plain Rust values by
-//! path. Every byte that reaches disk is ciphertext: each write is sealed
+//! path. Every byte that reaches disk or the network is ciphertext: each
+//! write is sealed
 //! in an envelope (AES-256-GCM under a per-write key derived from the
 //! store's current data key, signed with the device's Ed25519 key), and
 //! paths are stored only as keyed hashes. The data keys live in a keyring
@@ -15,9 +16,18 @@
 //!              │ put/delete                 get/list (direct redb reads)
 //!              ▼                                   │
 //!   Sealer ──► StorageWriter ──► redb ◄────────────┘
-//!     ▲   (HLC, seal)   (LWW, group commit)
-//!     └── KeyManager (keyring, KEK)
+//!     ▲   (HLC, seal)   (LWW, group commit)   ▲
+//!     │                                        │ verified ingest, pending
+//!     └── KeyManager (keyring, KEK)       PeerSession ◄──QUIC──► relay / device
 //! ```
+//!
+//! With [`Config::sync`], a PeerSession keeps the store in step with a
+//! relay node (`persist-relay`) or another device serving its store
+//! ([`Store::serve`]): it pushes the envelopes this device sealed, pulls
+//! the others', checks every signature and tag before applying them with
+//! last-write-wins, and holds envelopes under a key or from a device it
+//! does not know yet until it does. [`Store::sync_now`] and
+//! [`Store::sync_status`] say where sync stands.
 //!
 //! The actors (`persist-actors`) are supervised by one store supervisor;
 //! the decisions they make (envelope format, HLC, last-write-wins) live in
