@@ -11,7 +11,7 @@
 //! A put travels engine → [`Sealer`](sealer) (stamp, seal) →
 //! [`StorageWriter`](storage_writer) (LWW, group commit) → reply. Reads
 //! do not pass through actors: the engine opens a redb read transaction
-//! and opens the envelope with the [`KeySet`](keys::KeySet) that
+//! and opens the envelope with the [`KeySet`] that
 //! [`KeyManager`](key_manager) hands out. Sync is the reverse path:
 //! [`PeerSession`](peer_session) pulls envelopes, [`ingest`] checks them
 //! (signature, tag, known epoch and signer) and the StorageWriter applies
