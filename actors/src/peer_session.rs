@@ -70,6 +70,10 @@ pub const RECONNECT_DELAY_MAX: Duration = Duration::from_secs(30);
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pending envelopes re-examined per ingest commit.
 pub const PENDING_RETRY_PAGE: usize = 256;
+/// How often held envelopes are looked at again even when no key or
+/// member arrived: one stamped too far ahead applies once this device's
+/// clock catches up.
+pub const PENDING_RETRY_INTERVAL_MS: u64 = 60_000;
 /// Envelopes held pending before the session stops pulling. Held envelopes
 /// are never dropped, so a remote sending ones this device can never open
 /// would otherwise grow the pending table without bound; past this, the
@@ -240,6 +244,10 @@ struct Conn {
     generation: u64,
     _guard: Box<dyn Send + Sync>,
     reader: tokio::task::JoinHandle<()>,
+    /// Frames this connection's reader may read ahead of the actor. Each
+    /// connection has its own: a reader that ends or is aborted holding a
+    /// permit takes it with it, and the next connection starts whole.
+    frames: Arc<Semaphore>,
 }
 
 struct Waiter {
@@ -255,7 +263,6 @@ pub struct SessionState {
     rng: RngStream,
     conn: Option<Conn>,
     generation: u64,
-    frames: Arc<Semaphore>,
     attempts: u32,
     reconnect_scheduled: bool,
     push_cursor: u64,
@@ -268,8 +275,10 @@ pub struct SessionState {
     rounds_started: u64,
     rounds_done: u64,
     waiters: Vec<Waiter>,
-    /// Members and epochs known when pending envelopes were last retried.
+    /// Members and epochs known when pending envelopes were last retried,
+    /// and the wall-clock time then.
     retried_with: (usize, usize),
+    retried_at_ms: u64,
     forwarder: Option<tokio::task::JoinHandle<()>>,
     /// The connection attempt in progress, if any.
     connecting: Option<tokio::task::JoinHandle<()>>,
@@ -316,7 +325,6 @@ impl Actor for PeerSession {
             rng,
             conn: None,
             generation: 0,
-            frames: Arc::new(Semaphore::new(FRAMES_QUEUED_MAX)),
             attempts: 0,
             reconnect_scheduled: false,
             push_cursor,
@@ -329,6 +337,7 @@ impl Actor for PeerSession {
             rounds_done: 0,
             waiters: Vec::new(),
             retried_with: (0, 0),
+            retried_at_ms: 0,
             forwarder: Some(forwarder),
             connecting: None,
         })
@@ -367,13 +376,14 @@ impl Actor for PeerSession {
                 }
             }
             PeerMsg::Received { generation, msg } => {
-                state.frames.add_permits(1);
-                if state
-                    .conn
-                    .as_ref()
-                    .is_some_and(|c| c.generation == generation)
-                    && let Err(error) = state.on_message(msg).await
-                {
+                let current = match state.conn.as_ref() {
+                    Some(conn) if conn.generation == generation => {
+                        conn.frames.add_permits(1);
+                        true
+                    }
+                    _ => false,
+                };
+                if current && let Err(error) = state.on_message(msg).await {
                     state.disconnect(&myself, error);
                 }
             }
@@ -465,12 +475,14 @@ impl SessionState {
                 self.remote_head = welcome.head;
                 self.push_inflight = None;
                 self.pull_inflight = false;
-                let reader = spawn_reader(recv, generation, self.frames.clone(), myself.clone());
+                let frames = Arc::new(Semaphore::new(FRAMES_QUEUED_MAX));
+                let reader = spawn_reader(recv, generation, frames.clone(), myself.clone());
                 self.conn = Some(Conn {
                     send,
                     generation,
                     _guard: guard,
                     reader,
+                    frames,
                 });
                 tracing::info!(remote = %self.args.connector.remote(), head = welcome.head,
                     created = welcome.created, "sync: connected");
@@ -757,14 +769,17 @@ impl SessionState {
     }
 
     /// Re-examines pending envelopes if keys or members changed since the
-    /// last look.
+    /// last look, or [`PENDING_RETRY_INTERVAL_MS`] passed.
     async fn retry_pending(&mut self) -> Result<(), String> {
         let keys = self.args.keys.current();
         let known = (keys.members.len(), keys.epochs().len());
-        if known == self.retried_with {
+        let now = self.args.clock.now_ms();
+        let due = now >= self.retried_at_ms.saturating_add(PENDING_RETRY_INTERVAL_MS);
+        if known == self.retried_with && !due {
             return Ok(());
         }
         self.retried_with = known;
+        self.retried_at_ms = now;
         let mut after = None;
         loop {
             let db = self.args.db.clone();

@@ -88,9 +88,6 @@ pub struct SimConfig {
     pub sync_fault: Option<SyncFault>,
     /// Keep a readable line per trace event (for `replay --trace`).
     pub keep_trace: bool,
-    /// Reboot every device when faults stop (`sync` only; see
-    /// [`SyncOptions::reboot_at_quiesce`]).
-    pub reboot_at_quiesce: bool,
 }
 
 impl SimConfig {
@@ -106,7 +103,6 @@ impl SimConfig {
             far_skew: false,
             sync_fault: None,
             keep_trace: false,
-            reboot_at_quiesce: false,
         }
     }
 
@@ -135,12 +131,6 @@ impl SimConfig {
     /// Breaks a sync property on purpose, to prove its checker fails.
     pub fn sync_fault(mut self, fault: SyncFault) -> Self {
         self.sync_fault = Some(fault);
-        self
-    }
-
-    /// Reboots every device when faults stop.
-    pub fn reboot_at_quiesce(mut self, reboot: bool) -> Self {
-        self.reboot_at_quiesce = reboot;
         self
     }
 
@@ -182,11 +172,7 @@ impl SimConfig {
                     self.ops,
                     self.devices,
                     if self.far_skew { " --far-skew" } else { "" }
-                ) + if self.reboot_at_quiesce {
-                    " --reboot-at-quiesce"
-                } else {
-                    ""
-                }
+                )
             }
         };
         if let Some(fault) = self.sync_fault {
@@ -417,7 +403,6 @@ async fn run_sync_on(
         steps: config.ops,
         far_skew: config.far_skew,
         fault: config.sync_fault,
-        reboot_at_quiesce: config.reboot_at_quiesce,
     };
     let skews = sync::skews(&opts);
     let mut cluster = Cluster::new(config.seed, dir, START_MS, &skews);

@@ -26,16 +26,13 @@
 //!   [`checkers`] (convergence, no lost write, no plaintext, no nonce
 //!   reuse, epochs, rotation, held envelopes, liveness).
 //!
-//! # Known bugs the simulations found
+//! # Bugs the simulations found
 //!
-//! - **A sync session wedges after two lost connections.** Replay:
-//!   `persist-sim run --workload sync --seed 12`. The PeerSession's reader
-//!   forgets a frame permit before each read, and the actor returns it only
-//!   for `Received`, not for `Closed` nor when it aborts the reader on a
-//!   disconnect; after two lost connections no permit is left, the next
-//!   connection's reader never reads, and the device says `connected`
-//!   while `sync_now` never returns. Until it is fixed, sweeps that must
-//!   pass use `--reboot-at-quiesce`.
+//! - **A sync session wedged after two lost connections** (seed 12 of the
+//!   sync workload, kept as a regression test): each reader that ended or
+//!   was aborted kept a frame permit of a semaphore shared by all of a
+//!   session's connections, so after two no permit was left. Fixed by a
+//!   semaphore per connection.
 //!
 //! # Example
 //!

@@ -48,10 +48,6 @@ struct RunArgs {
     /// limit: its writes are held elsewhere until clocks catch up (sync).
     #[arg(long)]
     far_skew: bool,
-    /// Reboot every device when faults stop, so a sync session wedged
-    /// during the faults starts fresh (sync).
-    #[arg(long)]
-    reboot_at_quiesce: bool,
     /// Where the store keeps its database (kv).
     #[arg(long, value_enum, default_value_t = BackendKind::File)]
     backend: BackendKind,
@@ -71,7 +67,6 @@ impl RunArgs {
             .backend(self.backend)
             .devices(self.devices)
             .far_skew(self.far_skew)
-            .reboot_at_quiesce(self.reboot_at_quiesce)
     }
 }
 

@@ -115,11 +115,6 @@ pub struct SyncOptions {
     pub far_skew: bool,
     /// A deliberate break (tests only).
     pub fault: Option<SyncFault>,
-    /// Reboot every device cleanly when faults stop. A rebooted device has
-    /// a fresh sync session, which sidesteps a session wedged by earlier
-    /// faults (see the crate docs' known bugs); off by default, so that
-    /// such a wedge fails the run.
-    pub reboot_at_quiesce: bool,
 }
 
 /// What a finished sync run reports.
@@ -416,14 +411,6 @@ impl SyncWorkload {
     ) -> Result<(), SyncRunError> {
         trace.note("quiesce");
         cluster.net.calm();
-        if self.opts.reboot_at_quiesce {
-            for d in 0..self.opts.devices {
-                cluster
-                    .shutdown(d, Shutdown::Clean)
-                    .await
-                    .map_err(|e| engine("quiesce", e))?;
-            }
-        }
         for d in 0..self.opts.devices {
             if cluster.store(d).is_none() {
                 cluster
