@@ -49,10 +49,23 @@ use super::{
 /// `$fresh` names an `async fn() -> (B, G)` returning an empty backend `B`
 /// and a guard `G` kept alive for the test (a temporary directory, say).
 /// The calling crate needs `tokio` with the `macros` and `rt` features.
+///
+/// `relay_conformance_tests!(skippable $fresh)` is the form for a backend
+/// that needs an outside service (PostgreSQL): `$fresh` is then an
+/// `async fn(&'static str) -> Option<(B, G)>` that is given the check's name
+/// (to name the test's own database schema, say) and returns `None`, after
+/// printing why, when the service is not configured; the test then passes
+/// without running the check.
 #[macro_export]
 macro_rules! relay_conformance_tests {
+    (skippable $fresh:path) => {
+        $crate::relay_conformance_tests!(@list skippable $fresh);
+    };
     ($fresh:path) => {
-        $crate::relay_conformance_tests!(@each $fresh;
+        $crate::relay_conformance_tests!(@list always $fresh);
+    };
+    (@list $mode:ident $fresh:path) => {
+        $crate::relay_conformance_tests!(@each $mode $fresh;
             open_store_admits_and_authorizes,
             append_keeps_the_highest_precedence,
             superseded_entries_leave_the_log,
@@ -66,11 +79,22 @@ macro_rules! relay_conformance_tests {
             stores_are_isolated,
         );
     };
-    (@each $fresh:path; $($check:ident),* $(,)?) => {
+    (@each always $fresh:path; $($check:ident),* $(,)?) => {
         $(
             #[tokio::test]
             async fn $check() {
                 let (relay, _guard) = $fresh().await;
+                $crate::relay::conformance::$check(&relay).await;
+            }
+        )*
+    };
+    (@each skippable $fresh:path; $($check:ident),* $(,)?) => {
+        $(
+            #[tokio::test]
+            async fn $check() {
+                let Some((relay, _guard)) = $fresh(stringify!($check)).await else {
+                    return;
+                };
                 $crate::relay::conformance::$check(&relay).await;
             }
         )*

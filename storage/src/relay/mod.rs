@@ -8,12 +8,12 @@
 //! bytes, and its precedence (read by the relay from the clear header)
 //! comes in with it ([`Incoming`]).
 //!
-//! [`RelayBackend`] is the one interface a relay session talks to. Two
+//! [`RelayBackend`] is the one interface a relay session talks to. Its
 //! implementations live here: [`RedbRelay`], file-backed and durable (the
-//! default relay database), and [`MemoryRelay`], for tests and simulations.
-//! A PostgreSQL backend implements the same trait elsewhere; every backend
-//! must pass the same conformance suite (`conformance` module, behind the
-//! `conformance` cargo feature).
+//! default relay database), [`MemoryRelay`], for tests and simulations, and
+//! `PostgresRelay` (cargo feature `postgres`), for several relay nodes over
+//! one PostgreSQL database. Every backend must pass the same conformance
+//! suite (`conformance` module, behind the `conformance` cargo feature).
 //!
 //! # Operations
 //!
@@ -125,6 +125,8 @@ pub mod conformance;
 mod error;
 mod memory;
 mod page;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod precedence;
 mod redb_relay;
 mod schema;
@@ -142,6 +144,11 @@ use persist_core::{DeviceId, Locator, StoreId};
 
 pub use error::{RelayError, RelayOpenError};
 pub use memory::MemoryRelay;
+#[cfg(feature = "postgres")]
+pub use postgres::{
+    POOL_CONNECTIONS_MAX, POSTGRES_DEFAULT_SCHEMA, POSTGRES_SCHEMA_NAME_BYTES_MAX,
+    POSTGRES_SCHEMA_VERSION, PostgresOpenError, PostgresRelay,
+};
 pub use redb_relay::{RELAY_CACHE_BYTES_MAX, RELAY_FORMAT_VERSION, RedbRelay};
 
 #[cfg(doc)]
