@@ -300,6 +300,10 @@ async fn serve_connection<B: RelayBackend>(conn: Connection, backend: Arc<B>, ct
                         close = Some((close_code::SHUTTING_DOWN, "relay shutting down"));
                         break;
                     }
+                    Ok(SessionEnd::Stalled) => {
+                        close = Some((close_code::REFUSED, "the client stopped reading"));
+                        break;
+                    }
                     Ok(SessionEnd::Refused(code)) => {
                         close = Some(match code {
                             persist_core::protocol::ErrorCode::Protocol

@@ -61,6 +61,15 @@ use crate::metrics::Metrics;
 
 /// How long a new conversation may take to send its `Hello`.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long one answer may take to reach the client (it waits for QUIC
+/// flow-control credit as the client reads) before the relay drops the
+/// client. An answer is at most one frame of a page of
+/// [`MESSAGE_PAYLOAD_BYTES_TARGET`] bytes, which this leaves over 64 KiB/s
+/// to carry; without a deadline a client that stops reading would hold its
+/// page in the relay's memory for as long as keep-alives keep the
+/// connection open.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the last words of a refused conversation (one `Error`, then the
 /// end of the stream) may take to reach the peer before the session gives up
 /// on them.
@@ -230,6 +239,9 @@ pub enum SessionEnd {
     Refused(ErrorCode),
     /// The server is shutting down; the peer was told. Close the connection.
     ShuttingDown,
+    /// The peer stopped reading: an answer waited [`SEND_TIMEOUT`]. Close
+    /// the connection.
+    Stalled,
 }
 
 /// Serves one conversation on `tx`/`rx` from `backend` until the peer ends
@@ -581,7 +593,12 @@ impl<B: RelayBackend> Session<'_, B> {
     /// Sends `message`. `Some` if the peer is gone.
     async fn send(&mut self, message: &Message) -> Option<SessionEnd> {
         let before = self.tx.bytes_sent();
-        match self.tx.send(message).await {
+        let Ok(sent) = tokio::time::timeout(SEND_TIMEOUT, self.tx.send(message)).await else {
+            tracing::info!(store = %self.store, kind = message.kind(),
+                "dropping a client that stopped reading");
+            return Some(SessionEnd::Stalled);
+        };
+        match sent {
             Ok(()) => {
                 self.metrics
                     .bytes_out(self.tx.bytes_sent().saturating_sub(before));

@@ -237,14 +237,10 @@ async fn a_client_that_stops_reading_costs_bounded_memory() {
 /// stream has been full long enough, the relay should close that
 /// connection (QUIC's close needs no stream credit), with a reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: the relay never drops a client that stops reading — session.rs `send` awaits \
-            stream credit with no deadline and QUIC keep-alives keep the connection alive, so each \
-            stalled conversation pins its page and frame (~8 MiB of relay RSS measured) forever; \
-            6 connections × 8 streams took the relay from 48 to 436 MiB, and CONNECTIONS_MAX × \
-            STREAMS_PER_CONNECTION_MAX allows 80 000 of them"]
 async fn a_client_that_stops_reading_is_disconnected() {
-    /// Twice the QUIC idle timeout: any reasonable send deadline is shorter.
-    const GIVE_UP_WITHIN: Duration = Duration::from_secs(60);
+    /// The relay's send deadline, plus room for a loaded machine.
+    const GIVE_UP_WITHIN: Duration =
+        Duration::from_secs(persist_relay::session::SEND_TIMEOUT.as_secs() + 30);
     let tmp = tempfile::tempdir().unwrap();
     let relay = RelayProcess::start(tmp.path());
     let mut writer = Writer::new(0x57a12);
