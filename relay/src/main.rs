@@ -3,9 +3,11 @@
 //! ```text
 //! persist-relay --listen 127.0.0.1:7443 --data DIR [--metrics 127.0.0.1:7444]
 //!               [--admission-secret-file F] [--cert PEM --key PEM]
+//!               [--postgres URL [--postgres-schema NAME]]
 //! ```
 //!
-//! Stores ciphertext in `DIR/relay.redb`, keeps its self-signed TLS
+//! Stores ciphertext in `DIR/relay.redb` — or, with `--postgres`, in a
+//! PostgreSQL database that several relay nodes share — keeps its self-signed TLS
 //! identity in `DIR` (unless `--cert`/`--key` give one), prints exactly one
 //! line on standard output once it serves —
 //! `persist-relay listening on <addr> pin sha256:<hex>` — and logs to
@@ -22,7 +24,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use persist_relay::{Admission, AdmissionSecret, IdentitySource, RelayConfig};
-use persist_storage::relay::RedbRelay;
+use persist_storage::relay::{RedbRelay, RelayBackend};
 
 /// The relay database's file name inside the data directory.
 const DATABASE_FILE: &str = "relay.redb";
@@ -53,6 +55,22 @@ struct Args {
     /// PEM private key of --cert.
     #[arg(long, value_name = "PEM", requires = "cert")]
     key: Option<PathBuf>,
+    /// Keep the relay's data in this PostgreSQL database (postgres://…)
+    /// instead of DIR/relay.redb, so several relay nodes serve the same
+    /// stores. The relay creates and migrates its own schema.
+    #[cfg(feature = "postgres")]
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "PERSIST_RELAY_POSTGRES",
+        hide_env_values = true
+    )]
+    postgres: Option<String>,
+    /// The schema of --postgres (default `persist_relay`); nodes that share
+    /// stores use the same one.
+    #[cfg(feature = "postgres")]
+    #[arg(long, value_name = "NAME", requires = "postgres")]
+    postgres_schema: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -92,8 +110,21 @@ async fn run(args: Args) -> ExitCode {
 /// Runs until a signal; `Err` is a configuration problem, said for a person.
 async fn serve(args: Args) -> Result<(), String> {
     let config = configure(&args)?;
+    #[cfg(feature = "postgres")]
+    if let Some(url) = &args.postgres {
+        let backend =
+            persist_storage::relay::PostgresRelay::connect(url, args.postgres_schema.as_deref())
+                .await
+                .map_err(|e| e.to_string())?;
+        return run_node(config, backend).await;
+    }
     let database = args.data.join(DATABASE_FILE);
     let backend = RedbRelay::open(&database).map_err(|e| e.to_string())?;
+    run_node(config, backend).await
+}
+
+/// Serves `backend` until a signal.
+async fn run_node<B: RelayBackend>(config: RelayConfig, backend: B) -> Result<(), String> {
     // Listen for signals before announcing, so a signal sent right after
     // the announcement is never missed.
     let mut signals = Signals::new().map_err(|e| format!("cannot listen for signals: {e}"))?;
