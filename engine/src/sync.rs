@@ -13,6 +13,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use persist_actors::peer_session::{ConnectFuture, Connector, Link, SyncReport as Report};
 use persist_transport::{CertPin, FrameReceiver, FrameSender, Trust};
@@ -64,12 +65,21 @@ pub struct Remote {
 #[derive(Clone)]
 enum Target {
     Quic {
-        host: String,
-        port: u16,
+        /// Tried in turn, from the one that last answered.
+        endpoints: Vec<Endpoint>,
         trust: Arc<Trust>,
-        server_name: String,
+        /// Whether each endpoint's certificate must name its host (CA
+        /// trust) rather than be the pinned one.
+        by_name: bool,
     },
     Dial(Arc<dyn Dial>),
+}
+
+/// One address of a remote.
+#[derive(Clone, Debug)]
+struct Endpoint {
+    host: String,
+    port: u16,
 }
 
 /// The two byte streams of one conversation with a remote.
@@ -143,10 +153,9 @@ impl Remote {
         Ok(Remote {
             url: format!("quic://{host}:{port}"),
             target: Target::Quic {
-                host,
-                port,
+                endpoints: vec![Endpoint { host, port }],
                 trust: Arc::new(Trust::Pin(pin)),
-                server_name: persist_transport::tls::DEFAULT_SERVER_NAME.to_owned(),
+                by_name: false,
             },
             admission: None,
         })
@@ -162,13 +171,25 @@ impl Remote {
         Ok(Remote {
             url: format!("quic://{host}:{port}"),
             target: Target::Quic {
-                server_name: host.clone(),
-                host,
-                port,
+                endpoints: vec![Endpoint { host, port }],
                 trust: Arc::new(trust),
+                by_name: true,
             },
             admission: None,
         })
+    }
+
+    /// Another address of the same remote: a relay node that shares this
+    /// remote's database and presents a certificate the same pin or CA
+    /// accepts. A device tries the addresses in turn, starting with the
+    /// one that last answered, so it fails over when a node goes down.
+    pub fn or(mut self, url: &str) -> Result<Remote, RemoteError> {
+        let (host, port) = parse_url(url)?;
+        match &mut self.target {
+            Target::Quic { endpoints, .. } => endpoints.push(Endpoint { host, port }),
+            Target::Dial(_) => {}
+        }
+        Ok(self)
     }
 
     /// A remote reached through `dial`, named `name` (cursors are kept per
@@ -200,6 +221,7 @@ impl Remote {
     pub(crate) fn connector(&self) -> Arc<dyn Connector> {
         Arc::new(RemoteConnector {
             remote: self.clone(),
+            preferred: AtomicUsize::new(0),
         })
     }
 }
@@ -253,6 +275,8 @@ fn parse_url(url: &str) -> Result<(String, u16), RemoteError> {
 /// Reaches a remote over QUIC, or through its [`Dial`].
 struct RemoteConnector {
     remote: Remote,
+    /// The endpoint that answered last.
+    preferred: AtomicUsize,
 }
 
 impl Connector for RemoteConnector {
@@ -260,11 +284,29 @@ impl Connector for RemoteConnector {
         Box::pin(async move {
             match &self.remote.target {
                 Target::Quic {
-                    host,
-                    port,
+                    endpoints,
                     trust,
-                    server_name,
-                } => connect_quic(host, *port, trust, server_name).await,
+                    by_name,
+                } => {
+                    let first = self.preferred.load(Ordering::Relaxed);
+                    let mut failures = Vec::new();
+                    for i in (0..endpoints.len()).map(|k| (first + k) % endpoints.len()) {
+                        let Endpoint { host, port } = &endpoints[i];
+                        let server_name = if *by_name {
+                            host.as_str()
+                        } else {
+                            persist_transport::tls::DEFAULT_SERVER_NAME
+                        };
+                        match connect_quic(host, *port, trust, server_name).await {
+                            Ok(link) => {
+                                self.preferred.store(i, Ordering::Relaxed);
+                                return Ok(link);
+                            }
+                            Err(e) => failures.push(e),
+                        }
+                    }
+                    Err(failures.join("; "))
+                }
                 Target::Dial(dial) => {
                     let Conversation { read, write } = dial.dial().await?;
                     Ok(Link {
