@@ -11,8 +11,10 @@ use persist_relay::{Admission, AdmissionSecret};
 use persist_storage::relay::{MemoryRelay, RedbRelay, RelayBackend};
 use tokio::io::AsyncWriteExt;
 
-/// Runs a test body on a MemoryRelay and on a RedbRelay.
-macro_rules! on_both_backends {
+/// Runs a test body on a MemoryRelay, on a RedbRelay and, when
+/// `PERSIST_TEST_POSTGRES_URL` is set, on a PostgresRelay in a schema of
+/// its own (dropped afterwards).
+macro_rules! on_every_backend {
     ($($name:ident),* $(,)?) => {
         mod memory {
             $(
@@ -33,10 +35,51 @@ macro_rules! on_both_backends {
                 }
             )*
         }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Ok(url) = std::env::var("PERSIST_TEST_POSTGRES_URL") else {
+                        eprintln!("skipped: PERSIST_TEST_POSTGRES_URL is not set");
+                        return;
+                    };
+                    let schema = super::schema_for(stringify!($name));
+                    let backend =
+                        persist_storage::relay::PostgresRelay::connect(&url, Some(&schema))
+                            .await
+                            .expect("connects to PostgreSQL");
+                    super::$name(backend).await;
+                    super::drop_schema(&url, &schema);
+                }
+            )*
+        }
     };
 }
 
-on_both_backends!(
+/// A schema name for one test in this process: short, and distinct from
+/// every other test's and run's.
+fn schema_for(test: &str) -> String {
+    // FNV-1a: a stable short tag for the test name.
+    let tag = test.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("relay_t_{tag:016x}_{}", std::process::id())
+}
+
+/// Drops a test's schema with psql (the relay that used it has stopped).
+fn drop_schema(url: &str, schema: &str) {
+    let status = std::process::Command::new("psql")
+        .args([
+            url,
+            "-qAtc",
+            &format!("DROP SCHEMA IF EXISTS {schema} CASCADE"),
+        ])
+        .status()
+        .expect("psql runs");
+    assert!(status.success(), "dropping schema {schema}");
+}
+
+on_every_backend!(
     hello_creates_then_welcomes,
     wrong_access_is_unauthorized_and_reveals_nothing,
     admission_secret_gates_creation_only,
