@@ -88,7 +88,7 @@ pub async fn apply(
     meta: Vec<(&'static str, Option<Vec<u8>>)>,
 ) -> Result<Applied, String> {
     let keys = ctx.keys.current();
-    let plan = plan(&keys, batch, ctx.clock.now_ms(), ctx.max_drift_ms);
+    let plan = plan_parallel(keys, batch, ctx.clock.now_ms(), ctx.max_drift_ms).await?;
     for (locator, refusal) in &plan.refused {
         tracing::warn!(%locator, %refusal, "sync: refused an envelope");
     }
@@ -205,14 +205,89 @@ pub struct Plan {
 
 /// Decides what to do with `batch`; see the module docs.
 pub fn plan(keys: &KeySet, batch: Vec<Incoming>, now_ms: u64, max_drift_ms: u64) -> Plan {
+    let checked = batch.into_iter().map(|item| (item, None)).collect();
+    plan_checked(keys, checked, now_ms, max_drift_ms)
+}
+
+/// Batches of at least this many envelopes have their signatures checked
+/// on two workers first (on a multi-threaded runtime): Ed25519
+/// verification is most of an ingest's CPU.
+pub const PARALLEL_VERIFY_MIN: usize = 64;
+
+/// Whether each item's signature verifies under its signer's key, for the
+/// items whose signer `keys` knows; `None` for the others.
+fn verify_known(keys: &KeySet, batch: &[Incoming]) -> Vec<Option<bool>> {
+    batch
+        .iter()
+        .map(|item| {
+            let envelope = Envelope::parse(&item.envelope).ok()?;
+            if envelope.header.algorithm != Algorithm::Aes256GcmEd25519 {
+                return None;
+            }
+            let key = keys.member_key(&envelope.header.signer)?;
+            Some(
+                envelope
+                    .verify_signature(&keys.store_id, &item.locator, key)
+                    .is_ok(),
+            )
+        })
+        .collect()
+}
+
+/// [`plan`], with the signatures of a large batch checked on two workers.
+async fn plan_parallel(
+    keys: Arc<KeySet>,
+    mut batch: Vec<Incoming>,
+    now_ms: u64,
+    max_drift_ms: u64,
+) -> Result<Plan, String> {
+    let parallel = batch.len() >= PARALLEL_VERIFY_MIN
+        && matches!(
+            tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()),
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread)
+        );
+    if !parallel {
+        return Ok(plan(&keys, batch, now_ms, max_drift_ms));
+    }
+    // Both halves are spawned, as in the Sealer: a task spawned from a
+    // worker waits in its LIFO slot, where no idle worker steals it.
+    let second = batch.split_off(batch.len() / 2);
+    let (k1, k2) = (keys.clone(), keys.clone());
+    let first = tokio::spawn(async move {
+        let verified = verify_known(&k1, &batch);
+        (batch, verified)
+    });
+    let second = tokio::spawn(async move {
+        let verified = verify_known(&k2, &second);
+        (second, verified)
+    });
+    let mut checked = Vec::new();
+    for half in [first, second] {
+        match half.await {
+            Ok((items, verified)) => checked.extend(items.into_iter().zip(verified)),
+            // Only a panic fails a verifying task. Nothing of the batch is
+            // applied then, and the caller's cursor does not move past it.
+            Err(e) => return Err(format!("checking the batch's signatures failed: {e}")),
+        }
+    }
+    Ok(plan_checked(&keys, checked, now_ms, max_drift_ms))
+}
+
+/// [`plan`] over items whose signature may already be checked.
+fn plan_checked(
+    keys: &KeySet,
+    batch: Vec<(Incoming, Option<bool>)>,
+    now_ms: u64,
+    max_drift_ms: u64,
+) -> Plan {
     let mut members = keys.members.clone();
     let mut plan = Plan::default();
     let mut deferred = Vec::new();
     let mut work = batch;
     loop {
         let learned_before = plan.learned.len();
-        for item in work.drain(..) {
-            match decide(keys, &members, &item, now_ms, max_drift_ms) {
+        for (item, verified) in work.drain(..) {
+            match decide(keys, &members, &item, verified, now_ms, max_drift_ms) {
                 Decision::Apply {
                     record,
                     row,
@@ -260,7 +335,7 @@ pub fn plan(keys: &KeySet, batch: Vec<Incoming>, now_ms: u64, max_drift_ms: u64)
         if plan.learned.len() == learned_before || deferred.is_empty() {
             break;
         }
-        work = deferred.drain(..).map(|(item, _)| item).collect();
+        work = deferred.drain(..).map(|(item, _)| (item, None)).collect();
     }
     for (item, reason) in deferred {
         park(&mut plan, item, reason);
@@ -299,6 +374,7 @@ fn decide(
     keys: &KeySet,
     members: &BTreeMap<DeviceId, VerifyingKey>,
     item: &Incoming,
+    verified: Option<bool>,
     now_ms: u64,
     max_drift_ms: u64,
 ) -> Decision {
@@ -317,11 +393,15 @@ fn decide(
     let signer_key = members.get(&header.signer);
     if let Some(key) = signer_key
         && encrypted
-        && envelope
-            .verify_signature(&keys.store_id, &item.locator, key)
-            .is_err()
     {
-        return refuse(Refusal::BadSignature(header.signer));
+        let good = verified.unwrap_or_else(|| {
+            envelope
+                .verify_signature(&keys.store_id, &item.locator, key)
+                .is_ok()
+        });
+        if !good {
+            return refuse(Refusal::BadSignature(header.signer));
+        }
     }
     if encrypted && !keys.has_epoch(header.epoch) {
         return Decision::Defer(PendingReason::UnknownEpoch(header.epoch));
@@ -560,6 +640,44 @@ mod tests {
             "{reasons:?}"
         );
         assert_eq!(plan.parks.len(), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_large_batch_checked_on_two_workers_plans_the_same() {
+        let (a, b) = two_devices();
+        let mut batch = vec![a.announcement()];
+        for i in 0..PARALLEL_VERIFY_MIN * 2 {
+            batch.push(a.seal(&format!("notes/{i}"), b"v", NOW - i as u64));
+        }
+        // A forged signature in each half.
+        for at in [5, PARALLEL_VERIFY_MIN + 7] {
+            let n = batch[at].envelope.len();
+            batch[at].envelope[n - 1] ^= 1;
+        }
+        let copy = |batch: &[Incoming]| -> Vec<Incoming> {
+            batch
+                .iter()
+                .map(|i| Incoming {
+                    locator: i.locator,
+                    envelope: i.envelope.clone(),
+                    from_pending: false,
+                })
+                .collect()
+        };
+        // B already knows A (its announcement applied before).
+        let mut known = b.keys();
+        known
+            .members
+            .insert(a.ring.device_id(), a.ring.device.verifying_key());
+        let serial = super::plan(&known, copy(&batch), NOW, DRIFT);
+        let parallel = plan_parallel(Arc::new(known), copy(&batch), NOW, DRIFT)
+            .await
+            .expect("plans");
+        let paths = |p: &Plan| p.writes.iter().map(|w| w.path.clone()).collect::<Vec<_>>();
+        assert_eq!(paths(&serial), paths(&parallel));
+        assert_eq!(serial.refused, parallel.refused);
+        assert_eq!(parallel.refused.len(), 2, "{:?}", parallel.refused);
+        assert_eq!(parallel.writes.len(), batch.len() - 2);
     }
 
     #[test]

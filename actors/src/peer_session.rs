@@ -573,8 +573,11 @@ impl SessionState {
                 return Ok(());
             }
             if entries.is_empty() {
-                // Only changes this device did not sign: nothing to send.
-                self.save_push_cursor(upto).await?;
+                // Only changes this device did not sign (what it pulled):
+                // nothing to send. The cursor is made durable with the next
+                // commit that carries it; until then a restart only scans
+                // these changes again.
+                self.push_cursor = upto;
                 continue;
             }
             let id = self.next_push_id;
@@ -633,17 +636,6 @@ impl SessionState {
         })
     }
 
-    async fn save_push_cursor(&mut self, upto: u64) -> Result<(), String> {
-        let routes = self.args.routes.clone();
-        commit_meta(
-            &routes,
-            vec![(meta::SYNC_PUSH_CURSOR, Some(upto.to_be_bytes().to_vec()))],
-        )
-        .await?;
-        self.push_cursor = upto;
-        Ok(())
-    }
-
     /// Handles one message on the open connection; an error ends it.
     async fn on_message(&mut self, msg: Message) -> Result<(), String> {
         match msg {
@@ -660,8 +652,24 @@ impl SessionState {
                     return Err(format!("PushAck for push {id}, expected {inflight}"));
                 }
                 self.push_inflight = None;
+                // If the remote's log grew by exactly what it accepted of
+                // this push since this device's last pull, the new entries
+                // are all this device's own: it holds them, so its pull
+                // cursor moves past them instead of pulling them back.
+                let mut meta = vec![(meta::SYNC_PUSH_CURSOR, Some(upto.to_be_bytes().to_vec()))];
+                let own_only = !self.pull_inflight
+                    && self.pull_cursor == self.remote_head
+                    && head == self.pull_cursor.saturating_add(u64::from(accepted));
+                if own_only {
+                    meta.push((meta::SYNC_PULL_CURSOR, Some(head.to_be_bytes().to_vec())));
+                }
+                let routes = self.args.routes.clone();
+                commit_meta(&routes, meta).await?;
+                self.push_cursor = upto;
+                if own_only {
+                    self.pull_cursor = head;
+                }
                 self.remote_head = self.remote_head.max(head);
-                self.save_push_cursor(upto).await?;
                 let acked = u64::from(accepted) + u64::from(stale);
                 self.args.status.send_modify(|s| s.pushed += acked);
                 self.pump().await;
@@ -740,7 +748,13 @@ impl SessionState {
             Ok::<_, persist_storage::StorageError>(batch)
         })
         .map_err(|e| e.to_string())?;
-        let meta = vec![(meta::SYNC_PULL_CURSOR, Some(cursor.to_be_bytes().to_vec()))];
+        let meta = vec![
+            (meta::SYNC_PULL_CURSOR, Some(cursor.to_be_bytes().to_vec())),
+            (
+                meta::SYNC_PUSH_CURSOR,
+                Some(self.push_cursor.to_be_bytes().to_vec()),
+            ),
+        ];
         self.ingest(batch, meta).await?;
         self.pull_cursor = cursor;
         Ok(())
