@@ -220,13 +220,14 @@ fn crash_child(dir: &Path, round: u32, rotate: bool, kill_at: KillAt) -> Round {
     let stdout = child.stdout.take().unwrap();
     let mut r = Round::default();
     let mut killed = false;
-    for line in BufReader::new(stdout).lines() {
+    let mut lines = BufReader::new(stdout).lines();
+    for line in lines.by_ref() {
         let line = line.expect("read the child's output");
         let fields: Vec<&str> = line.split(' ').collect();
+        if r.ack(&fields) {
+            continue;
+        }
         match fields[..] {
-            ["ACK", "overwrite", k] => r.overwritten.push(k.parse().unwrap()),
-            ["ACK", "delete", k] => r.deleted.push(k.parse().unwrap()),
-            ["ACK", "new", i] => r.new.push(i.parse().unwrap()),
             ["ROTATED", e] => r.rotated_to = Some(e.parse().unwrap()),
             ["PROGRESS", done, total, old] => {
                 r.progress_lines += 1;
@@ -255,6 +256,12 @@ fn crash_child(dir: &Path, round: u32, rotate: bool, kill_at: KillAt) -> Round {
             _ => {}
         }
     }
+    // The child went on writing until the signal landed: acknowledgements
+    // it printed meanwhile are still in the pipe, and they count.
+    for line in lines {
+        let Ok(line) = line else { break };
+        r.ack(&line.split(' ').collect::<Vec<_>>());
+    }
     let status = child.wait().unwrap();
     assert!(
         killed,
@@ -262,6 +269,19 @@ fn crash_child(dir: &Path, round: u32, rotate: bool, kill_at: KillAt) -> Round {
     );
     assert!(!status.success(), "the child was killed, not finished");
     r
+}
+
+impl Round {
+    /// Records an `ACK` line; returns whether `fields` was one.
+    fn ack(&mut self, fields: &[&str]) -> bool {
+        match fields {
+            ["ACK", "overwrite", k] => self.overwritten.push(k.parse().unwrap()),
+            ["ACK", "delete", k] => self.deleted.push(k.parse().unwrap()),
+            ["ACK", "new", i] => self.new.push(i.parse().unwrap()),
+            _ => return false,
+        }
+        true
+    }
 }
 
 /// What the database of a killed child holds, read directly: records per
