@@ -181,8 +181,9 @@ impl Remote {
 
     /// Another address of the same remote: a relay node that shares this
     /// remote's database and presents a certificate the same pin or CA
-    /// accepts. A device tries the addresses in turn, starting with the
-    /// one that last answered, so it fails over when a node goes down.
+    /// accepts. A device tries the addresses in turn; after it loses a
+    /// connection it starts with the address after the one it lost, so it
+    /// fails over when a node goes down.
     pub fn or(mut self, url: &str) -> Result<Remote, RemoteError> {
         let (host, port) = parse_url(url)?;
         match &mut self.target {
@@ -221,7 +222,7 @@ impl Remote {
     pub(crate) fn connector(&self) -> Arc<dyn Connector> {
         Arc::new(RemoteConnector {
             remote: self.clone(),
-            preferred: AtomicUsize::new(0),
+            next: AtomicUsize::new(0),
         })
     }
 }
@@ -275,8 +276,11 @@ fn parse_url(url: &str) -> Result<(String, u16), RemoteError> {
 /// Reaches a remote over QUIC, or through its [`Dial`].
 struct RemoteConnector {
     remote: Remote,
-    /// The endpoint that answered last.
-    preferred: AtomicUsize,
+    /// The endpoint to try first. A connect is asked for only when there
+    /// is no connection, so after a success the next one to try first is
+    /// the following endpoint: the one that answered may be the one that
+    /// went down.
+    next: AtomicUsize,
 }
 
 impl Connector for RemoteConnector {
@@ -288,7 +292,7 @@ impl Connector for RemoteConnector {
                     trust,
                     by_name,
                 } => {
-                    let first = self.preferred.load(Ordering::Relaxed);
+                    let first = self.next.load(Ordering::Relaxed);
                     let mut failures = Vec::new();
                     for i in (0..endpoints.len()).map(|k| (first + k) % endpoints.len()) {
                         let Endpoint { host, port } = &endpoints[i];
@@ -299,7 +303,8 @@ impl Connector for RemoteConnector {
                         };
                         match connect_quic(host, *port, trust, server_name).await {
                             Ok(link) => {
-                                self.preferred.store(i, Ordering::Relaxed);
+                                self.next
+                                    .store((i + 1) % endpoints.len(), Ordering::Relaxed);
                                 return Ok(link);
                             }
                             Err(e) => failures.push(e),
