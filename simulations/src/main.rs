@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! persist-sim run --seed 42 [--workload kv|sync] [--steps N] [--devices 3] [--far-skew]
-//! persist-sim sweep --seeds 200 [--from S] [--jobs 2] [--workload sync] [--steps N]
+//! persist-sim sweep --seeds 200 [--from S] [--jobs 2] [--twice] [--workload sync] [--steps N]
 //! persist-sim replay --seed 42 --trace [--workload sync] …
 //! ```
 //!
@@ -92,6 +92,10 @@ enum Command {
         /// deterministic: it owns its runtime).
         #[arg(long, default_value_t = 1)]
         jobs: usize,
+        /// Run every seed twice and fail if the two trace hashes differ, or
+        /// if two seeds give the same hash (the determinism check).
+        #[arg(long)]
+        twice: bool,
         #[command(flatten)]
         args: RunArgs,
     },
@@ -128,8 +132,9 @@ fn main() -> ExitCode {
             seeds,
             from,
             jobs,
+            twice,
             args,
-        } => sweep(seeds, from, jobs.max(1), &args),
+        } => sweep(seeds, from, jobs.max(1), twice, &args),
     }
 }
 
@@ -164,9 +169,11 @@ struct Tally {
     failures: Vec<(u64, String, String)>,
     faults: BTreeMap<String, u64>,
     checks: BTreeMap<&'static str, u64>,
+    /// Seed → trace hash, for the determinism check.
+    hashes: BTreeMap<u64, String>,
 }
 
-fn sweep(seeds: u64, from: u64, jobs: usize, args: &RunArgs) -> ExitCode {
+fn sweep(seeds: u64, from: u64, jobs: usize, twice: bool, args: &RunArgs) -> ExitCode {
     let bar = indicatif::ProgressBar::new(seeds);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -189,10 +196,34 @@ fn sweep(seeds: u64, from: u64, jobs: usize, args: &RunArgs) -> ExitCode {
                 }
                 let config = args.config(from + i);
                 let result = harness::run(&config);
+                let again = match (&result, twice) {
+                    (Ok(_), true) => Some(harness::run(&config)),
+                    _ => None,
+                };
                 let mut t = tally.lock().unwrap_or_else(|p| p.into_inner());
                 t.runs += 1;
                 match result {
                     Ok(outcome) => {
+                        let hash = outcome.trace_hash.to_string();
+                        match again {
+                            Some(Ok(second)) if second.trace_hash.to_string() != hash => {
+                                t.failures.push((
+                                    config.seed,
+                                    format!(
+                                        "not deterministic: trace {hash}, then {}",
+                                        second.trace_hash
+                                    ),
+                                    config.replay_command(),
+                                ));
+                            }
+                            Some(Err(failure)) => t.failures.push((
+                                failure.seed,
+                                format!("not deterministic: passed, then {}", failure.kind),
+                                failure.replay,
+                            )),
+                            _ => {}
+                        }
+                        t.hashes.insert(config.seed, hash);
                         for (k, v) in outcome.faults {
                             *t.faults.entry(k).or_default() += v;
                         }
@@ -249,6 +280,22 @@ fn sweep(seeds: u64, from: u64, jobs: usize, args: &RunArgs) -> ExitCode {
         }
     }
     let mut failures = t.failures.clone();
+    if twice {
+        let mut seen: BTreeMap<&str, u64> = BTreeMap::new();
+        for (seed, hash) in &t.hashes {
+            if let Some(other) = seen.insert(hash.as_str(), *seed) {
+                failures.push((
+                    *seed,
+                    format!("seeds {other} and {seed} give the same trace {hash}"),
+                    args.config(*seed).replay_command(),
+                ));
+            }
+        }
+        println!(
+            "determinism  every seed ran twice; {} distinct traces",
+            seen.len()
+        );
+    }
     failures.sort();
     for (seed, kind, replay) in &failures {
         println!();
