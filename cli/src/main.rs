@@ -214,6 +214,11 @@ enum RemoteCommand {
         /// quic://HOST:PORT
         #[arg(value_name = "URL")]
         url: String,
+        /// Another node of the same remote (relay nodes over one
+        /// PostgreSQL, with one certificate), tried when URL cannot be
+        /// reached; may be repeated.
+        #[arg(long, value_name = "URL")]
+        also: Vec<String>,
         /// The SHA-256 pin of its certificate, as `persist-relay` prints it
         /// when it starts: sha256:<64 hex digits>.
         #[arg(
@@ -247,6 +252,11 @@ struct InitRemoteArgs {
     /// quic://HOST:PORT; kept in the store directory (remote.json).
     #[arg(long, value_name = "URL", requires = "trust")]
     relay: Option<String>,
+    /// Another node of the same relay (relay nodes over one PostgreSQL,
+    /// with one certificate), tried when --relay cannot be reached; may be
+    /// repeated.
+    #[arg(long, value_name = "URL", requires = "relay")]
+    also: Vec<String>,
     /// The SHA-256 pin of the relay's certificate, as `persist-relay`
     /// prints it when it starts: sha256:<64 hex digits>.
     #[arg(long, value_name = "PIN", group = "trust", requires = "relay")]
@@ -268,7 +278,7 @@ impl InitRemoteArgs {
             return Ok(None);
         };
         Ok(Some(InitRemote {
-            spec: RemoteSpec::from_args(url, self.pin, self.ca)?,
+            spec: RemoteSpec::from_args(url, self.also, self.pin, self.ca)?,
             admission_file: self.admission_secret_file,
         }))
     }
@@ -393,9 +403,10 @@ async fn run(command: Command) -> anyhow::Result<String> {
             RemoteCommand::Set {
                 target,
                 url,
+                also,
                 pin,
                 ca,
-            } => remote::set(&target.into(), &RemoteSpec::from_args(url, pin, ca)?),
+            } => remote::set(&target.into(), &RemoteSpec::from_args(url, also, pin, ca)?),
             RemoteCommand::Show { target } => remote::show(&target.into()),
             RemoteCommand::Clear { target } => remote::clear(&target.into()),
         },

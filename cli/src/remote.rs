@@ -7,7 +7,11 @@
 //! ```json
 //! {"url":"quic://relay.example.com:7443","pin":"sha256:<64 hex digits>"}
 //! {"url":"quic://relay.example.com:7443","ca":"/etc/persist/relay-ca.pem"}
+//! {"url":"quic://relay1:7443","also":["quic://relay2:7443"],"pin":"sha256:<hex>"}
 //! ```
+//!
+//! `also` lists more nodes of the same remote (relay nodes over one
+//! PostgreSQL, with one certificate); a device fails over between them.
 //!
 //! ## Invariants
 //! - It names exactly one way to trust the remote: a certificate pin, or a
@@ -50,6 +54,8 @@ const SECRET_FILE_BYTES_MAX: u64 = 4096;
 pub(crate) struct RemoteSpec {
     /// `quic://HOST:PORT`.
     pub(crate) url: String,
+    /// More addresses of the same remote, tried in turn.
+    pub(crate) also: Vec<String>,
     /// How the remote's certificate is trusted.
     pub(crate) trust: Trust,
 }
@@ -68,6 +74,8 @@ pub(crate) enum Trust {
 #[serde(deny_unknown_fields)]
 struct RemoteFile {
     url: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    also: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pin: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -82,6 +90,7 @@ impl RemoteFile {
         };
         RemoteFile {
             url: spec.url.clone(),
+            also: spec.also.clone(),
             pin,
             ca,
         }
@@ -95,6 +104,7 @@ impl RemoteFile {
         };
         Some(RemoteSpec {
             url: self.url,
+            also: self.also,
             trust,
         })
     }
@@ -105,6 +115,7 @@ impl RemoteSpec {
     /// exactly one is there). A CA path is made absolute.
     pub(crate) fn from_args(
         url: String,
+        also: Vec<String>,
         pin: Option<String>,
         ca: Option<PathBuf>,
     ) -> anyhow::Result<RemoteSpec> {
@@ -121,16 +132,19 @@ impl RemoteSpec {
             }
             _ => return Err(CliError::RemoteTrust.into()),
         };
-        Ok(RemoteSpec { url, trust })
+        Ok(RemoteSpec { url, also, trust })
     }
 
     /// The engine's remote, checked: a bad URL or pin, or a CA file that
     /// cannot be used, is the engine's `RemoteError`.
     pub(crate) fn remote(&self, admission: Option<&AdmissionSecret>) -> anyhow::Result<Remote> {
-        let remote = match &self.trust {
+        let mut remote = match &self.trust {
             Trust::Pin(pin) => Remote::pinned(&self.url, pin)?,
             Trust::Ca(ca) => Remote::with_ca(&self.url, ca)?,
         };
+        for url in &self.also {
+            remote = remote.or(url)?;
+        }
         Ok(match admission {
             // The engine keeps it in memory that is wiped on drop.
             Some(secret) => remote.admission(secret.0.as_str()),
@@ -140,9 +154,14 @@ impl RemoteSpec {
 
     /// `url (pin …)` or `url (CA …)`, for messages.
     pub(crate) fn describe(&self) -> String {
+        let urls = std::iter::once(&self.url)
+            .chain(&self.also)
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(", ");
         match &self.trust {
-            Trust::Pin(pin) => format!("{} (pin {pin})", self.url),
-            Trust::Ca(ca) => format!("{} (CA {})", self.url, ca.display()),
+            Trust::Pin(pin) => format!("{urls} (pin {pin})"),
+            Trust::Ca(ca) => format!("{urls} (CA {})", ca.display()),
         }
     }
 }
@@ -256,6 +275,9 @@ pub(crate) fn show(target: &Target) -> anyhow::Result<String> {
     let spec = require(&target.dir)?;
     let mut out = String::new();
     let _ = writeln!(out, "url: {}", spec.url);
+    for url in &spec.also {
+        let _ = writeln!(out, "also: {url}");
+    }
     match &spec.trust {
         Trust::Pin(pin) => {
             let _ = writeln!(out, "pin: {pin}");
@@ -309,6 +331,7 @@ mod tests {
     fn the_file_holds_a_url_and_one_trust() {
         let pin = RemoteSpec {
             url: "quic://r:1".into(),
+            also: Vec::new(),
             trust: Trust::Pin("sha256:ab".into()),
         };
         let text = serde_json::to_string(&RemoteFile::from_spec(&pin)).unwrap();
@@ -321,6 +344,17 @@ mod tests {
         assert_eq!(parse(&text), Some(pin));
         let ca = parse(r#"{"url":"quic://r:1","ca":"/ca.pem"}"#).unwrap();
         assert_eq!(ca.trust, Trust::Ca("/ca.pem".into()));
+        let nodes = RemoteSpec {
+            url: "quic://r1:1".into(),
+            also: vec!["quic://r2:1".into(), "quic://r3:1".into()],
+            trust: Trust::Pin("sha256:ab".into()),
+        };
+        let text = serde_json::to_string(&RemoteFile::from_spec(&nodes)).unwrap();
+        assert_eq!(
+            text,
+            r#"{"url":"quic://r1:1","also":["quic://r2:1","quic://r3:1"],"pin":"sha256:ab"}"#
+        );
+        assert_eq!(parse(&text), Some(nodes));
         for bad in [
             r#"{"url":"quic://r:1"}"#,
             r#"{"url":"quic://r:1","pin":"p","ca":"/c"}"#,
@@ -337,11 +371,13 @@ mod tests {
         assert_eq!(load(dir.path()).unwrap(), None);
         let first = RemoteSpec {
             url: "quic://a:1".into(),
+            also: Vec::new(),
             trust: Trust::Pin("sha256:aa".into()),
         };
         save(dir.path(), &first).unwrap();
         let second = RemoteSpec {
             url: "quic://b:2".into(),
+            also: vec!["quic://c:3".into()],
             trust: Trust::Ca("/ca.pem".into()),
         };
         save(dir.path(), &second).unwrap();

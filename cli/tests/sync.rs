@@ -259,6 +259,46 @@ fn bad_urls_pins_and_ca_files_exit_2_with_the_engine_message() {
         before
     );
 
+    // More nodes of one relay: a bad one is refused like the first, good
+    // ones are kept and shown.
+    let out = sb
+        .run(
+            "remote set",
+            &[
+                "quic://relay:7443",
+                "--also",
+                "relay2:7443",
+                "--pin",
+                &good_pin,
+            ],
+        )
+        .expect(USAGE);
+    assert!(out.stderr.contains("quic://HOST:PORT"), "{out:#?}");
+    assert_eq!(
+        std::fs::read(sb.store().join("remote.json")).unwrap(),
+        before
+    );
+    sb.run(
+        "remote set",
+        &[
+            "quic://relay1:7443",
+            "--also",
+            "quic://relay2:7443",
+            "--also",
+            "quic://relay3:7443",
+            "--pin",
+            &good_pin,
+        ],
+    )
+    .expect(OK);
+    let out = sb.run("remote show", &[]).expect(OK);
+    assert!(
+        out.stdout.starts_with(
+            "url: quic://relay1:7443\nalso: quic://relay2:7443\nalso: quic://relay3:7443\n"
+        ),
+        "{out:#?}"
+    );
+
     // A damaged remote.json says how to fix it.
     std::fs::write(sb.store().join("remote.json"), "{").unwrap();
     let out = sb.run("sync", &[]).expect(USAGE);
