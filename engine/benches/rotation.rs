@@ -53,7 +53,7 @@
 
 mod common;
 
-use common::{bench_root, env_usize, fs_type, ms, proc_status_kib, us};
+use common::{bench_root, env_usize, fs_type, ms, proc_status_kib, process_cpu, us};
 use std::error::Error;
 use std::path::Path;
 use std::sync::Arc;
@@ -806,26 +806,6 @@ fn keep_lower_p99(best: &mut Option<Latency>, latency: Latency) {
 }
 
 // ---- environment ----
-
-/// CPU time (user + system) used so far by the whole process, exited
-/// threads included, from `/proc/self/stat`; zero where unavailable.
-fn process_cpu() -> Duration {
-    const TICKS_PER_S: u64 = 100;
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return Duration::ZERO;
-    };
-    // Fields after the parenthesised command name, which may hold spaces:
-    // utime and stime are fields 14 and 15.
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return Duration::ZERO;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
-        .sum();
-    Duration::from_millis(ticks * 1000 / TICKS_PER_S)
-}
 
 fn env_list(name: &str) -> Vec<String> {
     std::env::var(name)

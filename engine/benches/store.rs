@@ -44,7 +44,7 @@
 
 mod common;
 
-use common::{bench_root, env_usize, fs_type, ms, proc_status_kib, us};
+use common::{bench_root, env_usize, fs_type, ms, proc_status_kib, process_cpu, us};
 use std::error::Error;
 use std::hint::black_box;
 use std::path::Path;
@@ -710,28 +710,6 @@ fn keep_best_latency(best: &mut Vec<(Side, Latency)>, side: Side, latency: Laten
 }
 
 // ---- environment ----
-
-/// CPU time (user + system) used so far by the whole process, exited
-/// threads included, from `/proc/self/stat`; zero where unavailable. Its
-/// resolution is the kernel's clock tick (10 ms at the usual USER_HZ = 100),
-/// so figures from quick runs are rough.
-fn process_cpu() -> Duration {
-    const TICKS_PER_S: u64 = 100;
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return Duration::ZERO;
-    };
-    // Fields after the parenthesised command name, which may hold spaces:
-    // state is field 3, utime and stime are fields 14 and 15.
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return Duration::ZERO;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
-        .sum();
-    Duration::from_millis(ticks * 1000 / TICKS_PER_S)
-}
 
 /// Resets the peak RSS (VmHWM) to the current RSS and returns that RSS, so
 /// the next VmHWM read is this phase's peak. `None` where Linux's

@@ -60,7 +60,7 @@
 #[allow(dead_code)]
 mod common;
 
-use common::{bench_root, env_usize, fs_type, ms, proc_status_kib, us};
+use common::{bench_root, env_usize, fs_type, ms, proc_status_kib, process_cpu, us};
 use std::error::Error;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -681,27 +681,6 @@ fn print_report(records: usize, baseline: Option<&Baseline>, persist: Option<&Pe
 }
 
 // ---- environment ----
-
-/// CPU time (user + system) used so far by the whole process, exited
-/// threads included, from `/proc/self/stat`; zero where unavailable. Its
-/// resolution is the kernel's clock tick (10 ms at the usual USER_HZ = 100).
-fn process_cpu() -> Duration {
-    const TICKS_PER_S: u64 = 100;
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return Duration::ZERO;
-    };
-    // Fields after the parenthesised command name, which may hold spaces:
-    // utime and stime are fields 14 and 15 (11 and 12 after the name).
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return Duration::ZERO;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
-        .sum();
-    Duration::from_millis(ticks * 1000 / TICKS_PER_S)
-}
 
 /// SplitMix64: a tiny, seedable PRNG, plenty for bench data.
 struct SplitMix64(u64);

@@ -183,9 +183,8 @@ fn sweep(seeds: u64, from: u64, jobs: usize, twice: bool, args: &RunArgs) -> Exi
     );
     let next = Arc::new(AtomicU64::new(0));
     let tally = Arc::new(Mutex::new(Tally::default()));
-    // allow-nondeterminism: sweep timing is reported, never part of a run.
     #[allow(clippy::disallowed_methods)]
-    let started = std::time::Instant::now();
+    let started = std::time::Instant::now(); // allow-nondeterminism: sweep timing is reported, never part of a run
     let worker = {
         let (next, tally, bar, args) = (next.clone(), tally.clone(), bar.clone(), args.clone());
         move || {
@@ -246,9 +245,8 @@ fn sweep(seeds: u64, from: u64, jobs: usize, twice: bool, args: &RunArgs) -> Exi
     let handles: Vec<_> = (0..jobs)
         .map(|_| {
             let w = worker.clone();
-            // allow-nondeterminism: one runtime per thread, one run at a time.
             #[allow(clippy::disallowed_methods)]
-            std::thread::spawn(w)
+            std::thread::spawn(w) // allow-nondeterminism: one runtime per thread, one run at a time
         })
         .collect();
     for h in handles {

@@ -58,3 +58,23 @@ pub(crate) fn ms(d: Duration) -> f64 {
 pub(crate) fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
+
+/// CPU time of every thread of this process so far, from /proc/self/stat
+/// (zero where it cannot be read).
+pub(crate) fn process_cpu() -> Duration {
+    const TICKS_PER_S: u64 = 100;
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return Duration::ZERO;
+    };
+    // Fields after the parenthesised command name, which may hold spaces:
+    // utime and stime are fields 14 and 15.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return Duration::ZERO;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<u64>().ok())
+        .sum();
+    Duration::from_millis(ticks * 1000 / TICKS_PER_S)
+}

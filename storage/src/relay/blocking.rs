@@ -5,8 +5,8 @@
 //! away (`block_in_place`), so one store's fsync never stalls other
 //! sessions; on a current-thread runtime — what simulations use — and
 //! outside any runtime it runs inline, which keeps a run deterministic.
-//! `spawn_blocking` is not used: it would hand the work to a thread pool
-//! whose scheduling a simulation cannot control.
+//! Tokio's blocking thread pool is not used: a simulation cannot control
+//! its scheduling.
 
 use tokio::runtime::{Handle, RuntimeFlavor};
 
