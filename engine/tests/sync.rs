@@ -454,104 +454,14 @@ async fn devices_reconnect_after_the_relay_restarts() {
     second.shutdown().await;
 }
 
-/// A relay backend that keeps a copy of every byte the relay hands it.
-struct Recording {
-    inner: persist_storage::relay::MemoryRelay,
-    seen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
-}
-
-impl Recording {
-    fn record(&self, bytes: &[u8]) {
-        self.seen.lock().unwrap().extend_from_slice(bytes);
-    }
-}
-
-impl persist_storage::relay::RelayBackend for Recording {
-    async fn open_store(
-        &self,
-        store: &persist::StoreId,
-        fingerprint: &[u8; 32],
-        may_create: bool,
-    ) -> Result<persist_storage::relay::StoreAccess, persist_storage::relay::RelayError> {
-        self.record(fingerprint);
-        self.inner.open_store(store, fingerprint, may_create).await
-    }
-
-    async fn append(
-        &self,
-        store: &persist::StoreId,
-        entries: Vec<persist_storage::relay::Incoming>,
-    ) -> Result<persist_storage::relay::Appended, persist_storage::relay::RelayError> {
-        for e in &entries {
-            self.record(&e.locator.0);
-            self.record(&e.envelope);
-        }
-        self.inner.append(store, entries).await
-    }
-
-    async fn pull(
-        &self,
-        store: &persist::StoreId,
-        since: u64,
-        limit: usize,
-        bytes_target: usize,
-    ) -> Result<persist_storage::relay::Page, persist_storage::relay::RelayError> {
-        self.inner.pull(store, since, limit, bytes_target).await
-    }
-
-    async fn head(
-        &self,
-        store: &persist::StoreId,
-    ) -> Result<u64, persist_storage::relay::RelayError> {
-        self.inner.head(store).await
-    }
-
-    fn watch(&self, store: &persist::StoreId) -> tokio::sync::watch::Receiver<u64> {
-        self.inner.watch(store)
-    }
-
-    async fn mailbox_put(
-        &self,
-        store: &persist::StoreId,
-        mailbox: &persist::DeviceId,
-        payload: Vec<u8>,
-    ) -> Result<u64, persist_storage::relay::RelayError> {
-        self.record(&payload);
-        self.inner.mailbox_put(store, mailbox, payload).await
-    }
-
-    async fn mailbox_fetch(
-        &self,
-        store: &persist::StoreId,
-        mailbox: &persist::DeviceId,
-        since: u64,
-        limit: usize,
-    ) -> Result<Vec<persist_core::protocol::MailboxItem>, persist_storage::relay::RelayError> {
-        self.inner.mailbox_fetch(store, mailbox, since, limit).await
-    }
-
-    async fn mailbox_ack(
-        &self,
-        store: &persist::StoreId,
-        mailbox: &persist::DeviceId,
-        upto: u64,
-    ) -> Result<(), persist_storage::relay::RelayError> {
-        self.inner.mailbox_ack(store, mailbox, upto).await
-    }
-
-    async fn stats(
-        &self,
-    ) -> Result<persist_storage::relay::RelayStats, persist_storage::relay::RelayError> {
-        self.inner.stats().await
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn everything_the_relay_receives_is_ciphertext() {
     let tmp = tempfile::tempdir().unwrap();
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let backend = Recording {
+    let backend = Malicious {
         inner: persist_storage::relay::MemoryRelay::new(),
+        attack: std::sync::Arc::new(std::sync::Mutex::new(Attack::Honest)),
+        first_seen: std::sync::Mutex::new(std::collections::BTreeMap::new()),
         seen: seen.clone(),
     };
     let relay_dir = tmp.path().join("relay");
@@ -777,11 +687,19 @@ enum Attack {
     Withhold,
 }
 
-/// A relay backend that lies to its clients.
+/// A relay backend that keeps a copy of every byte it is handed, and lies
+/// to its clients when told to.
 struct Malicious {
     inner: persist_storage::relay::MemoryRelay,
     attack: std::sync::Arc<std::sync::Mutex<Attack>>,
     first_seen: std::sync::Mutex<std::collections::BTreeMap<[u8; 32], Vec<u8>>>,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Malicious {
+    fn record(&self, bytes: &[u8]) {
+        self.seen.lock().unwrap().extend_from_slice(bytes);
+    }
 }
 
 impl persist_storage::relay::RelayBackend for Malicious {
@@ -791,6 +709,7 @@ impl persist_storage::relay::RelayBackend for Malicious {
         fingerprint: &[u8; 32],
         may_create: bool,
     ) -> Result<persist_storage::relay::StoreAccess, persist_storage::relay::RelayError> {
+        self.record(fingerprint);
         self.inner.open_store(store, fingerprint, may_create).await
     }
 
@@ -799,6 +718,10 @@ impl persist_storage::relay::RelayBackend for Malicious {
         store: &persist::StoreId,
         entries: Vec<persist_storage::relay::Incoming>,
     ) -> Result<persist_storage::relay::Appended, persist_storage::relay::RelayError> {
+        for e in &entries {
+            self.record(&e.locator.0);
+            self.record(&e.envelope);
+        }
         {
             let mut first = self.first_seen.lock().unwrap();
             for e in &entries {
@@ -863,6 +786,7 @@ impl persist_storage::relay::RelayBackend for Malicious {
         mailbox: &persist::DeviceId,
         payload: Vec<u8>,
     ) -> Result<u64, persist_storage::relay::RelayError> {
+        self.record(&payload);
         self.inner.mailbox_put(store, mailbox, payload).await
     }
 
@@ -900,6 +824,7 @@ async fn a_malicious_relay_cannot_corrupt_or_roll_back_records() {
         inner: persist_storage::relay::MemoryRelay::new(),
         attack: attack.clone(),
         first_seen: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+        seen: std::sync::Arc::default(),
     };
     let handle = persist_relay::start(
         RelayConfig::new("127.0.0.1:0".parse().unwrap(), tmp.path().join("relay")),
