@@ -1,7 +1,10 @@
 //! Helpers shared by the relay tests: a node on loopback, a client that
-//! speaks persist/1 over QUIC, and real envelopes from persist-core.
+//! speaks persist/1 over QUIC, real envelopes from persist-core, and the
+//! secret scanner ([`scan`]).
 
 #![allow(dead_code, unreachable_pub)]
+
+pub mod scan;
 
 use std::net::SocketAddr;
 
