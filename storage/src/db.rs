@@ -138,7 +138,7 @@ impl LocalDb {
         }
         let builder = builder();
         if !fresh {
-            contain(path, || probe(path, builder.open_read_only(path)))?;
+            contain(path, || probe(path, builder.open_read_only(path), &LOCAL))?;
         }
         let db = contain(path, || {
             let db = if create {
@@ -162,6 +162,7 @@ impl LocalDb {
                 probe(
                     path,
                     builder.open_read_only_with_backend(RedbBackend(backend.clone())),
+                    &LOCAL,
                 )
             })?;
         }
@@ -204,20 +205,36 @@ fn builder() -> redb::Builder {
     builder
 }
 
+/// The format and structure checks of one kind of database file: the
+/// local store's (here) or the relay's.
+pub(crate) struct Checks {
+    /// Reads the format marker.
+    pub(crate) format: fn(&Path, &redb::ReadTransaction) -> Result<Format, OpenError>,
+    /// Reads the ends of every table of a current-format file.
+    pub(crate) structure: fn(&redb::ReadTransaction) -> Result<(), StorageError>,
+}
+
+/// The local store's checks.
+const LOCAL: Checks = Checks {
+    format: check_format,
+    structure: check_structure,
+};
+
 /// Checks the format and structure through a read-only open, which never
 /// writes, so that a database this build refuses is left exactly as it was.
-fn probe(
+pub(crate) fn probe(
     path: &Path,
     opened: Result<redb::ReadOnlyDatabase, redb::DatabaseError>,
+    checks: &Checks,
 ) -> Result<(), OpenError> {
     match opened {
         Ok(db) => {
             let read = db
                 .begin_read()
                 .map_err(|err| OpenError::from_storage(path.to_owned(), err.into()))?;
-            match check_format(path, &read)? {
+            match (checks.format)(path, &read)? {
                 Format::Uninitialized => Ok(()),
-                Format::Current => check_structure(&read)
+                Format::Current => (checks.structure)(&read)
                     .map_err(|err| OpenError::from_storage(path.to_owned(), err)),
             }
         }
@@ -228,10 +245,11 @@ fn probe(
     }
 }
 
-enum Format {
+/// What a format marker said.
+pub(crate) enum Format {
     /// No table at all: created, but the initializing commit never landed.
     Uninitialized,
-    /// [`FORMAT_VERSION`].
+    /// This build's format version.
     Current,
 }
 

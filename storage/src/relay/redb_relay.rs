@@ -34,6 +34,7 @@ use super::{
     check_append, check_mailbox_payload, fingerprints_match,
 };
 use crate::contain::{Guarded, Panicked, contain};
+use crate::db::{Checks, Format, probe};
 use crate::error::{OpenError, StorageError};
 use crate::schema::meta_u64;
 
@@ -474,7 +475,7 @@ fn open_db(path: &Path) -> Result<Guarded<redb::Database>, OpenError> {
     };
     let builder = builder();
     if !fresh {
-        contain(path, || probe(path, builder.open_read_only(path)))?;
+        contain(path, || probe(path, builder.open_read_only(path), &RELAY))?;
     }
     let db = contain(path, || {
         builder
@@ -498,41 +499,16 @@ fn open_db(path: &Path) -> Result<Guarded<redb::Database>, OpenError> {
     Ok(db)
 }
 
+/// The relay database's checks, for [`probe`].
+const RELAY: Checks = Checks {
+    format: check_format,
+    structure: check_structure,
+};
+
 fn builder() -> redb::Builder {
     let mut builder = redb::Builder::new();
     builder.set_cache_size(RELAY_CACHE_BYTES_MAX);
     builder
-}
-
-/// Checks format and structure through a read-only open, which never
-/// writes, so that a file this build refuses is left exactly as it was.
-fn probe(
-    path: &Path,
-    opened: Result<redb::ReadOnlyDatabase, redb::DatabaseError>,
-) -> Result<(), OpenError> {
-    match opened {
-        Ok(db) => {
-            let read = db
-                .begin_read()
-                .map_err(|err| OpenError::from_storage(path.to_owned(), err.into()))?;
-            match check_format(path, &read)? {
-                Format::Uninitialized => Ok(()),
-                Format::Current => check_structure(&read)
-                    .map_err(|err| OpenError::from_storage(path.to_owned(), err)),
-            }
-        }
-        // A crash left the file needing recovery, which only a writable
-        // open runs; the format is checked after it.
-        Err(redb::DatabaseError::RepairAborted) => Ok(()),
-        Err(err) => Err(OpenError::from_redb(path.to_owned(), err)),
-    }
-}
-
-enum Format {
-    /// No table at all: created, but the initializing commit never landed.
-    Uninitialized,
-    /// [`RELAY_FORMAT_VERSION`].
-    Current,
 }
 
 fn check_format(path: &Path, read: &redb::ReadTransaction) -> Result<Format, OpenError> {
