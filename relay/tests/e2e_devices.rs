@@ -11,6 +11,7 @@
 
 mod common;
 
+use common::devices::{converge, converge_bytes, pair};
 use common::scan::{Corpus, needles, poll};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -21,7 +22,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE};
-use persist::{Config, KdfParams, Remote, Store, SyncConfig, SyncError};
+use persist::{Remote, SyncError};
 use persist_core::export::ExportedKeys;
 use persist_core::keys::IndexKey;
 use persist_core::protocol::AccessKey;
@@ -43,7 +44,7 @@ const NOTICE_DEAD: Duration = Duration::from_secs(45);
 async fn devices_converge_through_the_relay_binary() {
     let tmp = tempfile::tempdir().unwrap();
     let mut relay = RelayProcess::start(tmp.path(), "127.0.0.1:0");
-    let (a, b) = pair(tmp.path(), &relay.remote()).await;
+    let (a, b) = pair(tmp.path(), &relay.remote(), &relay.remote()).await;
 
     // Puts and deletes on both, of their own and of each other's records.
     for i in 0..6 {
@@ -128,7 +129,7 @@ async fn devices_converge_through_the_relay_binary() {
 async fn offline_writes_on_both_sides_converge_after_a_relay_crash() {
     let tmp = tempfile::tempdir().unwrap();
     let mut relay = RelayProcess::start(tmp.path(), "127.0.0.1:0");
-    let (a, b) = pair(tmp.path(), &relay.remote()).await;
+    let (a, b) = pair(tmp.path(), &relay.remote(), &relay.remote()).await;
     a.put("shared/1", "before").await.unwrap();
     a.put("shared/2", "before").await.unwrap();
     b.put("shared/3", "before").await.unwrap();
@@ -190,7 +191,7 @@ async fn offline_writes_on_both_sides_converge_after_a_relay_crash() {
 async fn relay_process_keeps_and_logs_no_plaintext_and_no_key() {
     let tmp = tempfile::tempdir().unwrap();
     let mut relay = RelayProcess::start(tmp.path(), "127.0.0.1:0");
-    let (a, b) = pair(tmp.path(), &relay.remote()).await;
+    let (a, b) = pair(tmp.path(), &relay.remote(), &relay.remote()).await;
 
     // A canary random per run (the temp dir's name is), in paths and
     // values, written on both devices, deleted, resealed under a new epoch,
@@ -422,66 +423,6 @@ fn assert_quiet_logs(relay: &RelayProcess) {
         .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
         .collect();
     assert!(loud.is_empty(), "the relay complained: {loud:#?}");
-}
-
-fn device(tmp: &Path, name: &str) -> Config {
-    Config::new(tmp.join(name).join("store"))
-        .key_file(tmp.join(name).join("keys").join("k.key"))
-        .name(name)
-        .dangerous()
-        .export_kdf(KdfParams::insecure_for_tests())
-        .done()
-}
-
-/// Device A (creating the store) and device B (joining from A's export),
-/// both syncing with `remote`.
-async fn pair(tmp: &Path, remote: &Remote) -> (Store, Store) {
-    let a = Store::open(device(tmp, "a").sync(SyncConfig::new(remote.clone())))
-        .await
-        .expect("open a");
-    let export = a.crypto().export_key_with("pw").await.expect("export");
-    let b = Store::open(
-        device(tmp, "b")
-            .key(&export.export, "pw")
-            .sync(SyncConfig::new(remote.clone())),
-    )
-    .await
-    .expect("open b");
-    (a, b)
-}
-
-/// Syncs both devices until both report synced with the same full
-/// `list("")` (values as text); returns it.
-async fn converge(a: &Store, b: &Store) -> BTreeMap<String, String> {
-    let mut last = None;
-    for _ in 0..SETTLE.as_millis() / 50 {
-        let _ = a.sync_now().await;
-        let _ = b.sync_now().await;
-        let la: BTreeMap<String, String> = a.list("").await.unwrap().into_iter().collect();
-        let lb: BTreeMap<String, String> = b.list("").await.unwrap().into_iter().collect();
-        let synced = a.sync_status().unwrap().synced && b.sync_status().unwrap().synced;
-        if synced && la == lb {
-            return la;
-        }
-        last = Some((la, lb, a.sync_status(), b.sync_status()));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the devices did not converge: {last:#?}");
-}
-
-/// [`converge`] for stores whose values are bytes.
-async fn converge_bytes(a: &Store, b: &Store) {
-    for _ in 0..SETTLE.as_millis() / 50 {
-        let _ = a.sync_now().await;
-        let _ = b.sync_now().await;
-        let la: Vec<(String, ByteBuf)> = a.list("").await.unwrap();
-        let lb: Vec<(String, ByteBuf)> = b.list("").await.unwrap();
-        if a.sync_status().unwrap().synced && b.sync_status().unwrap().synced && la == lb {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the devices did not converge");
 }
 
 /// The needles and the corpus agree with each other: every encoding is

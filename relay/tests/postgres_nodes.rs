@@ -27,6 +27,7 @@
 
 mod common;
 
+use common::devices::{converge, converge_bytes, pair};
 use common::scan::{Corpus, needles, poll};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -38,7 +39,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt as _;
-use persist::{Change, Config, KdfParams, Remote, Store, SyncConfig};
+use persist::{Change, Remote, Store};
 use persist_core::export::ExportedKeys;
 use persist_core::keys::IndexKey;
 use persist_core::protocol::AccessKey;
@@ -832,66 +833,6 @@ impl Drop for Node {
             let _ = child.wait();
         }
     }
-}
-
-fn device(tmp: &Path, name: &str) -> Config {
-    Config::new(tmp.join(name).join("store"))
-        .key_file(tmp.join(name).join("keys").join("k.key"))
-        .name(name)
-        .dangerous()
-        .export_kdf(KdfParams::insecure_for_tests())
-        .done()
-}
-
-/// Device A (creating the store) on `remote_a`, and device B (joining from
-/// A's export) on `remote_b`.
-async fn pair(tmp: &Path, remote_a: &Remote, remote_b: &Remote) -> (Store, Store) {
-    let a = Store::open(device(tmp, "a").sync(SyncConfig::new(remote_a.clone())))
-        .await
-        .expect("open a");
-    let export = a.crypto().export_key_with("pw").await.expect("export");
-    let b = Store::open(
-        device(tmp, "b")
-            .key(&export.export, "pw")
-            .sync(SyncConfig::new(remote_b.clone())),
-    )
-    .await
-    .expect("open b");
-    (a, b)
-}
-
-/// Syncs both devices until both report synced with the same full
-/// `list("")` (values as text); returns it.
-async fn converge(a: &Store, b: &Store) -> BTreeMap<String, String> {
-    let mut last = None;
-    for _ in 0..SETTLE.as_millis() / 50 {
-        let _ = a.sync_now().await;
-        let _ = b.sync_now().await;
-        let la: BTreeMap<String, String> = a.list("").await.unwrap().into_iter().collect();
-        let lb: BTreeMap<String, String> = b.list("").await.unwrap().into_iter().collect();
-        let synced = a.sync_status().unwrap().synced && b.sync_status().unwrap().synced;
-        if synced && la == lb {
-            return la;
-        }
-        last = Some((la.len(), lb.len(), a.sync_status(), b.sync_status()));
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the devices did not converge: {last:#?}");
-}
-
-/// [`converge`] for stores whose values are bytes.
-async fn converge_bytes(a: &Store, b: &Store) {
-    for _ in 0..SETTLE.as_millis() / 50 {
-        let _ = a.sync_now().await;
-        let _ = b.sync_now().await;
-        let la: Vec<(String, ByteBuf)> = a.list("").await.unwrap();
-        let lb: Vec<(String, ByteBuf)> = b.list("").await.unwrap();
-        if a.sync_status().unwrap().synced && b.sync_status().unwrap().synced && la == lb {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the devices did not converge");
 }
 
 /// Syncs `a` until it has pushed everything.

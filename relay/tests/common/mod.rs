@@ -4,6 +4,7 @@
 
 #![allow(dead_code, unreachable_pub)]
 
+pub mod devices;
 pub mod scan;
 
 use std::net::SocketAddr;
