@@ -8,7 +8,10 @@
 //! retired keys, and exports.
 //!
 //! **Messages.** [`KeyManagerMsg`]: `Describe`, `Rotate`, `RotationDone`,
-//! `PurgeRetired`, `AddMembers`, `OwnMember`, `Export`.
+//! `PurgeRetired`, `AddMembers`, `OwnMember`, `Members`, `Export`, and the
+//! inviter's side of pairing: `CreateInvite`, `OpenInvites`,
+//! `AnswerInvite`, `RedeemInvite`. The Noise handshake runs here, beside the
+//! keys it uses, and only its session (never a key) leaves.
 //!
 //! **Supervisor.** The store supervisor. **On failure** it is restarted and
 //! reloads the keyring from the database, where every change it made was
@@ -18,11 +21,15 @@
 use std::sync::Arc;
 
 use persist_core::Epoch;
+use persist_core::InviteId;
 use persist_core::StoreId;
 use persist_core::env::{Entropy, RngStream};
 use persist_core::export::{ExportedKeys, KdfParams, generate_passphrase};
+use persist_core::hlc::Hlc;
+use persist_core::invite::{self, Host, Invite, Joining, Opened};
 use persist_core::keyring::{EpochState, Keyring, Member};
 use persist_core::keys::Secret32;
+use persist_core::protocol::AccessKey;
 use persist_storage::LocalDb;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -53,6 +60,9 @@ pub enum KeyError {
     /// The export could not be made.
     #[error("export failed: {0}")]
     Export(String),
+    /// The invite cannot be made or used.
+    #[error("{0}")]
+    Invite(String),
 }
 
 /// A finished export.
@@ -90,6 +100,54 @@ pub enum KeyManagerMsg {
     },
     /// This device's own member entry, which it announces to the others.
     OwnMember(RpcReplyPort<Option<Member>>),
+    /// Every member this device knows, itself included.
+    Members(RpcReplyPort<Vec<Member>>),
+    /// Make an invite reached through `relay`, expiring at `expires_ms`,
+    /// kept durably (sealed in the keyring) before it is returned.
+    CreateInvite {
+        /// The relay's address, for the code.
+        relay: String,
+        /// The relay's certificate pin, for the code.
+        pin: Option<[u8; 32]>,
+        /// The wall clock now (expired invites are dropped).
+        now_ms: u64,
+        /// When it expires.
+        expires_ms: u64,
+        /// The code, and what a responder needs.
+        reply: RpcReplyPort<Result<(NewInvite, InviteRoute), KeyError>>,
+    },
+    /// The invites that have not expired, used or not, for their
+    /// responders.
+    OpenInvites {
+        /// The wall clock now.
+        now_ms: u64,
+        /// The open invites.
+        reply: RpcReplyPort<Vec<InviteRoute>>,
+    },
+    /// Answer a joiner's first handshake message for invite `id`: `None`
+    /// when this device holds no such invite (it expired and was dropped).
+    AnswerInvite {
+        /// The invite.
+        id: InviteId,
+        /// The joiner's first message.
+        first: Vec<u8>,
+        /// The wall clock now.
+        now_ms: u64,
+        /// The answer.
+        reply: RpcReplyPort<Result<Option<Opened>, KeyError>>,
+    },
+    /// A joiner completed the handshake for invite `id`: mark the invite
+    /// used and the device a member, durably, then hand over the grant.
+    RedeemInvite {
+        /// The invite.
+        id: InviteId,
+        /// Who joins.
+        joining: Joining,
+        /// The wall clock now.
+        now_ms: u64,
+        /// The store's keys and members, for the grant.
+        reply: RpcReplyPort<Result<Redeemed, KeyError>>,
+    },
     /// Export the store's keys.
     Export {
         /// The passphrase to wrap under; `None` generates one.
@@ -101,6 +159,38 @@ pub enum KeyManagerMsg {
         /// The export.
         reply: RpcReplyPort<Result<Export, KeyError>>,
     },
+}
+
+/// An invite just made.
+pub struct NewInvite {
+    /// The code to give the joining device.
+    pub code: Zeroizing<String>,
+    /// The invite.
+    pub id: InviteId,
+    /// When it expires.
+    pub expires_ms: u64,
+}
+
+/// What an invite's responder needs to reach its mailboxes: no secret.
+#[derive(Clone, Debug)]
+pub struct InviteRoute {
+    /// The invite.
+    pub id: InviteId,
+    /// The credential for its relay store.
+    pub access: AccessKey,
+    /// When it expires.
+    pub expires_ms: u64,
+    /// Whether a device joined with it already (its responder then only
+    /// refuses, inside the handshake, until it expires).
+    pub used: bool,
+}
+
+/// What a redeemed invite grants.
+pub struct Redeemed {
+    /// The store's keys.
+    pub keys: ExportedKeys,
+    /// The members, the new one included.
+    pub members: Vec<Member>,
 }
 
 /// What KeyManager starts from.
@@ -201,6 +291,53 @@ impl Actor for KeyManager {
                 let own = state.keyring.as_ref().and_then(|r| r.own_member().cloned());
                 let _ = reply.send(own);
             }
+            KeyManagerMsg::Members(reply) => {
+                let members = state
+                    .keyring
+                    .as_ref()
+                    .map(|r| r.members.clone())
+                    .unwrap_or_default();
+                let _ = reply.send(members);
+            }
+            KeyManagerMsg::CreateInvite {
+                relay,
+                pin,
+                now_ms,
+                expires_ms,
+                reply,
+            } => {
+                let _ = reply.send(state.create_invite(&relay, pin, now_ms, expires_ms).await);
+            }
+            KeyManagerMsg::OpenInvites { now_ms, reply } => {
+                let open = state
+                    .keyring
+                    .as_ref()
+                    .map(|r| {
+                        r.invites
+                            .iter()
+                            .filter(|i| i.expires_ms > now_ms)
+                            .map(route)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let _ = reply.send(open);
+            }
+            KeyManagerMsg::AnswerInvite {
+                id,
+                first,
+                now_ms,
+                reply,
+            } => {
+                let _ = reply.send(state.answer_invite(id, &first, now_ms));
+            }
+            KeyManagerMsg::RedeemInvite {
+                id,
+                joining,
+                now_ms,
+                reply,
+            } => {
+                let _ = reply.send(state.redeem_invite(id, joining, now_ms).await);
+            }
             KeyManagerMsg::Export {
                 passphrase,
                 params,
@@ -274,6 +411,105 @@ impl KeyManagerState {
         .await
     }
 
+    async fn create_invite(
+        &mut self,
+        relay: &str,
+        pin: Option<[u8; 32]>,
+        now_ms: u64,
+        expires_ms: u64,
+    ) -> Result<(NewInvite, InviteRoute), KeyError> {
+        let ring = self.keyring.as_ref().ok_or(KeyError::NotEncrypted)?;
+        let (invite, open) = Invite::create(ring, relay, pin, expires_ms, &mut self.rng)
+            .map_err(|e| KeyError::Invite(e.to_string()))?;
+        let route = route(&open);
+        self.change(|ring, _| {
+            if ring.add_invite(open, now_ms) {
+                Ok(())
+            } else {
+                Err(KeyError::Invite(format!(
+                    "this device already has {} open invites; let some expire or be used first",
+                    invite::OPEN_INVITES_MAX
+                )))
+            }
+        })
+        .await?;
+        Ok((
+            NewInvite {
+                code: invite.encode(),
+                id: invite.id,
+                expires_ms,
+            },
+            route,
+        ))
+    }
+
+    fn answer_invite(
+        &mut self,
+        id: InviteId,
+        first: &[u8],
+        now_ms: u64,
+    ) -> Result<Option<Opened>, KeyError> {
+        let ring = self.keyring.as_ref().ok_or(KeyError::NotEncrypted)?;
+        let Some(open) = ring.invites.iter().find(|i| i.id == id) else {
+            return Ok(None);
+        };
+        let rng = self.args.entropy.stream("pairing");
+        Host::answer(open, ring.store_id, &ring.device, first, now_ms, rng)
+            .map(Some)
+            .map_err(|e| KeyError::Invite(e.to_string()))
+    }
+
+    async fn redeem_invite(
+        &mut self,
+        id: InviteId,
+        joining: Joining,
+        now_ms: u64,
+    ) -> Result<Redeemed, KeyError> {
+        // Every check comes before the first change: `change` commits only
+        // what `f` returns Ok from.
+        self.change(|ring, _| {
+            let me = ring.device_id();
+            let known = ring
+                .members
+                .iter()
+                .any(|m| m.device_id == joining.device_id);
+            if !known && ring.members.len() >= persist_core::keyring::MEMBERS_MAX {
+                return Err(KeyError::Invite(format!(
+                    "the store already has {} members",
+                    persist_core::keyring::MEMBERS_MAX
+                )));
+            }
+            let invite = ring
+                .invites
+                .iter_mut()
+                .find(|i| i.id == id)
+                .ok_or_else(|| KeyError::Invite("the invite is no longer open".into()))?;
+            if invite.used_by.is_some() {
+                return Err(KeyError::Invite("the invite was already used".into()));
+            }
+            if now_ms >= invite.expires_ms {
+                return Err(KeyError::Invite("the invite has expired".into()));
+            }
+            invite.used_by = Some(joining.device_id);
+            ring.add_member(Member {
+                device_id: joining.device_id,
+                ed25519_public: joining.ed25519_public,
+                x25519_public: joining.x25519_public,
+                name: joining.name.clone(),
+                added_by: me,
+                added_at: Hlc {
+                    ms: now_ms,
+                    counter: 0,
+                },
+            });
+            Ok(Redeemed {
+                keys: ExportedKeys::from_keyring(ring),
+                members: ring.members.clone(),
+            })
+        })
+        .await
+    }
+
     /// Purges retired epochs, re-checking that none holds a record.
     async fn purge(&mut self) -> Result<Vec<Epoch>, KeyError> {
         let counts = self.epoch_counts()?;
@@ -337,6 +573,15 @@ impl KeyManagerState {
             text,
             generated_passphrase: generated.then_some(pass),
         })
+    }
+}
+
+fn route(open: &persist_core::invite::OpenInvite) -> InviteRoute {
+    InviteRoute {
+        id: open.id,
+        access: invite::relay_access(open.id, &open.secret),
+        expires_ms: open.expires_ms,
+        used: open.used_by.is_some(),
     }
 }
 

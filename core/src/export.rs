@@ -289,7 +289,8 @@ impl ExportedKeys {
         Self::decode(&plain)
     }
 
-    fn encode(&self) -> Zeroizing<Vec<u8>> {
+    /// The keys' binary encoding, in a zeroizing buffer.
+    pub(crate) fn encode(&self) -> Zeroizing<Vec<u8>> {
         let wire = ExportWire {
             store_id: self.store_id.0,
             index_key: *self.index_key.expose(),
@@ -314,7 +315,8 @@ impl ExportedKeys {
         )
     }
 
-    fn decode(bytes: &[u8]) -> Result<Self, ExportError> {
+    /// Reads [`ExportedKeys::encode`]'s output.
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Self, ExportError> {
         let wire: ExportWire =
             postcard::from_bytes(bytes).map_err(|_| ExportError::Invalid("undecodable"))?;
         let mut epochs = Vec::with_capacity(wire.epochs.len());
@@ -383,7 +385,7 @@ fn check(prefix: &str, blob: &[u8]) -> [u8; CHECK_LEN] {
     out
 }
 
-fn finish(prefix: &str, mut blob: Vec<u8>) -> String {
+pub(crate) fn finish(prefix: &str, mut blob: Vec<u8>) -> String {
     let c = check(prefix, &blob);
     blob.extend_from_slice(&c);
     let text = format!("{prefix}{}", URL_SAFE_NO_PAD.encode(&blob));
@@ -391,7 +393,7 @@ fn finish(prefix: &str, mut blob: Vec<u8>) -> String {
     text
 }
 
-fn unframe(prefix: &str, rest: &str) -> Result<Zeroizing<Vec<u8>>, ExportError> {
+pub(crate) fn unframe(prefix: &str, rest: &str) -> Result<Zeroizing<Vec<u8>>, ExportError> {
     let compact: String = rest.chars().filter(|c| !c.is_whitespace()).collect();
     let blob = Zeroizing::new(
         URL_SAFE_NO_PAD

@@ -86,6 +86,14 @@ byte_id!(
 );
 
 byte_id!(
+    /// An invite: 16 random bytes in its code. It names the pairing
+    /// mailbox on the relay, which is all a relay learns of an invite.
+    InviteId,
+    16,
+    "InviteId"
+);
+
+byte_id!(
     /// Where a record lives: `HMAC-SHA256(K_index, store_id ‖ path)`.
     ///
     /// A relay sees locators, never paths; without `K_index` a locator says

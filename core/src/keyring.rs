@@ -30,6 +30,7 @@ use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::hlc::Hlc;
 use crate::ids::{DeviceId, Epoch, StoreId};
+use crate::invite::{OPEN_INVITES_MAX, OpenInvite};
 use crate::keys::{DeviceIdentity, IndexKey, Secret32};
 
 /// Sealed keyring format version.
@@ -116,6 +117,8 @@ pub struct Keyring {
     pub current: Epoch,
     /// Member devices.
     pub members: Vec<Member>,
+    /// Invites this device made that have not expired.
+    pub invites: Vec<OpenInvite>,
 }
 
 /// What [`Keyring::merge_export`] took.
@@ -166,6 +169,7 @@ impl Keyring {
             epochs: BTreeMap::new(),
             current: Epoch::FIRST,
             members: vec![me],
+            invites: Vec::new(),
         };
         let key = Secret32::random(rng);
         let announcement = ring.announcement(Epoch::FIRST, device_id, rng);
@@ -197,6 +201,7 @@ impl Keyring {
             epochs: keys.epochs.into_iter().collect(),
             current: keys.current,
             members: vec![me],
+            invites: Vec::new(),
         }
     }
 
@@ -314,6 +319,24 @@ impl Keyring {
         }
         self.members.push(member);
         true
+    }
+
+    /// Keeps `invite` open, after dropping those expired at `now_ms`.
+    /// Refuses (returns `false`) past [`OPEN_INVITES_MAX`] open invites.
+    pub fn add_invite(&mut self, invite: OpenInvite, now_ms: u64) -> bool {
+        self.forget_expired_invites(now_ms);
+        if self.invites.len() >= OPEN_INVITES_MAX {
+            return false;
+        }
+        self.invites.push(invite);
+        true
+    }
+
+    /// Drops the invites expired at `now_ms`; returns whether any was.
+    pub fn forget_expired_invites(&mut self, now_ms: u64) -> bool {
+        let before = self.invites.len();
+        self.invites.retain(|i| i.expires_ms > now_ms);
+        self.invites.len() != before
     }
 
     /// This device's own member entry.
@@ -436,6 +459,16 @@ impl Keyring {
                 })
                 .collect(),
             members: self.members.iter().map(MemberWire::from).collect(),
+            invites: self
+                .invites
+                .iter()
+                .map(|i| InviteWire {
+                    id: i.id.0,
+                    secret: *i.secret.expose(),
+                    expires_ms: i.expires_ms,
+                    used_by: i.used_by.map(|d| d.0),
+                })
+                .collect(),
         }
     }
 
@@ -478,6 +511,16 @@ impl Keyring {
             epochs,
             current,
             members: w.members.iter().map(Member::from).collect(),
+            invites: w
+                .invites
+                .iter()
+                .map(|i| OpenInvite {
+                    id: crate::ids::InviteId(i.id),
+                    secret: Secret32::from_bytes(i.secret),
+                    expires_ms: i.expires_ms,
+                    used_by: i.used_by.map(DeviceId),
+                })
+                .collect(),
         })
     }
 }
@@ -493,6 +536,15 @@ struct KeyringWire {
     current: u32,
     epochs: Vec<EpochWire>,
     members: Vec<MemberWire>,
+    invites: Vec<InviteWire>,
+}
+
+#[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
+struct InviteWire {
+    id: [u8; 16],
+    secret: [u8; 32],
+    expires_ms: u64,
+    used_by: Option<[u8; 16]>,
 }
 
 #[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]

@@ -52,6 +52,7 @@ pub mod envelope;
 pub mod export;
 pub mod hlc;
 pub mod ids;
+pub mod invite;
 pub mod keyring;
 pub mod keys;
 pub mod lww;
@@ -60,4 +61,4 @@ pub mod padding;
 pub mod protocol;
 pub mod record;
 
-pub use ids::{DeviceId, Epoch, IdParseError, Locator, StoreId};
+pub use ids::{DeviceId, Epoch, IdParseError, InviteId, Locator, StoreId};

@@ -11,7 +11,7 @@ use persist_actors::{KeySet, meta};
 use persist_core::env::Env;
 use persist_core::export::ExportedKeys;
 use persist_core::hlc::Hlc;
-use persist_core::keyring::Keyring;
+use persist_core::keyring::{Keyring, Member};
 use persist_core::keys::{DeviceIdentity, Secret32};
 use persist_core::{DeviceId, StoreId};
 use persist_storage::{LocalDb, StorageError};
@@ -32,6 +32,16 @@ pub(crate) struct BootConfig {
     /// opened, so a wrong passphrase or damaged export touches nothing).
     pub(crate) import: Option<ExportedKeys>,
     pub(crate) may_create: bool,
+    /// What pairing with an invite brought: this device's identity (the
+    /// one the handshake authenticated), the keys and the members.
+    pub(crate) joined: Option<Joined>,
+}
+
+/// The outcome of pairing, for a new store.
+pub(crate) struct Joined {
+    pub(crate) identity: DeviceIdentity,
+    pub(crate) keys: ExportedKeys,
+    pub(crate) members: Vec<Member>,
 }
 
 /// What an open store starts from.
@@ -44,6 +54,16 @@ pub(crate) struct Boot {
 /// Creates, loads or re-keys the store in `db`.
 pub(crate) fn bootstrap(db: &LocalDb, mut cfg: BootConfig, env: &Env) -> Result<Boot, OpenError> {
     let existing = read_existing(db, &cfg)?;
+    if let Some(joined) = cfg.joined.take() {
+        return match existing {
+            None => create_joined(db, &cfg, env, joined),
+            Some(found) => Err(OpenError::InviteIntoExistingStore {
+                path: cfg.path.clone(),
+                store: found.store_id,
+                invite_store: joined.keys.store_id,
+            }),
+        };
+    }
     let import = cfg.import.take();
     let cfg = &cfg;
     match (existing, import) {
@@ -273,6 +293,62 @@ fn create(
     Ok(boot)
 }
 
+/// The id of the store in `db`, if it holds one.
+pub(crate) fn stored_store(
+    db: &LocalDb,
+    path: &std::path::Path,
+) -> Result<Option<StoreId>, OpenError> {
+    let bad = |detail: String| OpenError::Corrupted {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let txn = db.begin_read().map_err(|e| bad(e.to_string()))?;
+    let Some(id) = txn.meta(meta::STORE_ID).map_err(|e| bad(e.to_string()))? else {
+        return Ok(None);
+    };
+    let id: [u8; 16] = id
+        .try_into()
+        .map_err(|_| bad("store id is not 16 bytes".into()))?;
+    Ok(Some(StoreId(id)))
+}
+
+/// A new store joined with an invite: this device's identity, the
+/// store's keys and its members from the grant.
+fn create_joined(
+    db: &LocalDb,
+    cfg: &BootConfig,
+    env: &Env,
+    joined: Joined,
+) -> Result<Boot, OpenError> {
+    if !cfg.encrypt {
+        return Err(OpenError::EncryptionMismatch {
+            path: cfg.path.clone(),
+            stored: true,
+        });
+    }
+    let mut rng = env.entropy.stream("bootstrap");
+    let now = Hlc {
+        ms: env.clock.now_ms(),
+        counter: 0,
+    };
+    let mut ring = Keyring::from_export(joined.identity, joined.keys, &cfg.name, now);
+    // This device's entry as its inviter recorded it (added by the inviter).
+    if let Some(me) = joined
+        .members
+        .iter()
+        .find(|m| m.device_id == ring.device_id())
+    {
+        ring.members = vec![me.clone()];
+    }
+    for member in joined.members {
+        ring.add_member(member);
+    }
+    let boot = seal_and_write(db, cfg, &ring, &mut rng)?;
+    tracing::info!(store = %ring.store_id, device = %ring.device_id(),
+        "joined a store with an invite; its records arrive with sync");
+    Ok(boot)
+}
+
 /// A copied database opened on a new device: this device takes its own
 /// identity and KEK and the store's keys from the export.
 fn rekey(
@@ -302,6 +378,7 @@ fn rekey(
         key_dir: cfg.key_dir.clone(),
         import: None,
         may_create: false,
+        joined: None,
     };
     let boot = seal_and_write(db, &cfg_named, &ring, &mut rng)?;
     tracing::info!(store = %ring.store_id, device = %ring.device_id(),

@@ -32,6 +32,8 @@ pub struct Config {
     pub(crate) backend: Option<Box<dyn Backend>>,
     pub(crate) env: Option<Env>,
     pub(crate) import: Option<(Zeroizing<String>, Zeroizing<String>)>,
+    pub(crate) invite: Option<Zeroizing<String>>,
+    pub(crate) invite_timeout: Duration,
     pub(crate) export_kdf: KdfParams,
     pub(crate) read_only: bool,
     pub(crate) create_if_missing: bool,
@@ -49,6 +51,7 @@ impl std::fmt::Debug for Config {
             .field("max_clock_drift", &self.max_clock_drift)
             .field("backend", &self.backend)
             .field("import", &self.import.as_ref().map(|_| "<key export>"))
+            .field("invite", &self.invite.as_ref().map(|_| "<invite code>"))
             .field("read_only", &self.read_only)
             .field("create_if_missing", &self.create_if_missing)
             .field("sync", &self.sync)
@@ -70,6 +73,8 @@ impl Config {
             backend: None,
             env: None,
             import: None,
+            invite: None,
+            invite_timeout: crate::pairing::JOIN_TIMEOUT_DEFAULT,
             export_kdf: KdfParams::default(),
             read_only: false,
             create_if_missing: true,
@@ -158,6 +163,31 @@ impl Config {
             Zeroizing::new(exported.to_owned()),
             Zeroizing::new(passphrase.to_owned()),
         ));
+        self
+    }
+
+    /// Joins a store with an invite code from `store.crypto().create_invite()`
+    /// on one of its devices.
+    ///
+    /// The directory must not hold a store yet. Opening runs the pairing
+    /// handshake with the inviting device through the relay the code names
+    /// (or, with [`Config::sync`], that remote, which must be the code's
+    /// relay), waiting up to [`Config::invite_timeout`] for the inviter to
+    /// answer: it answers while its store is open with sync. The device
+    /// then holds the store's keys and syncs with the relay; without
+    /// [`Config::sync`] it syncs with the code's relay, trusted by the pin
+    /// in the code. A damaged, expired or already used code, a code for
+    /// another store or relay, or a handshake the relay tampered with is an
+    /// error, and nothing is written.
+    pub fn invite(mut self, code: &str) -> Self {
+        self.invite = Some(Zeroizing::new(code.to_owned()));
+        self
+    }
+
+    /// How long opening with [`Config::invite`] waits for the inviter
+    /// (default 10 minutes).
+    pub fn invite_timeout(mut self, timeout: Duration) -> Self {
+        self.invite_timeout = timeout;
         self
     }
 

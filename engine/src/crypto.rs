@@ -1,7 +1,11 @@
 //! Key lifecycle: export, rotation, purge.
 
+use std::time::Duration;
+
 use persist_actors::key_manager::{self, KeyManagerMsg};
 use persist_actors::rotator::RotationProgress;
+use persist_core::invite;
+use persist_core::{DeviceId, InviteId};
 use ractor::rpc::CallResult;
 use tokio::sync::watch;
 use zeroize::Zeroizing;
@@ -38,6 +42,57 @@ impl std::fmt::Debug for Passphrase {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Passphrase(<redacted>)")
     }
+}
+
+/// An invite, from [`Crypto::create_invite`]. The code holds a one-time
+/// secret: whoever has it can join the store until it is used or expires.
+pub struct InviteCode {
+    code: Zeroizing<String>,
+    id: InviteId,
+    expires_ms: u64,
+}
+
+impl InviteCode {
+    /// The code (`persist-invite-v1:…`), to give the new device.
+    pub fn code(&self) -> &str {
+        &self.code
+    }
+
+    /// The invite's id (what the relay sees of it).
+    pub fn id(&self) -> InviteId {
+        self.id
+    }
+
+    /// When it expires, in ms since the Unix epoch.
+    pub fn expires_ms(&self) -> u64 {
+        self.expires_ms
+    }
+}
+
+impl std::fmt::Debug for InviteCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InviteCode")
+            .field("id", &self.id)
+            .field("expires_ms", &self.expires_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A member device of the store, from [`Crypto::devices`].
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct Device {
+    /// Its id.
+    pub id: DeviceId,
+    /// Its name.
+    pub name: String,
+    /// The device that added it (itself for the store's creator and for
+    /// devices that joined with a key export).
+    pub added_by: DeviceId,
+    /// When, in ms since the Unix epoch.
+    pub added_at_ms: u64,
+    /// Whether it is this device.
+    pub this_device: bool,
 }
 
 /// A running rotation, from [`Crypto::rotate_key`].
@@ -107,6 +162,71 @@ impl Crypto<'_> {
         }
         let purged = self.call(KeyManagerMsg::PurgeRetired).await?;
         Ok(purged.into_iter().map(|e| e.0).collect())
+    }
+
+    /// Makes an invite for a new device, valid for 24 hours: see
+    /// [`Crypto::create_invite_for`].
+    pub async fn create_invite(&self) -> Result<InviteCode, KeyError> {
+        self.create_invite_for(Duration::from_millis(invite::TTL_DEFAULT_MS))
+            .await
+    }
+
+    /// Makes an invite for a new device, valid for `ttl` (at most 30
+    /// days), and starts answering it.
+    ///
+    /// Give the code to the new device, which joins with
+    /// [`Config::invite`](crate::Config::invite). The pairing goes through
+    /// this store's relay, and this device answers it while the store is
+    /// open with sync (now, or after a reopen). The code works once.
+    pub async fn create_invite_for(&self, ttl: Duration) -> Result<InviteCode, KeyError> {
+        if self.store.is_read_only() {
+            return Err(KeyError::ReadOnly);
+        }
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        if ttl_ms == 0 || ttl_ms > invite::TTL_MAX_MS {
+            return Err(KeyError::Failed(format!(
+                "an invite lasts from 1 ms to {} days, not {ttl:?}",
+                invite::TTL_MAX_MS / 86_400_000
+            )));
+        }
+        let responders = self.store.responders().ok_or(KeyError::NoRelay)?;
+        let (relay, pin) = responders.relay();
+        let now_ms = self.store.now_ms();
+        let (new, route) = self
+            .call(|reply| KeyManagerMsg::CreateInvite {
+                relay: relay.to_owned(),
+                pin,
+                now_ms,
+                expires_ms: now_ms.saturating_add(ttl_ms),
+                reply,
+            })
+            .await?;
+        responders.serve(route);
+        Ok(InviteCode {
+            code: new.code,
+            id: new.id,
+            expires_ms: new.expires_ms,
+        })
+    }
+
+    /// The store's member devices this device knows of, itself included.
+    pub async fn devices(&self) -> Result<Vec<Device>, KeyError> {
+        let km = self.store.key_manager().ok_or(KeyError::Closed)?;
+        let members = match km.call(KeyManagerMsg::Members, None).await {
+            Ok(CallResult::Success(m)) => m,
+            _ => return Err(KeyError::Closed),
+        };
+        let me = self.store.info().device_id;
+        Ok(members
+            .into_iter()
+            .map(|m| Device {
+                id: m.device_id,
+                name: m.name,
+                added_by: m.added_by,
+                added_at_ms: m.added_at.ms,
+                this_device: m.device_id == me,
+            })
+            .collect())
     }
 
     /// Operations that weaken security.

@@ -73,6 +73,11 @@ pub enum KeyError {
     /// The store was opened read-only.
     #[error("the store was opened read-only; reopen it without read_only() to change keys")]
     ReadOnly,
+    /// Invites travel through a relay, and the store has none.
+    #[error(
+        "invites travel through a relay: open the store with sync (Config::sync) to create one"
+    )]
+    NoRelay,
     /// The operation failed.
     #[error("{0}")]
     Failed(String),
@@ -144,6 +149,45 @@ pub enum OpenError {
     /// A read-only open was asked to import keys.
     #[error("{0}")]
     ReadOnly(String),
+    /// The invite code cannot be used.
+    #[error(transparent)]
+    Invite(#[from] persist_core::invite::InviteError),
+    /// Pairing with the inviter failed or timed out; nothing was written.
+    #[error(transparent)]
+    Join(#[from] crate::pairing::JoinError),
+    /// An invite was given for a directory that already holds a store.
+    #[error(
+        "{path} already holds store {store}, and an invite joins a store from an empty \
+         directory (this invite is for store {invite_store}); nothing was changed"
+    )]
+    InviteIntoExistingStore {
+        /// The store directory.
+        path: PathBuf,
+        /// The store it holds.
+        store: persist_core::StoreId,
+        /// The store of the invite.
+        invite_store: persist_core::StoreId,
+    },
+    /// The invite names another relay than the one [`Config::sync`](crate::Config::sync) gives.
+    #[error(
+        "the invite is for the relay {invite}, but this store is set to sync with {configured}: \
+         give the invite's relay, or no sync config (the code names its relay)"
+    )]
+    InviteForOtherRelay {
+        /// The code's relay.
+        invite: String,
+        /// The configured one.
+        configured: String,
+    },
+    /// The invite's relay is trusted through a CA, which the code does not carry.
+    #[error(
+        "the invite's relay {relay} is trusted through a CA, not a pin: give Config::sync \
+         with Remote::with_ca for it"
+    )]
+    InviteNeedsTrust {
+        /// The code's relay.
+        relay: String,
+    },
     /// There is no store to open, and the config forbids creating one
     /// (`read_only()` or `create_if_missing(false)`).
     #[error("there is no store at {path}")]

@@ -67,18 +67,21 @@ mod crypto;
 mod env;
 mod error;
 mod kek;
+mod pairing;
 mod serve;
 mod store;
 mod sync;
 
 pub use config::{Config, DangerousConfig};
-pub use crypto::{Crypto, DangerousCrypto, KeyExport, Passphrase, Rotation};
+pub use crypto::{Crypto, DangerousCrypto, Device, InviteCode, KeyExport, Passphrase, Rotation};
 pub use error::{Error, KeyError, OpenError, ReadError, SyncError, WriteError};
 pub use kek::{KekError, KeySource};
+pub use pairing::{JOIN_TIMEOUT_DEFAULT, JoinError};
 pub use persist_core::env::{Clock, Entropy, Env, ManualClock, SeededEntropy};
 pub use persist_core::export::{ExportError, KdfParams};
+pub use persist_core::invite::{InviteError, PairingError, Refusal};
 pub use persist_core::record::{PATH_BYTES_MAX, PathError, VALUE_BYTES_MAX};
-pub use persist_core::{DeviceId, StoreId};
+pub use persist_core::{DeviceId, InviteId, StoreId};
 pub use persist_storage::{Backend, MemoryBackend};
 pub use serve::{ServeError, ServeHandle};
 pub use store::{

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::Stream;
 use persist_actors::ingest::{IngestContext, OnApplied};
@@ -13,6 +14,7 @@ use persist_actors::{
     CommitReport, KeyHandle, KeySet, OpenRecordError, Routes, StoreArgs, StoreSupervisor,
     SupervisorMsg, WriteOp,
 };
+use persist_core::env::Env;
 use persist_core::export::{ExportedKeys, KdfParams};
 use persist_core::keyring::EpochState;
 use persist_core::membership;
@@ -28,12 +30,17 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
-use crate::bootstrap::{BootConfig, bootstrap};
+use crate::bootstrap::{BootConfig, Joined, bootstrap, stored_store};
 use crate::config::Config;
 use crate::error::{OpenError, ReadError, SyncError, WriteError};
+use crate::pairing::{self, Responders};
 use crate::serve::{ServeError, ServeHandle, ServeParts};
+use crate::sync::{Remote, SyncConfig};
 use crate::sync::{SyncReport, SyncStatus};
 use crate::{codec, env};
+use persist_core::invite::{Invite, InviteError};
+use persist_core::keys::DeviceIdentity;
+use persist_transport::tls::CertPin;
 
 /// File name of the database inside a store directory.
 pub const DB_FILE: &str = "persist.redb";
@@ -69,6 +76,8 @@ struct Inner {
     sync: Option<Arc<watch::Sender<SyncState>>>,
     committed: Arc<watch::Sender<u64>>,
     ingest: IngestContext,
+    /// The answerers of this device's open invites (with sync only).
+    responders: Option<Responders>,
 }
 
 impl std::fmt::Debug for Store {
@@ -84,6 +93,9 @@ impl Drop for Inner {
     fn drop(&mut self) {
         // A store dropped without `close`: acknowledged writes are already
         // durable; stop the actors so they do not outlive it.
+        if let Some(r) = &self.responders {
+            r.stop();
+        }
         self.supervisor.stop_children(None);
         self.supervisor.stop(None);
     }
@@ -286,7 +298,9 @@ impl Store {
             export_kdf,
             read_only,
             create_if_missing,
-            sync,
+            mut sync,
+            invite,
+            invite_timeout,
             ..
         } = config;
         if read_only && import.is_some() {
@@ -300,6 +314,18 @@ impl Store {
         if !may_create && !file_existed {
             return Err(OpenError::NoStore { path: dir });
         }
+        // Read and checked first, like an export: a damaged or expired
+        // code must not touch the database.
+        let invite = match invite {
+            None => None,
+            Some(code) => Some(prepare_invite(
+                &code,
+                read_only,
+                import.is_some(),
+                &mut sync,
+                &env,
+            )?),
+        };
         // Unwrapped first: a wrong passphrase or a damaged export must not
         // even open (and so touch) the database.
         let import = match import {
@@ -310,16 +336,26 @@ impl Store {
         };
         ensure_dir(&dir)?;
         let db = Arc::new(LocalDb::open(&db_path, backend)?);
-        let boot_config = BootConfig {
-            path: dir.clone(),
-            name,
-            encrypt,
-            key_source,
-            key_dir,
-            import,
-            may_create,
+        let booted = async {
+            let joined = match &invite {
+                Some((invite, remote)) => {
+                    Some(join(&db, &dir, invite, remote, &name, &env, invite_timeout).await?)
+                }
+                None => None,
+            };
+            let boot_config = BootConfig {
+                path: dir.clone(),
+                name,
+                encrypt,
+                key_source,
+                key_dir,
+                import,
+                may_create,
+                joined,
+            };
+            bootstrap(&db, boot_config, &env)
         };
-        let boot = match bootstrap(&db, boot_config, &env) {
+        let boot = match booted.await {
             Ok(boot) => boot,
             Err(e) => {
                 if !file_existed {
@@ -381,6 +417,12 @@ impl Store {
             }),
         };
         let sync_status = session.as_ref().map(|s| s.status.clone());
+        let responders = match (&sync, &session) {
+            (Some(sync), Some(_)) => {
+                Some(Responders::new(&sync.remote, routes.clone(), env.clone()))
+            }
+            _ => None,
+        };
         let (progress, _) = watch::channel(RotationProgress::default());
         let progress = Arc::new(progress);
         let args = StoreArgs {
@@ -423,6 +465,7 @@ impl Store {
                 sync: sync_status,
                 committed,
                 ingest,
+                responders,
             }),
         };
         if store.inner.sync.is_some() {
@@ -431,6 +474,9 @@ impl Store {
                     "could not record this device's member entry for sync: {e}"
                 ))
             })?;
+        }
+        if let Some(responders) = &store.inner.responders {
+            responders.resume().await;
         }
         Ok(store)
     }
@@ -714,6 +760,9 @@ impl Store {
     /// once the last clone of this `Store` is dropped too, the store can be
     /// opened again (by this process or another).
     pub async fn close(self) -> Result<(), WriteError> {
+        if let Some(r) = &self.inner.responders {
+            r.stop();
+        }
         let supervisor = self.inner.supervisor.clone();
         let outcome = match supervisor.call(SupervisorMsg::Shutdown, None).await {
             Ok(CallResult::Success(())) => Ok(()),
@@ -732,6 +781,15 @@ impl Store {
             let _ = done.await;
         }
         outcome
+    }
+
+    /// The store's wall clock (the injected one).
+    pub(crate) fn now_ms(&self) -> u64 {
+        self.inner.ingest.clock.now_ms()
+    }
+
+    pub(crate) fn responders(&self) -> Option<&Responders> {
+        self.inner.responders.as_ref()
     }
 
     async fn epoch_states(&self) -> Vec<(Epoch, EpochState)> {
@@ -818,6 +876,81 @@ fn map_sync_error(e: persist_actors::peer_session::SyncError) -> SyncError {
         E::Storage(detail) => SyncError::Storage(detail),
         _ => SyncError::Closed,
     }
+}
+
+/// Reads an invite code and settles the remote to pair (and then sync)
+/// through: the configured one, which must be the code's relay, or the
+/// code's relay trusted by the code's pin.
+fn prepare_invite(
+    code: &str,
+    read_only: bool,
+    importing: bool,
+    sync: &mut Option<SyncConfig>,
+    env: &Env,
+) -> Result<(Invite, Remote), OpenError> {
+    if read_only {
+        return Err(OpenError::ReadOnly(
+            "joining with an invite writes the store; open it without read_only()".into(),
+        ));
+    }
+    if importing {
+        return Err(OpenError::ReadOnly(
+            "give either an invite or a key export, not both".into(),
+        ));
+    }
+    let invite = Invite::decode(code)?;
+    invite.check_fresh(env.clock.now_ms())?;
+    let remote = match sync.as_ref() {
+        Some(configured) if configured.remote.url() != invite.relay => {
+            return Err(OpenError::InviteForOtherRelay {
+                invite: invite.relay.clone(),
+                configured: configured.remote.url().to_owned(),
+            });
+        }
+        Some(configured) => configured.remote.clone(),
+        None => {
+            let pin = invite.pin.ok_or_else(|| OpenError::InviteNeedsTrust {
+                relay: invite.relay.clone(),
+            })?;
+            let remote =
+                Remote::pinned(&invite.relay, &CertPin(pin).to_string()).map_err(|_| {
+                    OpenError::Invite(InviteError::Invalid("its relay address is not usable"))
+                })?;
+            *sync = Some(SyncConfig::new(remote.clone()));
+            remote
+        }
+    };
+    Ok((invite, remote))
+}
+
+/// Pairs through `remote` as a new device of `invite`'s store; `db` must
+/// hold no store.
+async fn join(
+    db: &LocalDb,
+    dir: &Path,
+    invite: &Invite,
+    remote: &Remote,
+    name: &str,
+    env: &Env,
+    timeout: Duration,
+) -> Result<Joined, OpenError> {
+    if let Some(store) = stored_store(db, dir)? {
+        return Err(OpenError::InviteIntoExistingStore {
+            path: dir.to_path_buf(),
+            store,
+            invite_store: invite.store_id,
+        });
+    }
+    let identity = DeviceIdentity::generate(&mut env.entropy.stream("identity"));
+    tracing::info!(relay = %remote.url(), inviter = %invite.inviter,
+        "waiting for the inviting device to answer");
+    let connector = remote.connector();
+    let grant = pairing::join(invite, &identity, name, connector.as_ref(), env, timeout).await?;
+    Ok(Joined {
+        identity,
+        keys: grant.keys,
+        members: grant.members,
+    })
 }
 
 fn ensure_dir(dir: &Path) -> Result<(), OpenError> {

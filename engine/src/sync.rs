@@ -215,6 +215,18 @@ impl Remote {
         &self.url
     }
 
+    /// The SHA-256 pin of the remote's certificate, when it is trusted by
+    /// pin (it goes into invite codes).
+    pub(crate) fn pin(&self) -> Option<[u8; 32]> {
+        match &self.target {
+            Target::Quic { trust, .. } => match trust.as_ref() {
+                Trust::Pin(pin) => Some(pin.0),
+                _ => None,
+            },
+            Target::Dial(_) => None,
+        }
+    }
+
     pub(crate) fn admission_secret(&self) -> Option<String> {
         self.admission.as_ref().map(|s| s.as_str().to_owned())
     }

@@ -1,0 +1,582 @@
+//! Pairing with invites through a relay node over QUIC: a new device joins
+//! with a one-time code, bad codes fail before anything is written, and a
+//! relay that tampers with the handshake gets no keys.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use persist::{
+    Config, Entropy, InviteError, JoinError, KdfParams, OpenError, PairingError, Refusal, Remote,
+    Store, SyncConfig,
+};
+use persist_relay::{RelayConfig, RelayHandle};
+use persist_storage::relay::{MemoryRelay, RedbRelay, RelayBackend};
+
+/// How long a test waits for something sync does in the background.
+const SETTLE: Duration = Duration::from_secs(20);
+
+async fn relay_on<B: RelayBackend + 'static>(dir: &Path, backend: B) -> RelayHandle {
+    std::fs::create_dir_all(dir).unwrap();
+    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    persist_relay::start(RelayConfig::new(listen, dir), backend)
+        .await
+        .expect("relay starts")
+}
+
+async fn relay(dir: &Path) -> RelayHandle {
+    std::fs::create_dir_all(dir).unwrap();
+    let backend = RedbRelay::open(&dir.join("relay.redb")).expect("relay db");
+    relay_on(dir, backend).await
+}
+
+fn remote(relay: &RelayHandle) -> Remote {
+    let url = format!("quic://{}", relay.addr());
+    Remote::pinned(&url, &relay.pin().to_string()).expect("remote")
+}
+
+fn device(tmp: &Path, name: &str) -> Config {
+    Config::new(tmp.join(name).join("store"))
+        .key_file(tmp.join(name).join("keys").join("k.key"))
+        .name(name)
+        .dangerous()
+        .export_kdf(KdfParams::insecure_for_tests())
+        .done()
+}
+
+fn nothing_written(tmp: &Path, name: &str) {
+    let db = tmp.join(name).join("store").join(persist::DB_FILE);
+    assert!(!db.exists(), "a failed join left {}", db.display());
+    assert!(
+        !tmp.join(name).join("keys").join("k.key").exists(),
+        "a failed join left a device key"
+    );
+}
+
+/// Polls `check` every 20 ms until it holds, failing after [`SETTLE`].
+async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    const POLL: Duration = Duration::from_millis(20);
+    for _ in 0..SETTLE.as_millis() / POLL.as_millis() {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    panic!("timed out: {what}");
+}
+
+async fn converge(stores: &[&Store]) {
+    for _ in 0..2 {
+        for s in stores {
+            s.sync_now().await.expect("sync");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invite_pairs_a_new_device_and_a_third_reads_the_whole_history() {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = relay(&tmp.path().join("relay")).await;
+    let a = Store::open(device(tmp.path(), "a").sync(SyncConfig::new(remote(&relay))))
+        .await
+        .unwrap();
+    for i in 0..20 {
+        a.put(&format!("notes/{i:02}"), &format!("written on a, #{i}"))
+            .await
+            .unwrap();
+    }
+    let invite = a.crypto().create_invite().await.expect("invite");
+    assert!(invite.code().starts_with("persist-invite-v1:"));
+
+    // B has no sync config: the code names the relay and its pin.
+    let b = Store::open(device(tmp.path(), "b").invite(invite.code()))
+        .await
+        .expect("b joins");
+    assert_eq!(b.info().store_id, a.info().store_id);
+    assert_ne!(b.info().device_id, a.info().device_id);
+    b.put("notes/from-b", "hello from b").await.unwrap();
+    converge(&[&a, &b]).await;
+    assert_eq!(b.list::<String>("notes/").await.unwrap().len(), 21);
+    assert_eq!(
+        a.get::<String>("notes/from-b").await.unwrap().as_deref(),
+        Some("hello from b")
+    );
+    let devices = a.crypto().devices().await.unwrap();
+    let b_entry = devices
+        .iter()
+        .find(|d| d.id == b.info().device_id)
+        .expect("a lists b");
+    assert_eq!(b_entry.added_by, a.info().device_id, "a added b");
+    assert_eq!(b_entry.name, "b");
+    assert!(
+        devices
+            .iter()
+            .any(|d| d.this_device && d.id == a.info().device_id)
+    );
+
+    // A third device, invited by B, reads everything written before.
+    let invite = b.crypto().create_invite().await.unwrap();
+    let c = Store::open(device(tmp.path(), "c").invite(invite.code()))
+        .await
+        .expect("c joins");
+    c.sync_now().await.unwrap();
+    let all = c.list::<String>("notes/").await.unwrap();
+    assert_eq!(all.len(), 21, "c reads the full history");
+    assert_eq!(
+        all[0],
+        ("notes/00".to_owned(), "written on a, #0".to_owned())
+    );
+    c.put("notes/from-c", "hello from c").await.unwrap();
+    converge(&[&c, &a, &b]).await;
+    until("a reads c's write", async || {
+        a.get::<String>("notes/from-c").await.unwrap().is_some()
+    })
+    .await;
+    let c_entry_on_b = b
+        .crypto()
+        .devices()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|d| d.id == c.info().device_id)
+        .expect("b lists c");
+    assert_eq!(c_entry_on_b.added_by, b.info().device_id);
+
+    for s in [a, b, c] {
+        s.close().await.unwrap();
+    }
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invite_works_once_and_bad_codes_write_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = relay(&tmp.path().join("relay")).await;
+    let a = Store::open(device(tmp.path(), "a").sync(SyncConfig::new(remote(&relay))))
+        .await
+        .unwrap();
+    let invite = a.crypto().create_invite().await.unwrap();
+    let code = invite.code().to_owned();
+
+    // Truncated and edited codes.
+    let truncated = &code[..code.len() - 5];
+    let err = Store::open(device(tmp.path(), "t").invite(truncated))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, OpenError::Invite(InviteError::Damaged)),
+        "{err}"
+    );
+    nothing_written(tmp.path(), "t");
+    let mut edited = code.clone().into_bytes();
+    let at = edited.len() - 10;
+    edited[at] = if edited[at] == b'x' { b'y' } else { b'x' };
+    let edited = String::from_utf8(edited).unwrap();
+    let err = Store::open(device(tmp.path(), "e").invite(&edited))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, OpenError::Invite(InviteError::Damaged)),
+        "{err}"
+    );
+    assert!(err.to_string().contains("copy it again"), "{err}");
+    nothing_written(tmp.path(), "e");
+    let err = Store::open(device(tmp.path(), "n").invite("hello"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, OpenError::Invite(InviteError::NotAnInvite)),
+        "{err}"
+    );
+
+    // The code works once.
+    let b = Store::open(device(tmp.path(), "b").invite(&code))
+        .await
+        .expect("b joins");
+    let err = Store::open(device(tmp.path(), "c").invite(&code).invite_timeout(SETTLE))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            OpenError::Join(JoinError::Pairing(PairingError::Refused(Refusal::Used)))
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("already used"), "{err}");
+    nothing_written(tmp.path(), "c");
+    let devices = a.crypto().devices().await.unwrap();
+    assert_eq!(devices.len(), 2, "only b joined: {devices:?}");
+
+    // An invite into a directory that already holds a store.
+    let invite = a.crypto().create_invite().await.unwrap();
+    let b_dir = device(tmp.path(), "b").path().to_owned();
+    b.close().await.unwrap();
+    let err = Store::open(device(tmp.path(), "b").invite(invite.code()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, OpenError::InviteIntoExistingStore { .. }),
+        "{err}"
+    );
+    assert!(b_dir.join(persist::DB_FILE).exists());
+
+    // An expired invite.
+    let short = a
+        .crypto()
+        .create_invite_for(Duration::from_millis(30))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let err = Store::open(device(tmp.path(), "x").invite(short.code()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, OpenError::Invite(InviteError::Expired { .. })),
+        "{err}"
+    );
+    nothing_written(tmp.path(), "x");
+    assert!(
+        a.crypto()
+            .create_invite_for(Duration::from_secs(365 * 86_400))
+            .await
+            .is_err(),
+        "a year is over the limit"
+    );
+
+    // A code for another relay than the one configured.
+    let other = relay_on(&tmp.path().join("other"), MemoryRelay::new()).await;
+    let err = Store::open(
+        device(tmp.path(), "o")
+            .invite(invite.code())
+            .sync(SyncConfig::new(remote(&other))),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, OpenError::InviteForOtherRelay { .. }),
+        "{err}"
+    );
+    nothing_written(tmp.path(), "o");
+
+    a.close().await.unwrap();
+    other.shutdown().await;
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joiner_waits_for_an_offline_inviter_or_times_out() {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = relay(&tmp.path().join("relay")).await;
+    let a_config = || device(tmp.path(), "a").sync(SyncConfig::new(remote(&relay)));
+    let a = Store::open(a_config()).await.unwrap();
+    a.put("before", "written before b joined").await.unwrap();
+    let late = a.crypto().create_invite().await.unwrap();
+    let never = a.crypto().create_invite().await.unwrap();
+    a.sync_now().await.unwrap();
+    a.close().await.unwrap();
+
+    // Nobody answers: a clear timeout, nothing written.
+    let err = Store::open(
+        device(tmp.path(), "n")
+            .invite(never.code())
+            .invite_timeout(Duration::from_secs(2)),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, OpenError::Join(JoinError::TimedOut { .. })),
+        "{err}"
+    );
+    assert!(err.to_string().contains("did not answer"), "{err}");
+    nothing_written(tmp.path(), "n");
+
+    // B waits; A comes back online and answers the invite it made before
+    // closing.
+    let b_config = device(tmp.path(), "b").invite(late.code());
+    let joining = tokio::spawn(Store::open(b_config));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!joining.is_finished(), "b cannot join while a is offline");
+    let a = Store::open(a_config()).await.unwrap();
+    let b = joining.await.unwrap().expect("b joins once a is back");
+    b.sync_now().await.unwrap();
+    assert_eq!(
+        b.get::<String>("before").await.unwrap().as_deref(),
+        Some("written before b joined")
+    );
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+    relay.shutdown().await;
+}
+
+/// What a [`Tampering`] relay does to pairing mailboxes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Attack {
+    Honest,
+    /// Store the joiner's first message twice.
+    ReplayFirst,
+    /// Replace the joiner's first message by one the relay made with its
+    /// own keys.
+    SubstituteFirst,
+    /// Replace the inviter's answer by bytes of the relay's choosing.
+    SubstituteAnswer,
+}
+
+/// A relay backend that keeps every byte it is handed and attacks the
+/// pairing mailboxes when told to.
+struct Tampering {
+    inner: MemoryRelay,
+    attack: Arc<Mutex<Attack>>,
+    puts: Mutex<u32>,
+    seen: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Tampering {
+    fn record(&self, bytes: &[u8]) {
+        self.seen.lock().unwrap().extend_from_slice(bytes);
+    }
+}
+
+impl RelayBackend for Tampering {
+    async fn open_store(
+        &self,
+        store: &persist::StoreId,
+        fingerprint: &[u8; 32],
+        may_create: bool,
+    ) -> Result<persist_storage::relay::StoreAccess, persist_storage::relay::RelayError> {
+        self.record(fingerprint);
+        self.inner.open_store(store, fingerprint, may_create).await
+    }
+
+    async fn append(
+        &self,
+        store: &persist::StoreId,
+        entries: Vec<persist_storage::relay::Incoming>,
+    ) -> Result<persist_storage::relay::Appended, persist_storage::relay::RelayError> {
+        for e in &entries {
+            self.record(&e.locator.0);
+            self.record(&e.envelope);
+        }
+        self.inner.append(store, entries).await
+    }
+
+    async fn pull(
+        &self,
+        store: &persist::StoreId,
+        since: u64,
+        limit: usize,
+        bytes_target: usize,
+    ) -> Result<persist_storage::relay::Page, persist_storage::relay::RelayError> {
+        self.inner.pull(store, since, limit, bytes_target).await
+    }
+
+    async fn head(
+        &self,
+        store: &persist::StoreId,
+    ) -> Result<u64, persist_storage::relay::RelayError> {
+        self.inner.head(store).await
+    }
+
+    fn watch(&self, store: &persist::StoreId) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.watch(store)
+    }
+
+    async fn mailbox_put(
+        &self,
+        store: &persist::StoreId,
+        mailbox: &persist::DeviceId,
+        payload: Vec<u8>,
+    ) -> Result<u64, persist_storage::relay::RelayError> {
+        self.record(&payload);
+        let n = {
+            let mut puts = self.puts.lock().unwrap();
+            *puts += 1;
+            *puts
+        };
+        let attack = *self.attack.lock().unwrap();
+        match (attack, n) {
+            (Attack::ReplayFirst, 1) => {
+                self.inner
+                    .mailbox_put(store, mailbox, payload.clone())
+                    .await?;
+                self.inner.mailbox_put(store, mailbox, payload).await
+            }
+            (Attack::SubstituteFirst, 1) => {
+                // The relay knows the invite id (the store it serves) but
+                // neither the secret nor the inviter's key.
+                let mut rng = persist::SeededEntropy::from_u64(99).stream("mitm");
+                let forged = persist_core::invite::Invite {
+                    relay: "quic://mitm:1".into(),
+                    pin: None,
+                    store_id: persist::StoreId([0; 16]),
+                    id: persist::InviteId(store.0),
+                    inviter: persist::DeviceId([0; 16]),
+                    inviter_x25519: persist_core::keys::DeviceIdentity::generate(&mut rng)
+                        .x25519_public(),
+                    secret: persist_core::keys::Secret32::random(&mut rng),
+                    expires_ms: u64::MAX,
+                };
+                let me = persist_core::keys::DeviceIdentity::generate(&mut rng);
+                let (_, first) =
+                    persist_core::invite::Joiner::start(&forged, &me, "mitm", Box::new(rng))
+                        .unwrap();
+                self.inner.mailbox_put(store, mailbox, first).await
+            }
+            (Attack::SubstituteAnswer, 2) => {
+                let forged = vec![0x5a; payload.len()];
+                self.inner.mailbox_put(store, mailbox, forged).await
+            }
+            _ => self.inner.mailbox_put(store, mailbox, payload).await,
+        }
+    }
+
+    async fn mailbox_fetch(
+        &self,
+        store: &persist::StoreId,
+        mailbox: &persist::DeviceId,
+        since: u64,
+        limit: usize,
+    ) -> Result<Vec<persist_core::protocol::MailboxItem>, persist_storage::relay::RelayError> {
+        self.inner.mailbox_fetch(store, mailbox, since, limit).await
+    }
+
+    async fn mailbox_ack(
+        &self,
+        store: &persist::StoreId,
+        mailbox: &persist::DeviceId,
+        upto: u64,
+    ) -> Result<(), persist_storage::relay::RelayError> {
+        self.inner.mailbox_ack(store, mailbox, upto).await
+    }
+
+    async fn stats(
+        &self,
+    ) -> Result<persist_storage::relay::RelayStats, persist_storage::relay::RelayError> {
+        self.inner.stats().await
+    }
+}
+
+/// Pairs a new device through a relay that mounts `attack`; returns the
+/// outcome, the inviter, and everything the relay was handed.
+async fn pair_through(
+    tmp: &Path,
+    attack: Attack,
+) -> (
+    Result<Store, OpenError>,
+    Store,
+    Vec<u8>,
+    RelayHandle,
+    String,
+) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let backend = Tampering {
+        inner: MemoryRelay::new(),
+        attack: Arc::new(Mutex::new(attack)),
+        puts: Mutex::new(0),
+        seen: seen.clone(),
+    };
+    let relay = relay_on(&tmp.join("relay"), backend).await;
+    let a = Store::open(device(tmp, "a").sync(SyncConfig::new(remote(&relay))))
+        .await
+        .unwrap();
+    a.put("canary/pairing-path-5d1e", "canary-pairing-value-77a2")
+        .await
+        .unwrap();
+    a.sync_now().await.unwrap();
+    let invite = a.crypto().create_invite().await.unwrap();
+    let code = invite.code().to_owned();
+    let joined = Store::open(
+        device(tmp, "b")
+            .invite(&code)
+            .invite_timeout(Duration::from_secs(4)),
+    )
+    .await;
+    let seen = seen.lock().unwrap().clone();
+    (joined, a, seen, relay, code)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_sees_no_key_during_a_pairing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (joined, a, seen, relay, code) = pair_through(tmp.path(), Attack::Honest).await;
+    let b = joined.expect("an honest relay pairs");
+    b.sync_now().await.unwrap();
+    assert_eq!(
+        b.get::<String>("canary/pairing-path-5d1e")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("canary-pairing-value-77a2")
+    );
+    let raw = a.crypto().dangerous().export_raw().await.unwrap();
+    let keys = persist_core::export::ExportedKeys::unwrap(&raw, "").unwrap();
+    let invite = persist_core::invite::Invite::decode(&code).unwrap();
+    assert!(
+        seen.windows(32)
+            .any(|w| w == invite.relay_access().fingerprint()),
+        "the recorder saw the pairing store being opened"
+    );
+    let mut needles: Vec<(&str, Vec<u8>)> = vec![
+        ("path", b"canary/pairing-path-5d1e".to_vec()),
+        ("value", b"canary-pairing-value-77a2".to_vec()),
+        ("index key", keys.index_key.expose().to_vec()),
+        ("relay token", keys.relay_token.expose().to_vec()),
+        ("invite secret", invite.secret.expose().to_vec()),
+        ("invite code", code.as_bytes()[20..60].to_vec()),
+    ];
+    for (_, e) in &keys.epochs {
+        needles.push(("data key", e.key.as_ref().unwrap().expose().to_vec()));
+    }
+    for (name, needle) in needles {
+        for form in [needle.clone(), hex::encode(&needle).into_bytes()] {
+            assert!(
+                !seen.windows(form.len()).any(|w| w == form.as_slice()),
+                "the relay was handed the {name}"
+            );
+        }
+    }
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_replays_or_substitutes_handshake_messages_gets_nothing() {
+    for attack in [
+        Attack::ReplayFirst,
+        Attack::SubstituteFirst,
+        Attack::SubstituteAnswer,
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (joined, a, _, relay, _) = pair_through(tmp.path(), attack).await;
+        let err = joined.expect_err("a tampered pairing must fail");
+        match attack {
+            Attack::ReplayFirst => assert!(
+                matches!(
+                    err,
+                    OpenError::Join(JoinError::Pairing(PairingError::Aborted(_)))
+                ),
+                "{attack:?}: {err}"
+            ),
+            Attack::SubstituteFirst => assert!(
+                matches!(err, OpenError::Join(JoinError::TimedOut { .. })),
+                "{attack:?}: {err}"
+            ),
+            Attack::SubstituteAnswer => assert!(
+                matches!(
+                    err,
+                    OpenError::Join(JoinError::Pairing(PairingError::Handshake(_)))
+                ),
+                "{attack:?}: {err}"
+            ),
+            Attack::Honest => unreachable!(),
+        }
+        nothing_written(tmp.path(), "b");
+        let devices = a.crypto().devices().await.unwrap();
+        assert_eq!(devices.len(), 1, "{attack:?}: nobody joined: {devices:?}");
+        a.close().await.unwrap();
+        relay.shutdown().await;
+    }
+}
