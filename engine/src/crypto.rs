@@ -209,6 +209,20 @@ impl Crypto<'_> {
         })
     }
 
+    /// Waits until a device joins with invite `id` (made by this store
+    /// while open) and returns the new device's id; `KeyError::Closed` if
+    /// the store closes first. The invite's expiry ends the wait too.
+    pub async fn invite_used(&self, invite: &InviteCode) -> Result<DeviceId, KeyError> {
+        let responders = self.store.responders().ok_or(KeyError::NoRelay)?;
+        let now_ms = self.store.now_ms();
+        let left = Duration::from_millis(invite.expires_ms.saturating_sub(now_ms));
+        match tokio::time::timeout(left, responders.joined(invite.id)).await {
+            Ok(Some(device)) => Ok(device),
+            Ok(None) => Err(KeyError::Closed),
+            Err(_) => Err(KeyError::Failed("the invite expired unused".into())),
+        }
+    }
+
     /// The store's member devices this device knows of, itself included.
     pub async fn devices(&self) -> Result<Vec<Device>, KeyError> {
         let km = self.store.key_manager().ok_or(KeyError::Closed)?;

@@ -371,6 +371,8 @@ pub(crate) struct Responders {
     relay: String,
     pin: Option<[u8; 32]>,
     stop: watch::Sender<bool>,
+    /// The invites used while the store has been open, and by whom.
+    joined: Arc<watch::Sender<Vec<(InviteId, DeviceId)>>>,
     /// The invites being served; a task removes its own when it ends.
     serving: Arc<std::sync::Mutex<std::collections::BTreeSet<InviteId>>>,
 }
@@ -385,6 +387,7 @@ impl Responders {
             relay: remote.url().to_owned(),
             pin: remote.pin(),
             stop: watch::channel(false).0,
+            joined: Arc::new(watch::channel(Vec::new()).0),
             serving: Arc::default(),
         }
     }
@@ -392,6 +395,27 @@ impl Responders {
     /// The relay invites name, and its pin.
     pub(crate) fn relay(&self) -> (&str, Option<[u8; 32]>) {
         (&self.relay, self.pin)
+    }
+
+    /// The device that joined with invite `id`, once one has (while this
+    /// store is open); `None` if the store closes first.
+    pub(crate) async fn joined(&self, id: InviteId) -> Option<DeviceId> {
+        let mut joined = self.joined.subscribe();
+        let mut stop = self.stop.subscribe();
+        loop {
+            if let Some((_, device)) = joined.borrow_and_update().iter().find(|(i, _)| *i == id) {
+                return Some(*device);
+            }
+            if *stop.borrow_and_update() {
+                return None;
+            }
+            // Biased: a close is noticed before another round.
+            tokio::select! {
+                biased;
+                r = stop.changed() => if r.is_err() { return None; },
+                r = joined.changed() => if r.is_err() { return None; },
+            }
+        }
     }
 
     /// Stops every responder (the store is closing).
@@ -431,6 +455,7 @@ impl Responders {
             routes: self.routes.clone(),
             env: self.env.clone(),
             stop: self.stop.subscribe(),
+            joined: self.joined.clone(),
             hello_id: {
                 let mut id = [0u8; 16];
                 self.env.entropy.stream("pairing-id").fill_bytes(&mut id);
@@ -456,6 +481,7 @@ struct Responder {
     routes: Routes,
     env: Env,
     stop: watch::Receiver<bool>,
+    joined: Arc<watch::Sender<Vec<(InviteId, DeviceId)>>>,
     hello_id: DeviceId,
     /// Messages for the joiner not yet stored by the relay.
     outbox: Vec<Vec<u8>>,
@@ -467,8 +493,9 @@ enum Serving {
     Idle,
     /// Answered; waiting for the confirmation.
     Answered(Box<Host>),
-    /// Granted: the invite is used; what remains is to deliver the grant.
-    Done,
+    /// Granted to this device: the invite is used; what remains is to
+    /// deliver the grant.
+    Done(DeviceId),
 }
 
 impl Responder {
@@ -544,8 +571,10 @@ impl Responder {
                 link.put(to_joiner, next.clone()).await?;
                 self.outbox.remove(0);
             }
-            if matches!(state, Serving::Done) {
-                tracing::info!(invite = %id, "a device joined with the invite");
+            if let Serving::Done(device) = state {
+                tracing::info!(invite = %id, %device, "a device joined with the invite");
+                let device = *device;
+                self.joined.send_modify(|j| j.push((id, device)));
                 self.route.used = true;
                 *state = Serving::Idle;
             }
@@ -558,7 +587,7 @@ impl Responder {
                 *since = item.seq;
                 let replies = self.step(state, &item.payload).await;
                 self.outbox.extend(replies);
-                if matches!(state, Serving::Done) {
+                if matches!(state, Serving::Done(_)) {
                     break;
                 }
             }
@@ -583,7 +612,7 @@ impl Responder {
                     match self.redeem(joining).await {
                         Ok(Redeemed { keys, members }) => match host.grant(&keys, &members) {
                             Ok(grant) => {
-                                *state = Serving::Done;
+                                *state = Serving::Done(host.joining().device_id);
                                 return grant;
                             }
                             Err(e) => {

@@ -96,6 +96,11 @@ async fn an_invite_pairs_a_new_device_and_a_third_reads_the_whole_history() {
         .expect("b joins");
     assert_eq!(b.info().store_id, a.info().store_id);
     assert_ne!(b.info().device_id, a.info().device_id);
+    let joined = tokio::time::timeout(SETTLE, a.crypto().invite_used(&invite))
+        .await
+        .expect("a learns the invite was used")
+        .unwrap();
+    assert_eq!(joined, b.info().device_id);
     b.put("notes/from-b", "hello from b").await.unwrap();
     converge(&[&a, &b]).await;
     assert_eq!(b.list::<String>("notes/").await.unwrap().len(), 21);
