@@ -9,6 +9,7 @@
 //!
 //! **Messages.** [`KeyManagerMsg`]: `Describe`, `Rotate`, `RotationDone`,
 //! `PurgeRetired`, `AddMembers`, `OwnMember`, `Members`, `Export`, and the
+//! key parcels of rotation (`Parcels`, `TakeParcel`, `Acks`), and the
 //! inviter's side of pairing: `CreateInvite`, `OpenInvites`,
 //! `AnswerInvite`, `RedeemInvite`. The Noise handshake runs here, beside the
 //! keys it uses, and only its session (never a key) leaves.
@@ -21,7 +22,6 @@
 use std::sync::Arc;
 
 use persist_core::Epoch;
-use persist_core::InviteId;
 use persist_core::StoreId;
 use persist_core::env::{Entropy, RngStream};
 use persist_core::export::{ExportedKeys, KdfParams, generate_passphrase};
@@ -29,10 +29,13 @@ use persist_core::hlc::Hlc;
 use persist_core::invite::{self, Host, Invite, Joining, Opened};
 use persist_core::keyring::{EpochState, Keyring, Member};
 use persist_core::keys::Secret32;
+use persist_core::keywrap::{self, Parcel};
 use persist_core::protocol::AccessKey;
+use persist_core::{DeviceId, InviteId};
 use persist_storage::LocalDb;
 use ractor::rpc::CallResult;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use std::collections::{BTreeMap, BTreeSet};
 use tokio::sync::watch;
 use zeroize::Zeroizing;
 
@@ -63,6 +66,9 @@ pub enum KeyError {
     /// The invite cannot be made or used.
     #[error("{0}")]
     Invite(String),
+    /// A key parcel was refused.
+    #[error("key parcel refused: {0}")]
+    Parcel(String),
 }
 
 /// A finished export.
@@ -148,6 +154,21 @@ pub enum KeyManagerMsg {
         /// The store's keys and members, for the grant.
         reply: RpcReplyPort<Result<Redeemed, KeyError>>,
     },
+    /// Parcels carrying the live epoch keys to the members that have not
+    /// acknowledged them to this device: `(recipient, parcel)`.
+    Parcels(RpcReplyPort<Vec<(DeviceId, Epoch, Vec<u8>)>>),
+    /// A parcel from this device's mailbox: a key is taken into the
+    /// keyring (durably) and answered with an acknowledgement for its
+    /// sender; an acknowledgement is noted. `Ok(None)`: nothing to answer.
+    TakeParcel {
+        /// The parcel.
+        bytes: Vec<u8>,
+        /// The acknowledgement to send, and to whom.
+        reply: RpcReplyPort<Result<Taken, KeyError>>,
+    },
+    /// Which members acknowledged which epochs to this device (since it
+    /// opened).
+    Acks(RpcReplyPort<BTreeMap<Epoch, BTreeSet<DeviceId>>>),
     /// Export the store's keys.
     Export {
         /// The passphrase to wrap under; `None` generates one.
@@ -193,6 +214,15 @@ pub struct Redeemed {
     pub members: Vec<Member>,
 }
 
+/// What taking a parcel did.
+#[derive(Debug, Default)]
+pub struct Taken {
+    /// An epoch key new to this device, now in its keyring.
+    pub new_epoch: Option<Epoch>,
+    /// The acknowledgement to send back: `(recipient, parcel)`.
+    pub answer: Option<(DeviceId, Vec<u8>)>,
+}
+
 /// What KeyManager starts from.
 #[derive(Clone)]
 pub struct KeyManagerArgs {
@@ -221,6 +251,8 @@ pub struct KeyManagerState {
     args: KeyManagerArgs,
     keyring: Option<Keyring>,
     rng: RngStream,
+    /// Epoch acknowledgements received, by epoch.
+    acks: BTreeMap<Epoch, BTreeSet<DeviceId>>,
 }
 
 impl Actor for KeyManager {
@@ -238,7 +270,12 @@ impl Actor for KeyManager {
             args.keys.set(KeySet::from_keyring(ring));
         }
         let rng = args.entropy.stream("key-manager");
-        Ok(KeyManagerState { args, keyring, rng })
+        Ok(KeyManagerState {
+            args,
+            keyring,
+            rng,
+            acks: BTreeMap::new(),
+        })
     }
 
     async fn handle(
@@ -337,6 +374,15 @@ impl Actor for KeyManager {
                 reply,
             } => {
                 let _ = reply.send(state.redeem_invite(id, joining, now_ms).await);
+            }
+            KeyManagerMsg::Parcels(reply) => {
+                let _ = reply.send(state.parcels());
+            }
+            KeyManagerMsg::TakeParcel { bytes, reply } => {
+                let _ = reply.send(state.take_parcel(&bytes).await);
+            }
+            KeyManagerMsg::Acks(reply) => {
+                let _ = reply.send(state.acks.clone());
             }
             KeyManagerMsg::Export {
                 passphrase,
@@ -508,6 +554,100 @@ impl KeyManagerState {
             })
         })
         .await
+    }
+
+    fn parcels(&mut self) -> Vec<(DeviceId, Epoch, Vec<u8>)> {
+        let Some(ring) = self.keyring.as_ref() else {
+            return Vec::new();
+        };
+        let me = ring.device_id();
+        let mut out = Vec::new();
+        for (epoch, entry) in &ring.epochs {
+            let live = matches!(entry.state, EpochState::Current | EpochState::Rotating);
+            let Some(key) = entry.key.as_ref().filter(|_| live) else {
+                continue;
+            };
+            let acked = self.acks.get(epoch);
+            for member in ring.members.iter().filter(|m| m.device_id != me) {
+                if acked.is_some_and(|a| a.contains(&member.device_id)) {
+                    continue;
+                }
+                let parcel = keywrap::seal_key(
+                    ring.store_id,
+                    &ring.device,
+                    member,
+                    *epoch,
+                    entry.announcement,
+                    key,
+                    &mut self.rng,
+                );
+                out.push((member.device_id, *epoch, parcel));
+            }
+        }
+        out
+    }
+
+    async fn take_parcel(&mut self, bytes: &[u8]) -> Result<Taken, KeyError> {
+        let ring = self.keyring.as_ref().ok_or(KeyError::NotEncrypted)?;
+        let (sender, parcel) = keywrap::open(ring.store_id, &ring.device, &ring.members, bytes)
+            .map_err(|e| KeyError::Parcel(e.to_string()))?;
+        match parcel {
+            Parcel::Ack {
+                epoch,
+                announcement,
+            } => {
+                let ours = ring.epochs.get(&epoch).map(|e| e.announcement);
+                if ours == Some(announcement) {
+                    self.acks.entry(epoch).or_default().insert(sender);
+                }
+                Ok(Taken::default())
+            }
+            Parcel::Key {
+                epoch,
+                announcement,
+                key,
+            } => {
+                let store = ring.store_id;
+                let held = ring.epochs.get(&epoch).map(|e| e.announcement);
+                let new_epoch = match held {
+                    Some(a) if a == announcement => None,
+                    Some(_) => {
+                        tracing::warn!(?epoch, %sender,
+                            "a member sent another key for an epoch this device holds; kept this device's");
+                        return Ok(Taken::default());
+                    }
+                    None => {
+                        let keys = ExportedKeys {
+                            store_id: store,
+                            index_key: ring.index_key.secret().duplicate(),
+                            relay_token: ring.relay_token.duplicate(),
+                            current: epoch,
+                            epochs: vec![(
+                                epoch,
+                                persist_core::keyring::EpochEntry {
+                                    state: EpochState::Current,
+                                    key: Some(key),
+                                    announcement,
+                                },
+                            )],
+                        };
+                        self.change(|ring, _| {
+                            ring.merge_export(keys)
+                                .map_err(|e| KeyError::Parcel(e.to_string()))
+                        })
+                        .await?;
+                        tracing::info!(?epoch, %sender, "received an epoch key from a member");
+                        Some(epoch)
+                    }
+                };
+                let ring = self.keyring.as_ref().ok_or(KeyError::NotEncrypted)?;
+                let ack = keywrap::seal_ack(store, &ring.device, sender, epoch, announcement);
+                Ok(Taken {
+                    new_epoch,
+                    answer: Some((sender, ack)),
+                })
+            }
+        }
     }
 
     /// Purges retired epochs, re-checking that none holds a record.

@@ -55,6 +55,7 @@ pub mod ids;
 pub mod invite;
 pub mod keyring;
 pub mod keys;
+pub mod keywrap;
 pub mod lww;
 pub mod membership;
 pub mod padding;

@@ -147,6 +147,8 @@ impl Crypto<'_> {
             return Err(KeyError::ReadOnly);
         }
         let epoch = self.call(KeyManagerMsg::Rotate).await?;
+        // The other members get the new key through their mailboxes.
+        self.store.kick_courier();
         Ok(Rotation {
             epoch: epoch.0,
             progress: self.store.rotation_progress(),

@@ -63,6 +63,7 @@
 mod bootstrap;
 mod codec;
 mod config;
+mod courier;
 mod crypto;
 mod env;
 mod error;

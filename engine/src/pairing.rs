@@ -78,20 +78,21 @@ pub enum JoinError {
 
 /// A failure talking to the relay.
 #[derive(Debug)]
-enum LinkError {
+pub(crate) enum LinkError {
     /// Unreachable or dropped; worth retrying.
     Down(String),
     /// The relay refused, with a code that retrying will not change.
     Refused(ErrorCode, String),
 }
 
-/// One conversation with a pairing store.
-struct Mailboxes {
+/// One conversation with a relay store's mailboxes (a pairing store, or
+/// the store itself for the key courier).
+pub(crate) struct Mailboxes {
     link: Link,
 }
 
 impl Mailboxes {
-    async fn open(
+    pub(crate) async fn open(
         connector: &dyn Connector,
         store: StoreId,
         access: AccessKey,
@@ -142,7 +143,7 @@ impl Mailboxes {
         self.answer().await
     }
 
-    async fn put(&mut self, to: DeviceId, payload: Vec<u8>) -> Result<(), LinkError> {
+    pub(crate) async fn put(&mut self, to: DeviceId, payload: Vec<u8>) -> Result<(), LinkError> {
         match self.request(&Message::MailboxPut { to, payload }).await? {
             Message::MailboxStored { .. } => Ok(()),
             other => Err(LinkError::Down(format!(
@@ -152,7 +153,7 @@ impl Mailboxes {
         }
     }
 
-    async fn fetch(
+    pub(crate) async fn fetch(
         &mut self,
         mailbox: DeviceId,
         since: u64,
@@ -169,7 +170,7 @@ impl Mailboxes {
         }
     }
 
-    async fn ack(&mut self, mailbox: DeviceId, upto: u64) -> Result<(), LinkError> {
+    pub(crate) async fn ack(&mut self, mailbox: DeviceId, upto: u64) -> Result<(), LinkError> {
         match self.request(&Message::MailboxAck { mailbox, upto }).await? {
             Message::MailboxAcked => Ok(()),
             other => Err(LinkError::Down(format!(
@@ -182,7 +183,7 @@ impl Mailboxes {
 
 /// The backoff after the `failures`-th failure in a row: doubling from
 /// the poll interval up to [`RECONNECT_MAX`].
-fn backoff(failures: u32) -> Duration {
+pub(crate) fn backoff(failures: u32) -> Duration {
     POLL_INTERVAL
         .saturating_mul(1u32 << failures.min(6))
         .min(RECONNECT_MAX)

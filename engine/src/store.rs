@@ -32,6 +32,7 @@ use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
 use crate::bootstrap::{BootConfig, Joined, bootstrap, stored_store};
 use crate::config::Config;
+use crate::courier::{Courier, CourierArgs};
 use crate::error::{OpenError, ReadError, SyncError, WriteError};
 use crate::pairing::{self, Responders};
 use crate::serve::{ServeError, ServeHandle, ServeParts};
@@ -78,6 +79,8 @@ struct Inner {
     ingest: IngestContext,
     /// The answerers of this device's open invites (with sync only).
     responders: Option<Responders>,
+    /// Carries epoch keys to and from the other members (with sync only).
+    courier: Option<Courier>,
 }
 
 impl std::fmt::Debug for Store {
@@ -95,6 +98,9 @@ impl Drop for Inner {
         // durable; stop the actors so they do not outlive it.
         if let Some(r) = &self.responders {
             r.stop();
+        }
+        if let Some(c) = &self.courier {
+            c.stop();
         }
         self.supervisor.stop_children(None);
         self.supervisor.stop(None);
@@ -177,6 +183,10 @@ pub struct EpochStatus {
     pub state: &'static str,
     /// Records sealed under it.
     pub records: u64,
+    /// The other members that acknowledged holding its key to this device
+    /// (device ids, since the store opened): key parcels go out until each
+    /// member has.
+    pub acknowledged_by: Vec<String>,
 }
 
 /// A change seen by [`Store::watch`].
@@ -423,6 +433,17 @@ impl Store {
             }
             _ => None,
         };
+        let courier_args = match (&sync, &session) {
+            (Some(sync), Some(session)) => Some(CourierArgs {
+                remote: sync.remote.clone(),
+                store: session.store_id,
+                device: session.device_id,
+                access: session.access.clone(),
+                routes: routes.clone(),
+                sync: session.status.subscribe(),
+            }),
+            _ => None,
+        };
         let (progress, _) = watch::channel(RotationProgress::default());
         let progress = Arc::new(progress);
         let args = StoreArgs {
@@ -443,6 +464,7 @@ impl Store {
         let (supervisor, supervisor_done) = Actor::spawn(None, StoreSupervisor, args)
             .await
             .map_err(|e| OpenError::Start(e.to_string()))?;
+        let courier = courier_args.map(Courier::start);
         tracing::info!(
             store = %boot.info.store_id,
             device = %boot.info.device_id,
@@ -466,6 +488,7 @@ impl Store {
                 committed,
                 ingest,
                 responders,
+                courier,
             }),
         };
         if store.inner.sync.is_some() {
@@ -514,12 +537,15 @@ impl Store {
 
     /// Pushes every local change and pulls every remote one, once, and
     /// says how many went each way. Sync also runs in the background; this
-    /// is for when the caller wants to know it is done.
+    /// is for when the caller wants to know it is done. It also asks the
+    /// key courier for a round (key parcels to and from the other members).
     pub async fn sync_now(&self) -> Result<SyncReport, SyncError> {
         if self.inner.sync.is_none() {
             return Err(SyncError::NotConfigured);
         }
         let session = self.inner.routes.peer_session().ok_or(SyncError::Closed)?;
+        // Key parcels and acknowledgements are exchanged too.
+        self.kick_courier();
         let outcome = session
             .call(PeerMsg::SyncNow, None)
             .await
@@ -725,6 +751,7 @@ impl Store {
             .saturating_sub(announcements);
         let counts = txn.epoch_counts().map_err(storage_read_error)?;
         let states = self.epoch_states().await;
+        let acks = self.epoch_acks().await;
         let info = &self.inner.info;
         let mut epochs: Vec<EpochStatus> = states
             .iter()
@@ -732,6 +759,10 @@ impl Store {
                 epoch: e.0,
                 state: state_name(*s),
                 records: counts.get(e).copied().unwrap_or(0),
+                acknowledged_by: acks
+                    .get(e)
+                    .map(|a| a.iter().map(ToString::to_string).collect())
+                    .unwrap_or_default(),
             })
             .collect();
         if !info.encrypted {
@@ -739,6 +770,7 @@ impl Store {
                 epoch: 0,
                 state: "plain",
                 records: counts.get(&Epoch(0)).copied().unwrap_or(0),
+                acknowledged_by: Vec::new(),
             });
         }
         Ok(Status {
@@ -762,6 +794,9 @@ impl Store {
     pub async fn close(self) -> Result<(), WriteError> {
         if let Some(r) = &self.inner.responders {
             r.stop();
+        }
+        if let Some(c) = &self.inner.courier {
+            c.stop();
         }
         let supervisor = self.inner.supervisor.clone();
         let outcome = match supervisor.call(SupervisorMsg::Shutdown, None).await {
@@ -788,8 +823,30 @@ impl Store {
         self.inner.ingest.clock.now_ms()
     }
 
+    /// Asks the key courier to deliver keys now (after a rotation).
+    pub(crate) fn kick_courier(&self) {
+        if let Some(c) = &self.inner.courier {
+            c.kick();
+        }
+    }
+
     pub(crate) fn responders(&self) -> Option<&Responders> {
         self.inner.responders.as_ref()
+    }
+
+    async fn epoch_acks(
+        &self,
+    ) -> std::collections::BTreeMap<Epoch, std::collections::BTreeSet<DeviceId>> {
+        let Some(km) = self.inner.routes.key_manager() else {
+            return Default::default();
+        };
+        match km
+            .call(persist_actors::key_manager::KeyManagerMsg::Acks, None)
+            .await
+        {
+            Ok(CallResult::Success(acks)) => acks,
+            _ => Default::default(),
+        }
     }
 
     async fn epoch_states(&self) -> Vec<(Epoch, EpochState)> {

@@ -316,6 +316,73 @@ async fn a_joiner_waits_for_an_offline_inviter_or_times_out() {
     relay.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_offline_during_a_rotation_gets_the_key_when_it_returns() {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = relay(&tmp.path().join("relay")).await;
+    let a = Store::open(device(tmp.path(), "a").sync(SyncConfig::new(remote(&relay))))
+        .await
+        .unwrap();
+    a.put("before", "written under the first epoch")
+        .await
+        .unwrap();
+    let invite = a.crypto().create_invite().await.unwrap();
+    let b = Store::open(device(tmp.path(), "b").invite(invite.code()))
+        .await
+        .unwrap();
+    let b_id = b.info().device_id;
+    converge(&[&a, &b]).await;
+    b.close().await.unwrap();
+
+    // B is offline: A rotates, re-encrypts everything, and writes more.
+    let rotation = a.crypto().rotate_key().await.unwrap();
+    let new_epoch = rotation.epoch();
+    rotation.wait().await.unwrap();
+    a.put("after", "written under the new epoch").await.unwrap();
+    a.sync_now().await.unwrap();
+
+    // B comes back: the key waits in its mailbox.
+    let b = Store::open(device(tmp.path(), "b").sync(SyncConfig::new(remote(&relay))))
+        .await
+        .unwrap();
+    until("b reads what was written after the rotation", async || {
+        let _ = b.sync_now().await;
+        b.get::<String>("after").await.unwrap().is_some()
+    })
+    .await;
+    assert_eq!(
+        b.get::<String>("before").await.unwrap().as_deref(),
+        Some("written under the first epoch")
+    );
+    let status = b.status().await.unwrap();
+    assert_eq!(
+        status.current_epoch, new_epoch,
+        "b writes under the new key"
+    );
+    assert_eq!(b.sync_status().unwrap().held, 0, "nothing stays held");
+    // B's acknowledgement reaches A.
+    until("a hears that b holds the new key", async || {
+        let _ = a.sync_now().await;
+        a.status()
+            .await
+            .unwrap()
+            .epochs
+            .iter()
+            .any(|e| e.epoch == new_epoch && e.acknowledged_by.contains(&b_id.to_string()))
+    })
+    .await;
+    // And B's new writes are readable on A.
+    b.put("from-b", "after the rotation").await.unwrap();
+    converge(&[&b, &a]).await;
+    assert_eq!(
+        a.get::<String>("from-b").await.unwrap().as_deref(),
+        Some("after the rotation")
+    );
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+    relay.shutdown().await;
+}
+
 /// What a [`Tampering`] relay does to pairing mailboxes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Attack {
@@ -471,7 +538,7 @@ async fn pair_through(
 ) -> (
     Result<Store, OpenError>,
     Store,
-    Vec<u8>,
+    Arc<Mutex<Vec<u8>>>,
     RelayHandle,
     String,
 ) {
@@ -498,7 +565,6 @@ async fn pair_through(
             .invite_timeout(Duration::from_secs(4)),
     )
     .await;
-    let seen = seen.lock().unwrap().clone();
     (joined, a, seen, relay, code)
 }
 
@@ -515,9 +581,22 @@ async fn the_relay_sees_no_key_during_a_pairing() {
             .as_deref(),
         Some("canary-pairing-value-77a2")
     );
+    // A rotation sends the new key to b through its mailbox.
+    let rotation = a.crypto().rotate_key().await.unwrap();
+    let new_epoch = rotation.epoch();
+    rotation.wait().await.unwrap();
+    until("b receives the new key", async || {
+        b.status().await.unwrap().current_epoch == new_epoch
+    })
+    .await;
     let raw = a.crypto().dangerous().export_raw().await.unwrap();
     let keys = persist_core::export::ExportedKeys::unwrap(&raw, "").unwrap();
+    assert!(
+        keys.epochs.len() >= 2,
+        "the scan covers the rotated key too"
+    );
     let invite = persist_core::invite::Invite::decode(&code).unwrap();
+    let seen = seen.lock().unwrap().clone();
     assert!(
         seen.windows(32)
             .any(|w| w == invite.relay_access().fingerprint()),

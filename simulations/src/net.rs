@@ -34,7 +34,11 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use persist_storage::relay::MemoryRelay;
+use persist::{DeviceId, StoreId};
+use persist_core::protocol::MailboxItem;
+use persist_storage::relay::{
+    Appended, Incoming, MemoryRelay, Page, RelayBackend, RelayError, RelayStats, StoreAccess,
+};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
@@ -108,7 +112,86 @@ pub struct TappedConn {
 #[derive(Clone)]
 pub struct SimNet {
     inner: Arc<Mutex<NetState>>,
-    relay: Arc<MemoryRelay>,
+    relay: Arc<SimRelay>,
+}
+
+/// The relay's storage, with a switch that drops every mailbox item (so
+/// that key parcels never arrive: a sabotage the checkers must catch).
+struct SimRelay {
+    store: MemoryRelay,
+    drop_mail: std::sync::atomic::AtomicBool,
+}
+
+impl RelayBackend for SimRelay {
+    async fn open_store(
+        &self,
+        store: &StoreId,
+        fingerprint: &[u8; 32],
+        may_create: bool,
+    ) -> Result<StoreAccess, RelayError> {
+        self.store.open_store(store, fingerprint, may_create).await
+    }
+
+    async fn append(
+        &self,
+        store: &StoreId,
+        entries: Vec<Incoming>,
+    ) -> Result<Appended, RelayError> {
+        self.store.append(store, entries).await
+    }
+
+    async fn pull(
+        &self,
+        store: &StoreId,
+        since: u64,
+        limit: usize,
+        bytes_target: usize,
+    ) -> Result<Page, RelayError> {
+        self.store.pull(store, since, limit, bytes_target).await
+    }
+
+    async fn head(&self, store: &StoreId) -> Result<u64, RelayError> {
+        self.store.head(store).await
+    }
+
+    fn watch(&self, store: &StoreId) -> tokio::sync::watch::Receiver<u64> {
+        self.store.watch(store)
+    }
+
+    async fn mailbox_put(
+        &self,
+        store: &StoreId,
+        mailbox: &DeviceId,
+        payload: Vec<u8>,
+    ) -> Result<u64, RelayError> {
+        if self.drop_mail.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(0);
+        }
+        self.store.mailbox_put(store, mailbox, payload).await
+    }
+
+    async fn mailbox_fetch(
+        &self,
+        store: &StoreId,
+        mailbox: &DeviceId,
+        since: u64,
+        limit: usize,
+    ) -> Result<Vec<MailboxItem>, RelayError> {
+        self.store.mailbox_fetch(store, mailbox, since, limit).await
+    }
+
+    async fn mailbox_ack(
+        &self,
+        store: &StoreId,
+        mailbox: &DeviceId,
+        upto: u64,
+    ) -> Result<(), RelayError> {
+        self.store.mailbox_ack(store, mailbox, upto).await
+    }
+
+    async fn stats(&self) -> Result<RelayStats, RelayError> {
+        self.store.stats().await
+    }
 }
 
 impl std::fmt::Debug for SimNet {
@@ -149,7 +232,10 @@ impl SimNet {
                 live: BTreeMap::new(),
                 fired: BTreeMap::new(),
             })),
-            relay: Arc::new(MemoryRelay::new()),
+            relay: Arc::new(SimRelay {
+                store: MemoryRelay::new(),
+                drop_mail: std::sync::atomic::AtomicBool::new(false),
+            }),
         }
     }
 
@@ -169,7 +255,15 @@ impl SimNet {
 
     /// The relay's storage, kept across relay restarts.
     pub fn relay(&self) -> &MemoryRelay {
-        &self.relay
+        &self.relay.store
+    }
+
+    /// From now on the relay drops every mailbox item: no key parcel
+    /// reaches a device, which then learns new keys only from exports.
+    pub fn drop_mail(&self) {
+        self.relay
+            .drop_mail
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Sets the per-connection faults for dials from now on.

@@ -377,6 +377,8 @@ impl SyncWorkload {
     ) -> Result<(), SyncRunError> {
         match self.opts.fault {
             Some(SyncFault::WithholdKeys) => {
+                // Key parcels would bring the key through the mailboxes.
+                cluster.net.drop_mail();
                 self.rotate(cluster, trace).await?;
                 self.put(cluster, trace, 0, SYNC_PATHS[3], None).await?;
             }
