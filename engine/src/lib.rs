@@ -29,6 +29,16 @@
 //! does not know yet until it does. [`Store::sync_now`] and
 //! [`Store::sync_status`] say where sync stands.
 //!
+//! A new device joins with an invite: [`Crypto::create_invite`] on a
+//! device of the store gives a one-time code, and [`Config::invite`] on
+//! the new device runs an authenticated Noise handshake (`IKpsk2`) with the
+//! inviter through the relay, which sees only opaque bytes; the inviter
+//! answers while its store is open with sync. Key exports
+//! ([`Crypto::export_key`], [`Config::key`]) remain for backups. After
+//! [`Crypto::rotate_key`], the new key reaches every member through its
+//! relay mailbox, sealed to that member's key; a member that was offline
+//! gets it when it next connects, and applies what it held meanwhile.
+//!
 //! The actors (`persist-actors`) are supervised by one store supervisor;
 //! the decisions they make (envelope format, HLC, last-write-wins) live in
 //! `persist-core`, which does no IO, so simulations can drive them with a
