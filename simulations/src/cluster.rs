@@ -96,6 +96,17 @@ pub enum Shutdown {
     Crash,
 }
 
+/// Where a booting device's keys come from.
+#[derive(Clone, Copy, Debug)]
+pub enum Keys<'a> {
+    /// Its own store: a new one, or the one on its disk.
+    Held,
+    /// A key export from device 0 (joins, or takes new epochs).
+    Export(&'a str),
+    /// An invite code from device 0 (joins by pairing).
+    Invite(&'a str),
+}
+
 /// Every device of a run, and what they share.
 pub struct Cluster {
     /// The devices, by index.
@@ -157,7 +168,7 @@ impl Cluster {
 
     /// Boots device `index`, importing `export` (an export of device 0)
     /// if given.
-    pub async fn boot(&mut self, index: usize, export: Option<&str>) -> Result<(), OpenError> {
+    pub async fn boot(&mut self, index: usize, keys: Keys<'_>) -> Result<(), OpenError> {
         let device = &mut self.devices[index];
         debug_assert!(device.store.is_none(), "boot of a running device");
         // Actors of a crashed store may still be winding down.
@@ -184,8 +195,10 @@ impl Cluster {
             .key_file(device.dir.join("keys").join("device.key"))
             .name(format!("device-{index}"))
             .storage_backend(device.disk.handle());
-        if let Some(export) = export {
-            config = config.key(export, EXPORT_PASSPHRASE);
+        match keys {
+            Keys::Held => {}
+            Keys::Export(export) => config = config.key(export, EXPORT_PASSPHRASE),
+            Keys::Invite(code) => config = config.invite(code),
         }
         let config = config
             .dangerous()
@@ -235,6 +248,17 @@ impl Cluster {
             .await
             .map_err(|e| e.to_string())?;
         Ok(export.export)
+    }
+
+    /// An invite from device 0, answered while device 0 stays up.
+    pub async fn invite_from_zero(&self) -> Result<String, String> {
+        let store = self.store(0).ok_or("device 0 is down")?;
+        let invite = store
+            .crypto()
+            .create_invite()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(invite.code().to_owned())
     }
 
     /// Closes every device that is up.

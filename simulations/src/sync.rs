@@ -2,14 +2,17 @@
 //! rotate keys, crash and lose their network, then calm down and must
 //! agree.
 //!
-//! **Setup.** Device 0 creates the store and writes a few records; the
-//! others join from its key export; everyone syncs once, with no faults.
+//! **Setup.** Device 0 creates the store and writes a few records; device
+//! 1 joins by pairing with an invite from device 0 (through the simulated
+//! relay's mailboxes), the others from its key export; everyone syncs
+//! once, with no faults.
 //!
 //! **Run.** The seed switches whole classes of faults on or off for the
 //! run ("buggify"): network faults at an intensity, device crashes,
 //! partitions, relay restarts, key rotations. Then each step moves the
 //! clock and does one thing: a put, delete or read on a random device, a
-//! `sync_now`, a rotation on device 0, a key delivery to another device
+//! `sync_now`, a rotation on device 0 (whose key courier also posts the
+//! new key to every member's mailbox), a key delivery to another device
 //! (reopened with a fresh export of device 0), a crash and reboot, a clean
 //! restart, a partition or heal, the relay going down or up. Reads are
 //! checked at once (no phantom values); epochs and held counts are sampled.
@@ -18,9 +21,9 @@
 //! newest keys, and syncs until all are synced and agree; then every
 //! invariant of [`crate::checkers`] runs.
 //!
-//! Rotations start only on device 0: until pairing lands, another device
-//! learns an epoch only from an export, and two devices rotating
-//! independently would make two different keys of one epoch number.
+//! Rotations start only on device 0: two devices rotating independently
+//! would make two different keys of one epoch number, which Persist does
+//! not reconcile yet.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -31,7 +34,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 
 use crate::checkers::{self, AckWrite, Violation, violation};
-use crate::cluster::{Cluster, Shutdown};
+use crate::cluster::{Cluster, Keys, Shutdown};
 use crate::net::NetFaults;
 use crate::trace::{Event, Trace};
 
@@ -263,7 +266,7 @@ impl SyncWorkload {
             self.opts.devices, self.switches, self.opts.fault
         ));
         cluster
-            .boot(0, None)
+            .boot(0, Keys::Held)
             .await
             .map_err(|e| engine("setup", format!("boot device 0: {e}")))?;
         for path in SYNC_PATHS.iter().take(SETUP_RECORDS) {
@@ -273,9 +276,22 @@ impl SyncWorkload {
             .export_from_zero()
             .await
             .map_err(|e| engine("setup", e))?;
+        // Device 1 joins by pairing with device 0 through the relay, the
+        // others from a key export: both ways in every run.
         for d in 1..self.opts.devices {
+            let invite;
+            let keys = if d == 1 {
+                invite = cluster
+                    .invite_from_zero()
+                    .await
+                    .map_err(|e| engine("setup", e))?;
+                trace.note(format!("d{d} joins with an invite"));
+                Keys::Invite(&invite)
+            } else {
+                Keys::Export(&export)
+            };
             cluster
-                .boot(d, Some(&export))
+                .boot(d, keys)
                 .await
                 .map_err(|e| engine("setup", format!("boot device {d}: {e}")))?;
         }
@@ -416,7 +432,7 @@ impl SyncWorkload {
         for d in 0..self.opts.devices {
             if cluster.store(d).is_none() {
                 cluster
-                    .boot(d, None)
+                    .boot(d, Keys::Held)
                     .await
                     .map_err(|e| engine("quiesce", format!("boot device {d}: {e}")))?;
             }
@@ -849,7 +865,7 @@ impl SyncWorkload {
             .await
             .map_err(|e| engine("run", e))?;
         cluster
-            .boot(d, Some(&export))
+            .boot(d, Keys::Export(&export))
             .await
             .map_err(|e| engine("run", format!("device {d} imports fresh keys: {e}")))?;
         cluster.devices[d].keys_epoch = epoch;
@@ -880,7 +896,7 @@ impl SyncWorkload {
         let down_ms = self.below(5_000);
         self.advance(cluster, trace, down_ms).await;
         cluster
-            .boot(d, None)
+            .boot(d, Keys::Held)
             .await
             .map_err(|e| engine("run", format!("device {d} reboots: {e}")))?;
         self.sample(cluster, d).await?;
