@@ -42,7 +42,7 @@ pub(crate) enum Access {
 }
 
 impl Target {
-    fn config(&self) -> Config {
+    pub(crate) fn config(&self) -> Config {
         let config = Config::new(&self.dir);
         match &self.key_file {
             Some(path) => config.key_file(path),
@@ -50,14 +50,14 @@ impl Target {
         }
     }
 
-    fn db_file(&self) -> PathBuf {
+    pub(crate) fn db_file(&self) -> PathBuf {
         self.dir.join(DB_FILE)
     }
 
     /// Whether the directory holds a database. An empty file is what an
     /// interrupted creation leaves; the storage layer treats it as no
     /// database either.
-    fn has_db(&self) -> bool {
+    pub(crate) fn has_db(&self) -> bool {
         std::fs::metadata(self.db_file()).is_ok_and(|m| m.is_file() && m.len() > 0)
     }
 
@@ -72,7 +72,7 @@ impl Target {
         }
     }
 
-    fn check_is_dir(&self) -> Result<(), CliError> {
+    pub(crate) fn check_is_dir(&self) -> Result<(), CliError> {
         if self.dir.exists() && !self.dir.is_dir() {
             return Err(CliError::NotADirectory {
                 dir: self.dir.clone(),
@@ -266,7 +266,7 @@ pub(crate) async fn init_import(
     Ok(out)
 }
 
-fn ids_text(out: &mut String, info: &persist::StoreInfo) {
+pub(crate) fn ids_text(out: &mut String, info: &persist::StoreInfo) {
     let _ = writeln!(out, "store id:   {}", info.store_id);
     let _ = writeln!(out, "device id:  {} ({})", info.device_id, info.name);
     let _ = writeln!(
@@ -524,11 +524,12 @@ pub(crate) async fn close(store: Store) -> anyhow::Result<()> {
         .context("cannot close the store cleanly")
 }
 
-/// Undoes what a failed `init` left behind: the engine creates the
-/// database file before it makes the device key, and an empty database
-/// would be taken for a store by the next `Store::open`, which would then
-/// create one silently. Best effort: the original error is what matters.
-fn remove_failed_init(dir: &Path, db_file: &Path, dir_existed: bool) {
+/// Undoes what a failed `init` (or `invite accept`) left behind: the
+/// engine creates the database file before it makes the device key, and
+/// an empty database would be taken for a store by the next `Store::open`,
+/// which would then create one silently. Best effort: the original error
+/// is what matters.
+pub(crate) fn remove_failed_init(dir: &Path, db_file: &Path, dir_existed: bool) {
     if let Err(error) = std::fs::remove_file(db_file)
         && error.kind() != std::io::ErrorKind::NotFound
     {

@@ -8,8 +8,8 @@
 use std::path::PathBuf;
 
 use persist::{
-    KekError, KeyError, OpenError, PathError, ReadError, RemoteError, ServeError, SyncError,
-    WriteError,
+    InviteError, JoinError, KekError, KeyError, OpenError, PairingError, PathError, ReadError,
+    RemoteError, ServeError, SyncError, WriteError,
 };
 
 /// The process exit codes.
@@ -24,7 +24,8 @@ pub(crate) enum Exit {
     Usage = 2,
     /// Nothing at the path asked for.
     NotFound = 3,
-    /// The remote could not be reached, or refused this store or device.
+    /// The remote could not be reached, or refused this store or device;
+    /// or the other device of a pairing did not answer in time.
     Remote = 4,
 }
 
@@ -204,6 +205,26 @@ pub(crate) enum CliError {
         /// The old epochs that still seal records.
         epochs: String,
     },
+    /// `invite create` waited until its invite expired, and no device
+    /// joined with it.
+    #[error(
+        "the invite expired at {expired} and no device joined with it: make a new one \
+         (`persist invite create`)"
+    )]
+    InviteUnused {
+        /// When it expired, as shown to the user.
+        expired: String,
+    },
+    /// `invite accept` got a code whose relay is trusted through a CA,
+    /// which a code does not carry.
+    #[error(
+        "the invite's relay {relay} is trusted through a CA, not a pin: give its CA \
+         certificate with --ca FILE"
+    )]
+    InviteNeedsCa {
+        /// The code's relay.
+        relay: String,
+    },
     /// `key purge-retired` found records still sealed under retired epochs.
     #[error(
         "epochs {epochs} are retired but still seal {records} records; nothing was purged, \
@@ -249,7 +270,7 @@ fn classify(error: &(dyn std::error::Error + 'static)) -> Option<Exit> {
     if let Some(e) = error.downcast_ref::<CliError>() {
         return Some(match e {
             CliError::NotFound { .. } => Exit::NotFound,
-            CliError::SyncFailed { .. } => Exit::Remote,
+            CliError::SyncFailed { .. } | CliError::InviteUnused { .. } => Exit::Remote,
             CliError::NoStore { .. }
             | CliError::StoreExists { .. }
             | CliError::NotADirectory { .. }
@@ -265,7 +286,8 @@ fn classify(error: &(dyn std::error::Error + 'static)) -> Option<Exit> {
             | CliError::RemoteTrust
             | CliError::BadRemoteFile { .. }
             | CliError::SecretNotText { .. }
-            | CliError::EmptySecret { .. } => Exit::Usage,
+            | CliError::EmptySecret { .. }
+            | CliError::InviteNeedsCa { .. } => Exit::Usage,
             CliError::WriteOutput { .. }
             | CliError::WriteStdout { .. }
             | CliError::ShowPassphrase { .. }
@@ -305,6 +327,12 @@ fn classify(error: &(dyn std::error::Error + 'static)) -> Option<Exit> {
     if let Some(e) = error.downcast_ref::<ServeError>() {
         return Some(serve_exit(e));
     }
+    if let Some(e) = error.downcast_ref::<JoinError>() {
+        return Some(join_exit(e));
+    }
+    if error.downcast_ref::<InviteError>().is_some() {
+        return Some(Exit::Usage);
+    }
     if error.downcast_ref::<PathError>().is_some() || error.downcast_ref::<RemoteError>().is_some()
     {
         return Some(Exit::Usage);
@@ -340,17 +368,39 @@ fn open_exit(error: &OpenError) -> Exit {
         | OpenError::ImportForOtherStore { .. }
         | OpenError::ReadOnly(_)
         | OpenError::NoStore { .. }
-        | OpenError::SyncNeedsEncryption => Exit::Usage,
+        | OpenError::SyncNeedsEncryption
+        // A code that is damaged, expired, edited, for a directory that
+        // already holds a store, or for another relay than the one given.
+        | OpenError::Invite(_)
+        | OpenError::InviteIntoExistingStore { .. }
+        | OpenError::InviteForOtherRelay { .. }
+        | OpenError::InviteNeedsTrust { .. } => Exit::Usage,
+        OpenError::Join(e) => join_exit(e),
         OpenError::Key(e) => key_exit(e),
         _ => Exit::Unexpected,
     }
 }
 
-/// A key operation refused for what the store is (read-only, or without
-/// keys) is bad input; a store that closed under it is not.
+/// A code the inviter turns away (used, expired) or that does not match
+/// it (edited) will never work: bad input. An inviter that does not answer
+/// in time or stops, or a relay that cannot be reached or refuses, may
+/// work later: the remote's code, like `sync`'s.
+fn join_exit(error: &JoinError) -> Exit {
+    match error {
+        JoinError::Pairing(PairingError::Refused(_) | PairingError::Handshake(_)) => Exit::Usage,
+        JoinError::Pairing(PairingError::Aborted(_))
+        | JoinError::TimedOut { .. }
+        | JoinError::Refused { .. } => Exit::Remote,
+        _ => Exit::Unexpected,
+    }
+}
+
+/// A key operation refused for what the store is (read-only, without
+/// keys, or without a relay for an invite) is bad input; a store that
+/// closed under it is not.
 fn key_op_exit(error: &KeyError) -> Exit {
     match error {
-        KeyError::ReadOnly | KeyError::NotEncrypted => Exit::Usage,
+        KeyError::ReadOnly | KeyError::NotEncrypted | KeyError::NoRelay => Exit::Usage,
         _ => Exit::Unexpected,
     }
 }
@@ -461,5 +511,67 @@ mod tests {
         assert!(!text.contains("caused by"), "said once: {text}");
         let purge = anyhow::Error::new(KeyError::Failed("disk".into()));
         assert_eq!(exit_code(&purge), Exit::Unexpected);
+    }
+
+    #[test]
+    fn pairing_errors_map_to_their_codes() {
+        use persist::Refusal;
+        let relay = || String::from("quic://relay:7443");
+        for (error, code) in [
+            (OpenError::Invite(InviteError::Damaged), Exit::Usage),
+            (
+                OpenError::Invite(InviteError::Expired { ago_minutes: 3 }),
+                Exit::Usage,
+            ),
+            (
+                OpenError::Join(JoinError::Pairing(PairingError::Refused(Refusal::Used))),
+                Exit::Usage,
+            ),
+            (
+                OpenError::Join(JoinError::Pairing(PairingError::Handshake("psk"))),
+                Exit::Usage,
+            ),
+            (
+                OpenError::InviteForOtherRelay {
+                    invite: relay(),
+                    configured: String::from("quic://other:1"),
+                },
+                Exit::Usage,
+            ),
+            (
+                OpenError::Join(JoinError::TimedOut {
+                    waited_secs: 600,
+                    relay: relay(),
+                    last_error: None,
+                }),
+                Exit::Remote,
+            ),
+            (
+                OpenError::Join(JoinError::Refused {
+                    relay: relay(),
+                    text: String::from("no"),
+                }),
+                Exit::Remote,
+            ),
+            (
+                OpenError::Join(JoinError::Pairing(PairingError::Aborted("closing".into()))),
+                Exit::Remote,
+            ),
+            (
+                OpenError::Join(JoinError::Pairing(PairingError::Keys("bad".into()))),
+                Exit::Unexpected,
+            ),
+        ] {
+            let text = error.to_string();
+            assert_eq!(exit_code(&anyhow::Error::new(error)), code, "{text}");
+        }
+        let decoded = anyhow::Error::new(InviteError::NotAnInvite);
+        assert_eq!(exit_code(&decoded), Exit::Usage);
+        let no_relay = anyhow::Error::new(KeyError::NoRelay);
+        assert_eq!(exit_code(&no_relay), Exit::Usage);
+        let unused = anyhow::Error::new(CliError::InviteUnused {
+            expired: "2025-01-01T00:00:00Z".into(),
+        });
+        assert_eq!(exit_code(&unused), Exit::Remote);
     }
 }

@@ -24,11 +24,16 @@
 //! persist sync --store ./s                   # pushed 2, pulled 0, held 0, refused 0
 //! persist sync --store ./s --watch           # then PATH<TAB>JSON per remote change
 //! persist serve --store ./s --listen 0.0.0.0:7443  # others sync with this device
+//!
+//! persist invite create --store ./s          # prints a one-time code, waits for the device
+//! persist invite accept --store ./t --key-file t.key CODE   # on the new device
+//! persist device list --store ./s            # ID<TAB>NAME<TAB>added by ID at TIME
 //! ```
 //!
-//! Only `sync`, `status` (when a remote is set) and `serve` connect to the
-//! remote; the other commands stay local, and their writes are pushed by
-//! the next `persist sync` (see [`sync`] for why).
+//! Only `sync`, `status` (when a remote is set), `serve` and the `invite`
+//! commands connect to the remote; the other commands stay local, and
+//! their writes are pushed by the next `persist sync` (see [`sync`] for
+//! why).
 //!
 //! Output is made for scripts: values are compact JSON, one per line, on
 //! stdout; errors (`error: ...` and their causes) and logs (`warn` and
@@ -40,9 +45,9 @@
 //! |---|---|
 //! | 0 | success |
 //! | 1 | unexpected error (storage, damaged store, keychain...) |
-//! | 2 | usage or bad input: bad arguments or JSON, invalid path, no store (or one already there for `init`), wrong or unusable device key, wrong passphrase or damaged key export, an output file that exists, a bad remote URL, pin or CA file, no remote set (`sync`) |
+//! | 2 | usage or bad input: bad arguments or JSON, invalid path, no store (or one already there for `init` and `invite accept`), wrong or unusable device key, wrong passphrase or damaged key export, an output file that exists, a bad remote URL, pin or CA file, no remote set (`sync`, `invite create`), an invite code that is damaged, edited, expired, already used or for another relay |
 //! | 3 | `get` / `rm`: nothing at that path |
-//! | 4 | `sync` (and `init` with an admission secret): the remote could not be reached or refused |
+//! | 4 | `sync` (and `init` with an admission secret, and `invite accept`): the remote could not be reached or refused; `invite accept`: the inviting device did not answer in time; `invite create`: no device joined before the invite expired |
 //!
 //! # Layout
 //!
@@ -52,13 +57,15 @@
 //! commands (`key export`, `key rotate`, `key purge-retired`) and reads
 //! passphrases; [`remote`] keeps the store's remote (`remote.json`, the
 //! `remote` commands); [`sync`] holds the commands that talk to it;
-//! [`failure`] turns an error into its message and exit code; [`json`]
-//! shows stored values as JSON.
+//! [`pairing`] adds devices with invites and lists them; [`failure`]
+//! turns an error into its message and exit code; [`json`] shows stored
+//! values as JSON.
 
 mod commands;
 mod failure;
 mod json;
 mod keys;
+mod pairing;
 mod remote;
 mod sync;
 
@@ -66,12 +73,14 @@ use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 use crate::commands::{InitRemote, Target};
 use crate::failure::Exit;
+use crate::pairing::{AfterCreate, Qr};
 use crate::remote::RemoteSpec;
 
 /// Drive a Persist store (end-to-end-encrypted, local-first) from a shell.
@@ -202,6 +211,109 @@ enum Command {
         /// a free one.
         #[arg(long, value_name = "ADDR")]
         listen: SocketAddr,
+    },
+    /// Add a device to the store with a one-time invite: `invite create`
+    /// on a device of the store, `invite accept CODE` on the new one.
+    Invite {
+        #[command(subcommand)]
+        command: InviteCommand,
+    },
+    /// List the store's devices.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum InviteCommand {
+    /// Make a one-time invite for a new device; prints its code on stdout.
+    ///
+    /// The store needs a remote (the invite travels through it). The code
+    /// is a secret: whoever has it can join the store until it is used or
+    /// expires. On a terminal, stderr also shows it as a QR code.
+    ///
+    /// Then waits, with the store open, until the new device has joined
+    /// (`device ID joined` on stderr). Ctrl-C stops the wait, not the
+    /// invite: any later `persist sync --watch` or `persist serve` on this
+    /// device answers it while it is valid. Exits 4 if the invite expires
+    /// unused meanwhile.
+    Create {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// How long the invite stays valid: a number and s, m, h or d
+        /// (30m, 24h, 7d), at most 30d.
+        #[arg(
+            long,
+            value_name = "DURATION",
+            default_value = "24h",
+            value_parser = pairing::parse_expiry
+        )]
+        expires: Duration,
+        /// Return once the code is printed instead of waiting for the new
+        /// device; a later `persist sync --watch` or `persist serve`
+        /// answers it.
+        #[arg(long)]
+        no_wait: bool,
+        /// Print {"code","id","expires_ms"} instead of the bare code.
+        #[arg(long)]
+        json: bool,
+        /// Show the QR code on stderr even when it is not a terminal.
+        #[arg(long, conflicts_with = "no_qr")]
+        qr: bool,
+        /// Never show the QR code.
+        #[arg(long)]
+        no_qr: bool,
+    },
+    /// Join a store with an invite code, from an empty --store directory;
+    /// prints the store id, the device id and where the key lives.
+    ///
+    /// The inviting device must be online with sync (waiting in `persist
+    /// invite create`, or running `persist sync --watch` or `persist
+    /// serve`). The code names the relay and its pin, which become this
+    /// store's remote. Exits 2 for a code that is damaged, edited, expired
+    /// or already used, and 4 if the relay cannot be reached or the
+    /// inviter does not answer in time; nothing is written then.
+    Accept {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// This device's name, shown to other members.
+        #[arg(long, value_name = "N", default_value = "device")]
+        name: String,
+        /// How long to wait for the inviting device: a number and s, m, h
+        /// or d (30s, 10m, 2h).
+        #[arg(
+            long,
+            value_name = "DURATION",
+            default_value = "10m",
+            value_parser = pairing::parse_timeout
+        )]
+        timeout: Duration,
+        /// Trust the relay's certificate if a CA in this PEM file signed
+        /// it, for an invite whose relay has an operator's certificate
+        /// (such codes carry no pin).
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
+        /// The invite code (persist-invite-v1:…), or `-` to read it from
+        /// stdin, which keeps it out of the process list and the shell
+        /// history.
+        #[arg(value_name = "CODE", allow_hyphen_values = true)]
+        code: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeviceCommand {
+    /// One line per device of the store, oldest first:
+    /// `ID<TAB>NAME<TAB>added by ID at TIME`, and `<TAB>(this device)` on
+    /// this device's line. Times are UTC (RFC 3339).
+    List {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Print a JSON array of {"id","name","added_by","added_at_ms",
+        /// "added_at","this_device"}.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -417,6 +529,42 @@ async fn run(command: Command) -> anyhow::Result<String> {
             json,
         } => sync::sync(target.into(), watch, admission_secret_file.as_deref(), json).await,
         Command::Serve { target, listen } => sync::serve(target.into(), listen).await,
+        Command::Invite { command } => match command {
+            InviteCommand::Create {
+                target,
+                expires,
+                no_wait,
+                json,
+                qr,
+                no_qr,
+            } => {
+                let after = if no_wait {
+                    AfterCreate::Return
+                } else {
+                    AfterCreate::Wait
+                };
+                let qr = match (qr, no_qr) {
+                    (true, _) => Qr::Always,
+                    (_, true) => Qr::Never,
+                    _ => Qr::Auto,
+                };
+                pairing::create(target.into(), expires, after, qr, json).await
+            }
+            InviteCommand::Accept {
+                target,
+                name,
+                timeout,
+                ca,
+                code,
+            } => {
+                // The code is a secret: the copy clap made is wiped after use.
+                let code = zeroize::Zeroizing::new(code);
+                pairing::accept(target.into(), &name, code, timeout, ca).await
+            }
+        },
+        Command::Device { command } => match command {
+            DeviceCommand::List { target, json } => pairing::list(target.into(), json).await,
+        },
     }
 }
 

@@ -4,15 +4,16 @@
 //!
 //! # Which commands sync
 //!
-//! Only `sync`, `status` (when a remote is configured) and `serve` open the
-//! store with a sync session. `put`, `rm`, `get`, `ls` and the `key`
-//! commands stay local: a process that lives for one write would connect
-//! for nothing (the QUIC handshake and `Hello` cost more than the write),
-//! and a relay that is down would slow down or fail a command that does
-//! not need it. Their writes are recorded in the store's change log and
-//! pushed by the next `persist sync` (or by any app that opens the store
-//! with sync). Nothing is lost meanwhile: pending work stays pending across
-//! closes.
+//! Only `sync`, `status` (when a remote is configured), `serve` and the
+//! `invite` commands (which pair through the remote, see
+//! [`crate::pairing`]) open the store with a sync session. `put`, `rm`,
+//! `get`, `ls` and the `key` commands stay local: a process that lives
+//! for one write would connect for nothing (the QUIC handshake and
+//! `Hello` cost more than the write), and a relay that is down would slow
+//! down or fail a command that does not need it. Their writes are recorded
+//! in the store's change log and pushed by the next `persist sync` (or by
+//! any app that opens the store with sync). Nothing is lost meanwhile:
+//! pending work stays pending across closes.
 
 use std::io::{IsTerminal as _, Write as _};
 use std::net::SocketAddr;
@@ -361,7 +362,7 @@ fn change_line(change: &Change, as_json: bool) -> Result<String, persist::ReadEr
 }
 
 /// Writes and flushes one line, so that a reader sees it at once.
-fn print_line(line: &str) -> anyhow::Result<()> {
+pub(crate) fn print_line(line: &str) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout().lock();
     stdout
         .write_all(line.as_bytes())

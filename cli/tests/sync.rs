@@ -1,83 +1,24 @@
 //! Sync through the binary: `init --relay`, `remote`, `sync [--watch]`
 //! and the `sync` section of `status`, against a relay node run in this
-//! test process (the `persist-relay` library on its own runtime).
+//! test process (the `persist-relay` library on its own runtime, see
+//! `common/relay.rs`).
 
 // Helpers outside `#[test]` functions are test code too.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
-use std::io::BufRead as _;
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Child;
-use std::sync::mpsc;
 use std::time::Duration;
 
-use persist_relay::{Admission, AdmissionSecret, RelayConfig, RelayHandle};
-use persist_storage::relay::RedbRelay;
+use persist_relay::{Admission, AdmissionSecret};
 use serde_json::json;
-use tempfile::TempDir;
 
+use common::relay::{Relay, interrupt, lines, terminate};
 use common::{OK, Out, REMOTE, Sandbox, USAGE};
 
 /// How long a test waits for something that happens in the background.
 const SETTLE: Duration = Duration::from_secs(30);
-
-/// A relay node on 127.0.0.1, on its own runtime; shut down on drop.
-struct Relay {
-    runtime: tokio::runtime::Runtime,
-    handle: Option<RelayHandle>,
-    url: String,
-    pin: String,
-    _dir: TempDir,
-}
-
-impl Relay {
-    fn start() -> Relay {
-        Relay::start_with(Admission::Open)
-    }
-
-    fn start_with(admission: Admission) -> Relay {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
-        let mut config = RelayConfig::new(listen, dir.path());
-        config.admission = admission;
-        let backend = RedbRelay::open(&dir.path().join("relay.redb")).unwrap();
-        let handle = runtime
-            .block_on(persist_relay::start(config, backend))
-            .unwrap();
-        Relay {
-            url: format!("quic://{}", handle.addr()),
-            pin: handle.pin().to_string(),
-            handle: Some(handle),
-            runtime,
-            _dir: dir,
-        }
-    }
-
-    /// `--relay URL --pin PIN`.
-    fn args(&self) -> [&str; 4] {
-        ["--relay", &self.url, "--pin", &self.pin]
-    }
-
-    fn stop(&mut self) {
-        if let Some(handle) = self.handle.take() {
-            self.runtime.block_on(handle.shutdown());
-        }
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 fn write_file(sb: &Sandbox, name: &str, text: &str) -> PathBuf {
     let path = sb.path().join(name);
@@ -364,32 +305,6 @@ fn an_admission_secret_creates_the_store_on_a_closed_relay_and_is_never_kept() {
         .expect(OK);
 }
 
-/// Lines of a child's stdout, read on a thread (a blocking read cannot
-/// time out otherwise).
-fn lines(child: &mut Child) -> mpsc::Receiver<String> {
-    let stdout = child.stdout.take().unwrap();
-    let (send, receive) = mpsc::channel();
-    // allow-nondeterminism: the thread only forwards a pipe's lines; it ends
-    // when the child closes its stdout.
-    #[allow(clippy::disallowed_methods)]
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines() {
-            if send.send(line.unwrap()).is_err() {
-                break;
-            }
-        }
-    });
-    receive
-}
-
-fn interrupt(child: &Child) {
-    let status = std::process::Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 #[test]
 fn sync_watch_prints_remote_changes_until_interrupted() {
     let relay = Relay::start();
@@ -452,14 +367,6 @@ fn sync_watch_prints_remote_changes_until_interrupted() {
     // The store was closed cleanly: it opens at once, with what was pulled.
     assert_eq!(b.run("get", &["live/3"]).expect(OK).stdout, "[3]\n");
     b.run("get", &["live/1"]).expect(common::NOT_FOUND);
-}
-
-fn terminate(child: &Child) {
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
 }
 
 #[test]

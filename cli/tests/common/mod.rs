@@ -7,6 +7,8 @@
 // Each test crate uses its own part of these helpers.
 #![allow(dead_code)]
 
+pub(crate) mod relay;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
