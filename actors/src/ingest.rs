@@ -27,14 +27,16 @@
 
 use std::collections::BTreeMap;
 
-use ed25519_dalek::VerifyingKey;
-use persist_core::envelope::{Algorithm, Envelope, OpenError, ParseError};
+use ed25519_dalek::{Signature, VerifyingKey};
+use persist_core::envelope::{
+    Algorithm, DOMAIN_SIG, Envelope, HEADER_LEN, OpenError, ParseError, SIGNATURE_LEN, TAG_LEN,
+};
 use persist_core::hlc::Hlc;
 use persist_core::keyring::Member;
 use persist_core::lww::Precedence;
 use persist_core::membership::{self, AnnouncementError};
 use persist_core::record::Record;
-use persist_core::{DeviceId, Epoch, Locator};
+use persist_core::{DeviceId, Epoch, Locator, StoreId};
 use persist_storage::Row;
 
 use std::sync::Arc;
@@ -46,7 +48,9 @@ use crate::key_manager::KeyManagerMsg;
 use crate::keys::{KeyHandle, KeySet, OpenRecordError};
 use crate::routes::Routes;
 use crate::sealer::SealerMsg;
-use crate::storage_writer::{AppliedChange, CommitReport, Park, SealedWrite, WriterMsg};
+use crate::storage_writer::{
+    AppliedChange, CommitReport, Park, SealedWrite, WriteError, WriterMsg,
+};
 
 /// Called with the changes an ingest applied, for the store's watchers.
 pub type OnApplied = Arc<dyn Fn(Vec<AppliedChange>) + Send + Sync>;
@@ -82,11 +86,28 @@ pub struct Applied {
 /// Plans `batch` (see [`plan`]) and commits it through the StorageWriter
 /// together with `meta`: remembers the members it announced (KeyManager),
 /// lets the Sealer observe its newest stamp, and reports what changed.
+/// [`prepare`], [`submit`] and [`Submitted::finish`] in one.
 pub async fn apply(
     ctx: &IngestContext,
     batch: Vec<Incoming>,
     meta: Vec<(&'static str, Option<Vec<u8>>)>,
 ) -> Result<Applied, String> {
+    let prepared = prepare(ctx, batch).await?;
+    submit(ctx, prepared, meta)?.finish(ctx).await
+}
+
+/// A planned batch, ready for the StorageWriter.
+pub struct Prepared {
+    writes: Vec<SealedWrite>,
+    parks: Vec<Park>,
+    held: u64,
+    refused: u64,
+}
+
+/// Plans `batch` and does what the plan needs before its commit: the
+/// KeyManager learns the members it announced (so the next batch is
+/// checked against them), the Sealer observes its newest stamp.
+pub async fn prepare(ctx: &IngestContext, batch: Vec<Incoming>) -> Result<Prepared, String> {
     let keys = ctx.keys.current();
     let plan = plan_parallel(keys, batch, ctx.clock.now_ms(), ctx.max_drift_ms).await?;
     for (locator, refusal) in &plan.refused {
@@ -107,35 +128,65 @@ pub async fn apply(
     if let (Some(newest), Some(sealer)) = (plan.newest, ctx.routes.sealer()) {
         let _ = sealer.cast(SealerMsg::Observe(newest));
     }
-    let refused = plan.refused.len() as u64;
-    let held = plan.pending.len() as u64;
+    Ok(Prepared {
+        held: plan.pending.len() as u64,
+        refused: plan.refused.len() as u64,
+        writes: plan.writes,
+        parks: plan.parks,
+    })
+}
+
+/// Hands a prepared batch and `meta` to the StorageWriter, which commits
+/// them in one transaction, after every batch handed to it before.
+pub fn submit(
+    ctx: &IngestContext,
+    prepared: Prepared,
+    meta: Vec<(&'static str, Option<Vec<u8>>)>,
+) -> Result<Submitted, String> {
     let writer = ctx.routes.writer().ok_or("the store is closing")?;
-    let outcome = writer
-        .call(
-            |reply| WriterMsg::Ingest {
-                writes: plan.writes,
-                parks: plan.parks,
-                meta,
-                reply,
-            },
-            None,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-    let report: CommitReport = match outcome {
-        CallResult::Success(r) => r.map_err(|e| e.to_string())?,
-        _ => return Err("the store is closing".into()),
-    };
-    let applied = Applied {
-        applied: report.applied.len() as u64,
-        superseded: report.superseded as u64,
-        held,
-        refused,
-    };
-    if !report.applied.is_empty() {
-        (ctx.on_applied)(report.applied);
+    let (reply, outcome) = ractor::concurrency::oneshot();
+    writer
+        .cast(WriterMsg::Ingest {
+            writes: prepared.writes,
+            parks: prepared.parks,
+            meta,
+            reply: reply.into(),
+        })
+        .map_err(|_| "the store is closing".to_string())?;
+    Ok(Submitted {
+        outcome,
+        held: prepared.held,
+        refused: prepared.refused,
+    })
+}
+
+/// A batch the StorageWriter is committing.
+pub struct Submitted {
+    outcome: ractor::concurrency::OneshotReceiver<Result<CommitReport, WriteError>>,
+    held: u64,
+    refused: u64,
+}
+
+impl Submitted {
+    /// Waits for the commit and reports what changed to the watchers.
+    pub async fn finish(self, ctx: &IngestContext) -> Result<Applied, String> {
+        let report = match self.outcome.await {
+            Ok(r) => r.map_err(|e| e.to_string())?,
+            // The writer stopped before answering: nothing was committed
+            // that this batch's caller counts on.
+            Err(_) => return Err("the store is closing".into()),
+        };
+        let applied = Applied {
+            applied: report.applied.len() as u64,
+            superseded: report.superseded as u64,
+            held: self.held,
+            refused: self.refused,
+        };
+        if !report.applied.is_empty() {
+            (ctx.on_applied)(report.applied);
+        }
+        Ok(applied)
     }
-    Ok(applied)
 }
 
 /// One envelope to ingest.
@@ -205,36 +256,137 @@ pub struct Plan {
 
 /// Decides what to do with `batch`; see the module docs.
 pub fn plan(keys: &KeySet, batch: Vec<Incoming>, now_ms: u64, max_drift_ms: u64) -> Plan {
-    let checked = batch.into_iter().map(|item| (item, None)).collect();
+    let checked = batch
+        .into_iter()
+        .map(|item| (item, Checked::default()))
+        .collect();
     plan_checked(keys, checked, now_ms, max_drift_ms)
 }
 
-/// Batches of at least this many envelopes have their signatures checked
-/// on two workers first (on a multi-threaded runtime): Ed25519
-/// verification is most of an ingest's CPU.
+/// Batches of at least this many envelopes are checked on two workers
+/// first (on a multi-threaded runtime): signatures and AEAD are most of an
+/// ingest's CPU.
 pub const PARALLEL_VERIFY_MIN: usize = 64;
 
-/// Whether each item's signature verifies under its signer's key, for the
-/// items whose signer `keys` knows; `None` for the others.
-fn verify_known(keys: &KeySet, batch: &[Incoming]) -> Vec<Option<bool>> {
-    batch
-        .iter()
-        .map(|item| {
-            let envelope = Envelope::parse(&item.envelope).ok()?;
-            if envelope.header.algorithm != Algorithm::Aes256GcmEd25519 {
-                return None;
-            }
-            let key = keys.member_key(&envelope.header.signer)?;
-            Some(
-                envelope
-                    .verify_signature(&keys.store_id, &item.locator, key)
-                    .is_ok(),
-            )
-        })
-        .collect()
+/// Most signatures checked by one batch verification. A failed batch is
+/// checked again one signature at a time, so this also bounds the work a
+/// forged signature adds (twice the batch); 128 keeps most of the batch
+/// speed-up, which flattens out past a few dozen signatures.
+pub const VERIFY_BATCH_MAX: usize = 128;
+
+/// What was found out about an item ahead of [`plan_checked`], with the
+/// same [`KeySet`] it plans with.
+#[derive(Default)]
+struct Checked {
+    /// Whether its signature verifies under its signer's key, when `keys`
+    /// knows the signer.
+    verified: Option<bool>,
+    /// The outcome of opening it, for an item whose signature verified.
+    opened: Option<Result<Record, OpenRecordError>>,
 }
 
-/// [`plan`], with the signatures of a large batch checked on two workers.
+/// Checks the signatures of the items whose signer `keys` knows, and opens
+/// those that verify: the costly, independent part of planning, done ahead
+/// so that it can run on several workers.
+///
+/// Signatures are checked in batches (`ed25519_dalek::verify_batch`), and a
+/// batch that fails is checked again one by one with
+/// [`Envelope::verify_signature`], so what verifies is decided by single
+/// verification except in one case: batch verification checks the
+/// cofactored equation `[8][s]B = [8]R + [8][k]A`, single verification the
+/// cofactorless `[s]B = R + [k]A`. A signature whose `R` or key carries a
+/// small-order (torsion) component can pass the first and fail the second.
+/// Honest signers never make one, and making one takes the signer's
+/// private key (the key is a known member's, and the relay holds no key),
+/// so a member could at worst get an envelope accepted here that a device
+/// verifying singly refuses; the AEAD tag, checked next under the epoch
+/// key, still covers every byte. Batch verification draws its per-signature
+/// weights from a transcript of everything it checks, not from an RNG,
+/// so it is deterministic (simulations replay it).
+fn precheck(keys: &KeySet, batch: &[Incoming]) -> Vec<Checked> {
+    let mut checked: Vec<Checked> = batch.iter().map(|_| Checked::default()).collect();
+    let mut signed: Vec<(usize, SignedParts)> = Vec::new();
+    for (index, item) in batch.iter().enumerate() {
+        let Ok(envelope) = Envelope::parse(&item.envelope) else {
+            continue;
+        };
+        if envelope.header.algorithm != Algorithm::Aes256GcmEd25519 {
+            continue;
+        }
+        let Some(key) = keys.member_key(&envelope.header.signer) else {
+            continue;
+        };
+        match signed_parts(&keys.store_id, item, *key) {
+            Some(parts) => signed.push((index, parts)),
+            None => {
+                checked[index].verified = Some(
+                    envelope
+                        .verify_signature(&keys.store_id, &item.locator, key)
+                        .is_ok(),
+                );
+            }
+        }
+    }
+    for chunk in signed.chunks(VERIFY_BATCH_MAX) {
+        let messages: Vec<&[u8]> = chunk.iter().map(|(_, p)| p.message.as_slice()).collect();
+        let signatures: Vec<Signature> = chunk.iter().map(|(_, p)| p.signature).collect();
+        let signers: Vec<VerifyingKey> = chunk.iter().map(|(_, p)| p.key).collect();
+        let all_good = ed25519_dalek::verify_batch(&messages, &signatures, &signers).is_ok();
+        for (index, parts) in chunk {
+            let good = all_good || {
+                // One or more is bad: find which, as a single check would.
+                let item = &batch[*index];
+                Envelope::parse(&item.envelope).is_ok_and(|e| {
+                    e.verify_signature(&keys.store_id, &item.locator, &parts.key)
+                        .is_ok()
+                })
+            };
+            checked[*index].verified = Some(good);
+        }
+    }
+    for (item, check) in batch.iter().zip(checked.iter_mut()) {
+        if check.verified == Some(true) {
+            check.opened = Some(keys.open(&item.locator, &item.envelope));
+        }
+    }
+    checked
+}
+
+/// What an encrypted envelope's signature covers, as
+/// [`Envelope::verify_signature`] checks it (see the layout in
+/// [`persist_core::envelope`]): `DOMAIN_SIG ‖ store_id ‖ locator ‖ header ‖
+/// body_len ‖ ciphertext`, the ciphertext without its tag; the signature is
+/// the last [`SIGNATURE_LEN`] bytes.
+struct SignedParts {
+    message: Vec<u8>,
+    signature: Signature,
+    key: VerifyingKey,
+}
+
+/// The [`SignedParts`] of a parsed encrypted envelope, or `None` if its
+/// length does not leave room for them (then it is checked singly).
+fn signed_parts(store_id: &StoreId, item: &Incoming, key: VerifyingKey) -> Option<SignedParts> {
+    let bytes = item.envelope.as_slice();
+    let signed_end = bytes.len().checked_sub(SIGNATURE_LEN + TAG_LEN)?;
+    if signed_end < HEADER_LEN + 4 {
+        return None;
+    }
+    let signature: [u8; SIGNATURE_LEN] = bytes[bytes.len() - SIGNATURE_LEN..].try_into().ok()?;
+    let signed = &bytes[..signed_end];
+    let mut message =
+        Vec::with_capacity(DOMAIN_SIG.len() + store_id.as_bytes().len() + 32 + signed.len());
+    message.extend_from_slice(DOMAIN_SIG);
+    message.extend_from_slice(store_id.as_bytes());
+    message.extend_from_slice(&item.locator.0);
+    message.extend_from_slice(signed);
+    Some(SignedParts {
+        message,
+        signature: Signature::from_bytes(&signature),
+        key,
+    })
+}
+
+/// [`plan`], with a large batch checked ([`precheck`]) on two workers.
 async fn plan_parallel(
     keys: Arc<KeySet>,
     mut batch: Vec<Incoming>,
@@ -247,25 +399,27 @@ async fn plan_parallel(
             Ok(tokio::runtime::RuntimeFlavor::MultiThread)
         );
     if !parallel {
-        return Ok(plan(&keys, batch, now_ms, max_drift_ms));
+        let checked = precheck(&keys, &batch);
+        let checked = batch.into_iter().zip(checked).collect();
+        return Ok(plan_checked(&keys, checked, now_ms, max_drift_ms));
     }
     // Both halves are spawned, as in the Sealer: a task spawned from a
     // worker waits in its LIFO slot, where no idle worker steals it.
     let second = batch.split_off(batch.len() / 2);
     let (k1, k2) = (keys.clone(), keys.clone());
     let first = tokio::spawn(async move {
-        let verified = verify_known(&k1, &batch);
-        (batch, verified)
+        let checked = precheck(&k1, &batch);
+        (batch, checked)
     });
     let second = tokio::spawn(async move {
-        let verified = verify_known(&k2, &second);
-        (second, verified)
+        let checked = precheck(&k2, &second);
+        (second, checked)
     });
     let mut checked = Vec::new();
     for half in [first, second] {
         match half.await {
-            Ok((items, verified)) => checked.extend(items.into_iter().zip(verified)),
-            // Only a panic fails a verifying task. Nothing of the batch is
+            Ok((items, found)) => checked.extend(items.into_iter().zip(found)),
+            // Only a panic fails a checking task. Nothing of the batch is
             // applied then, and the caller's cursor does not move past it.
             Err(e) => return Err(format!("checking the batch's signatures failed: {e}")),
         }
@@ -276,7 +430,7 @@ async fn plan_parallel(
 /// [`plan`] over items whose signature may already be checked.
 fn plan_checked(
     keys: &KeySet,
-    batch: Vec<(Incoming, Option<bool>)>,
+    batch: Vec<(Incoming, Checked)>,
     now_ms: u64,
     max_drift_ms: u64,
 ) -> Plan {
@@ -286,8 +440,8 @@ fn plan_checked(
     let mut work = batch;
     loop {
         let learned_before = plan.learned.len();
-        for (item, verified) in work.drain(..) {
-            match decide(keys, &members, &item, verified, now_ms, max_drift_ms) {
+        for (mut item, checked) in work.drain(..) {
+            match decide(keys, &members, &mut item, checked, now_ms, max_drift_ms) {
                 Decision::Apply {
                     record,
                     row,
@@ -335,7 +489,10 @@ fn plan_checked(
         if plan.learned.len() == learned_before || deferred.is_empty() {
             break;
         }
-        work = deferred.drain(..).map(|(item, _)| (item, None)).collect();
+        work = deferred
+            .drain(..)
+            .map(|(item, _)| (item, Checked::default()))
+            .collect();
     }
     for (item, reason) in deferred {
         park(&mut plan, item, reason);
@@ -370,11 +527,13 @@ fn park(plan: &mut Plan, item: Incoming, reason: PendingReason) {
     }
 }
 
+/// Decides on `item`, using what [`precheck`] found with the same `keys`.
+/// An item that applies gives its envelope bytes to the row it becomes.
 fn decide(
     keys: &KeySet,
     members: &BTreeMap<DeviceId, VerifyingKey>,
-    item: &Incoming,
-    verified: Option<bool>,
+    item: &mut Incoming,
+    checked: Checked,
     now_ms: u64,
     max_drift_ms: u64,
 ) -> Decision {
@@ -394,7 +553,7 @@ fn decide(
     if let Some(key) = signer_key
         && encrypted
     {
-        let good = verified.unwrap_or_else(|| {
+        let good = checked.verified.unwrap_or_else(|| {
             envelope
                 .verify_signature(&keys.store_id, &item.locator, key)
                 .is_ok()
@@ -409,7 +568,11 @@ fn decide(
     if header.version.hlc.ms > now_ms.saturating_add(max_drift_ms) {
         return Decision::Defer(PendingReason::FromTheFuture);
     }
-    let record = match keys.open(&item.locator, &item.envelope) {
+    let opened = match checked.opened {
+        Some(opened) => opened,
+        None => keys.open(&item.locator, &item.envelope),
+    };
+    let record = match opened {
         Ok(record) => record,
         Err(OpenRecordError::UnknownEpoch(epoch)) => {
             return Decision::Defer(PendingReason::UnknownEpoch(epoch));
@@ -441,7 +604,7 @@ fn decide(
     let row = Row {
         epoch: header.epoch,
         tombstone: header.flags.tombstone,
-        envelope: item.envelope.clone(),
+        envelope: std::mem::take(&mut item.envelope),
     };
     Decision::Apply {
         record,
@@ -678,6 +841,39 @@ mod tests {
         assert_eq!(serial.refused, parallel.refused);
         assert_eq!(parallel.refused.len(), 2, "{:?}", parallel.refused);
         assert_eq!(parallel.writes.len(), batch.len() - 2);
+    }
+
+    #[test]
+    fn honest_signatures_pass_as_one_batch_and_a_forgery_is_found_singly() {
+        let (a, b) = two_devices();
+        let mut known = b.keys();
+        known
+            .members
+            .insert(a.ring.device_id(), a.ring.device.verifying_key());
+        let mut batch: Vec<Incoming> = (0..VERIFY_BATCH_MAX + 3)
+            .map(|i| a.seal(&format!("notes/{i}"), b"v", NOW - i as u64))
+            .collect();
+        // What the batch checks is exactly what a single check covers.
+        let key = a.ring.device.verifying_key();
+        let parts: Vec<SignedParts> = batch
+            .iter()
+            .map(|i| signed_parts(&known.store_id, i, key).expect("room for a signature"))
+            .collect();
+        let messages: Vec<&[u8]> = parts.iter().map(|p| p.message.as_slice()).collect();
+        let signatures: Vec<Signature> = parts.iter().map(|p| p.signature).collect();
+        let keys: Vec<VerifyingKey> = parts.iter().map(|p| p.key).collect();
+        assert!(ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_ok());
+        let checked = precheck(&known, &batch);
+        assert!(checked.iter().all(|c| c.verified == Some(true)));
+        assert!(checked.iter().all(|c| matches!(c.opened, Some(Ok(_)))));
+        // A forged byte of the signed part fails its batch; the single
+        // checks then refuse only the forgery.
+        batch[VERIFY_BATCH_MAX + 1].envelope[HEADER_LEN + 10] ^= 1;
+        let checked = precheck(&known, &batch);
+        for (i, c) in checked.iter().enumerate() {
+            assert_eq!(c.verified, Some(i != VERIFY_BATCH_MAX + 1), "item {i}");
+            assert_eq!(c.opened.is_some(), i != VERIFY_BATCH_MAX + 1, "item {i}");
+        }
     }
 
     #[test]
