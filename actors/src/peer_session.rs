@@ -2,15 +2,19 @@
 //! device serving its store).
 //!
 //! **Role.** Connects through an injected [`Connector`], says `Hello`, then
-//! pushes the local change log since the remote's acknowledged cursor and
-//! pulls the remote log since its own cursor, one request of each kind in
-//! flight at a time. Pulled envelopes go through [`crate::ingest`]
-//! (signature, AEAD, pending) and are applied by the StorageWriter together
-//! with the new pull cursor, so a crash never skips or re-applies a batch
-//! unseen. It subscribes to the remote's head, so a write elsewhere arrives
-//! live, and it learns of local commits from the StorageWriter, so a local
-//! write is pushed at once. Only envelopes this device signed are pushed
-//! (its own writes and its reseals); what it pulled came from the remote.
+//! pushes the local change log since the remote's acknowledged cursor (up
+//! to [`PUSHES_INFLIGHT_MAX`] pushes unacknowledged at a time) and pulls
+//! the remote log since its own cursor. Pulled envelopes go through
+//! [`crate::ingest`] (signature, AEAD, pending) and are applied by the
+//! StorageWriter together with the new pull cursor, so a crash never skips
+//! or re-applies a batch unseen. Pulls are pipelined: when a batch that
+//! says `more` arrives, the next pull goes out before the batch is
+//! checked, so the remote reads and sends the next page meanwhile, and a
+//! batch is checked while the one before it commits. It subscribes to the
+//! remote's head, so a write elsewhere arrives live, and it learns of
+//! local commits from the StorageWriter, so a local write is pushed at
+//! once. Only envelopes this device signed are pushed (its own writes and
+//! its reseals); what it pulled came from the remote.
 //!
 //! On a lost connection it reconnects after a jittered exponential backoff,
 //! drawn from the injected randomness and timed on the runtime's clock, so
@@ -26,13 +30,18 @@
 //! describe, and reconnects.
 //!
 //! # Invariants
-//! - Every queue is bounded: one push and one pull in flight, at most
-//!   [`FRAMES_QUEUED_MAX`] received frames waiting for the actor (the
+//! - Every queue is bounded: [`PUSHES_INFLIGHT_MAX`] pushes and one pull
+//!   in flight, one pulled batch committing while the next is checked, at
+//!   most [`FRAMES_QUEUED_MAX`] received frames waiting for the actor (the
 //!   reader stops reading, and QUIC flow control stops the remote), and at
-//!   most [`PENDING_HELD_MAX`] (plus one batch) envelopes held pending.
+//!   most [`PENDING_HELD_MAX`] (plus two batches) envelopes held pending.
 //! - The pull cursor is committed in the same transaction as the batch it
-//!   covers; the push cursor only after the remote acknowledged.
+//!   covers, and a batch is handed to the StorageWriter only after the
+//!   batch before it is durable: the committed cursor only ever covers
+//!   applied entries, even when a commit fails. The push cursor is
+//!   committed only after the remote acknowledged.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -53,12 +62,16 @@ use rand_core::Rng;
 use tokio::sync::{Semaphore, watch};
 
 use crate::blocking::run_blocking;
-use crate::ingest::{self, Incoming, IngestContext, OnApplied};
+use crate::ingest::{self, Incoming, IngestContext, OnApplied, Submitted};
 use crate::keys::KeyHandle;
 use crate::meta;
 use crate::routes::Routes;
 use crate::storage_writer::{Marks, Priority, WriterMsg};
 
+/// Pushes sent before the first is acknowledged: the remote appends one
+/// while the next is on its way. Each is at most a frame of
+/// [`MESSAGE_PAYLOAD_BYTES_TARGET`] bytes in the send buffer.
+pub const PUSHES_INFLIGHT_MAX: usize = 2;
 /// Frames read from the remote but not yet handled. Each may be a full
 /// batch (up to a frame, 16 MiB), so this bounds the session's memory.
 pub const FRAMES_QUEUED_MAX: usize = 2;
@@ -257,6 +270,12 @@ struct Waiter {
     reply: RpcReplyPort<Result<SyncReport, SyncError>>,
 }
 
+/// A pulled batch handed to the StorageWriter, and the cursor it moves to.
+struct Committing {
+    submitted: Submitted,
+    cursor: u64,
+}
+
 /// The PeerSession's state.
 pub struct SessionState {
     args: SessionArgs,
@@ -266,10 +285,15 @@ pub struct SessionState {
     attempts: u32,
     reconnect_scheduled: bool,
     push_cursor: u64,
-    push_inflight: Option<(u64, u64)>,
+    /// Pushes sent and not yet acknowledged, oldest first: (id, the change
+    /// sequence number it reaches).
+    push_inflight: VecDeque<(u64, u64)>,
     next_push_id: u64,
+    /// The cursor of the last pulled batch that is durable.
     pull_cursor: u64,
     pull_inflight: bool,
+    /// The pulled batch the StorageWriter is committing, if any.
+    committing: Option<Committing>,
     remote_head: u64,
     /// Pull rounds started and completed (a round ends with `more: false`).
     rounds_started: u64,
@@ -328,10 +352,11 @@ impl Actor for PeerSession {
             attempts: 0,
             reconnect_scheduled: false,
             push_cursor,
-            push_inflight: None,
+            push_inflight: VecDeque::new(),
             next_push_id: 1,
             pull_cursor,
             pull_inflight: false,
+            committing: None,
             remote_head: 0,
             rounds_started: 0,
             rounds_done: 0,
@@ -473,7 +498,7 @@ impl SessionState {
                 self.generation += 1;
                 let generation = self.generation;
                 self.remote_head = welcome.head;
-                self.push_inflight = None;
+                self.push_inflight.clear();
                 self.pull_inflight = false;
                 let frames = Arc::new(Semaphore::new(FRAMES_QUEUED_MAX));
                 let reader = spawn_reader(recv, generation, frames.clone(), myself.clone());
@@ -491,6 +516,12 @@ impl SessionState {
                     s.connected = true;
                     s.last_error = None;
                 });
+                // A batch of the last connection may still be committing:
+                // the next pull starts from its cursor if it commits.
+                if let Err(error) = self.settle().await {
+                    self.disconnect(myself, error);
+                    return;
+                }
                 self.pump().await;
             }
             Err(error) => {
@@ -511,7 +542,7 @@ impl SessionState {
         }
         let error = error.to_string();
         tracing::info!(remote = %self.args.connector.remote(), %error, "sync: disconnected");
-        self.push_inflight = None;
+        self.push_inflight.clear();
         self.pull_inflight = false;
         self.args.status.send_modify(|s| {
             s.connected = false;
@@ -543,15 +574,17 @@ impl SessionState {
         let want_round = self.waiters.iter().any(|w| w.round > self.rounds_started)
             || self.pull_cursor < self.remote_head
             || self.rounds_started == 0;
-        if !self.pull_inflight && want_round {
+        // While a batch commits, its next page is already asked for (or
+        // the connection broke): the cursor to pull from is not known yet.
+        if !self.pull_inflight && self.committing.is_none() && want_round {
             self.rounds_started += 1;
-            self.send_pull().await;
+            self.send_pull(self.pull_cursor).await;
         }
         self.publish();
     }
 
-    async fn send_pull(&mut self) {
-        let since = self.pull_cursor;
+    /// Asks for the page after `since`.
+    async fn send_pull(&mut self, since: u64) {
         if let Some(conn) = self.conn.as_mut() {
             let msg = Message::Pull {
                 since,
@@ -563,16 +596,21 @@ impl SessionState {
         }
     }
 
+    /// Sends pushes until [`PUSHES_INFLIGHT_MAX`] are unacknowledged or
+    /// the change log is all sent.
     async fn start_push(&mut self) -> Result<(), String> {
-        if self.push_inflight.is_some() || self.conn.is_none() {
-            return Ok(());
-        }
-        loop {
-            let (entries, upto) = self.next_push()?;
-            if upto == self.push_cursor {
+        while self.push_inflight.len() < PUSHES_INFLIGHT_MAX && self.conn.is_some() {
+            let after = self.push_sent();
+            let (entries, upto) = self.next_push(after)?;
+            if upto == after {
                 return Ok(());
             }
             if entries.is_empty() {
+                if !self.push_inflight.is_empty() {
+                    // The cursor cannot pass unacknowledged pushes: look
+                    // again once they are.
+                    return Ok(());
+                }
                 // Only changes this device did not sign (what it pulled):
                 // nothing to send. The cursor is made durable with the next
                 // commit that carries it; until then a restart only scans
@@ -589,16 +627,22 @@ impl SessionState {
                 .send(&Message::Push { id, entries })
                 .await
                 .map_err(|e| e.to_string())?;
-            self.push_inflight = Some((id, upto));
-            return Ok(());
+            self.push_inflight.push_back((id, upto));
         }
+        Ok(())
+    }
+
+    /// The change sequence number the pushes sent so far reach.
+    fn push_sent(&self) -> u64 {
+        self.push_inflight
+            .back()
+            .map_or(self.push_cursor, |&(_, upto)| upto)
     }
 
     /// The next push: entries signed by this device among the changes after
-    /// the push cursor, and the change sequence number they reach.
-    fn next_push(&self) -> Result<(Vec<PushEntry>, u64), String> {
+    /// `after`, and the change sequence number they reach.
+    fn next_push(&self, after: u64) -> Result<(Vec<PushEntry>, u64), String> {
         let db = self.args.db.clone();
-        let after = self.push_cursor;
         let me = self.args.device_id;
         run_blocking(move || {
             let txn = db.begin_read().map_err(|e| e.to_string())?;
@@ -645,13 +689,15 @@ impl SessionState {
                 stale,
                 head,
             } => {
-                let Some((inflight, upto)) = self.push_inflight else {
+                let Some(&(inflight, upto)) = self.push_inflight.front() else {
                     return Err("unexpected PushAck".into());
                 };
+                // The pull cursor below must be the durable one.
+                self.settle().await?;
                 if inflight != id {
                     return Err(format!("PushAck for push {id}, expected {inflight}"));
                 }
-                self.push_inflight = None;
+                self.push_inflight.pop_front();
                 // If the remote's log grew by exactly what it accepted of
                 // this push since this device's last pull, the new entries
                 // are all this device's own: it holds them, so its pull
@@ -683,10 +729,14 @@ impl SessionState {
                     return Err("unexpected Batch".into());
                 }
                 self.pull_inflight = false;
-                self.apply_batch(entries, cursor).await?;
                 if more {
-                    self.send_pull().await;
-                } else {
+                    // The remote reads and sends the next page while this
+                    // one is checked and committed.
+                    self.send_pull(cursor).await;
+                }
+                self.apply_batch(entries, cursor).await?;
+                if !more {
+                    self.settle().await?;
                     self.rounds_done = self.rounds_started;
                     self.remote_head = self.remote_head.max(cursor);
                     self.retry_pending().await?;
@@ -695,6 +745,7 @@ impl SessionState {
             }
             Message::Notify { head } => {
                 self.remote_head = self.remote_head.max(head);
+                self.settle().await?;
                 self.pump().await;
             }
             Message::Error { code, text } => {
@@ -706,9 +757,15 @@ impl SessionState {
         Ok(())
     }
 
-    /// Ingests one pulled batch and commits it with the new cursor.
+    /// Checks one pulled batch, waits for the batch before it to commit,
+    /// and hands this one to the StorageWriter with the new cursor; see
+    /// [`SessionState::settle`].
     async fn apply_batch(&mut self, entries: Vec<LogEntry>, cursor: u64) -> Result<(), String> {
-        if entries.iter().any(|e| e.seq <= self.pull_cursor) || cursor < self.pull_cursor {
+        let taken = self
+            .committing
+            .as_ref()
+            .map_or(self.pull_cursor, |c| c.cursor);
+        if entries.iter().any(|e| e.seq <= taken) || cursor < taken {
             return Err("the remote sent entries behind the cursor".into());
         }
         let db = self.args.db.clone();
@@ -755,9 +812,39 @@ impl SessionState {
                 Some(self.push_cursor.to_be_bytes().to_vec()),
             ),
         ];
-        self.ingest(batch, meta).await?;
-        self.pull_cursor = cursor;
+        let ctx = self.ingest_context();
+        let prepared = ingest::prepare(&ctx, batch).await?;
+        // Only after the batch before is durable: had its commit failed,
+        // this one's cursor would cover entries never applied.
+        self.settle().await?;
+        let submitted = ingest::submit(&ctx, prepared, meta)?;
+        self.committing = Some(Committing { submitted, cursor });
         Ok(())
+    }
+
+    /// Waits for the pulled batch being committed, if any, and moves the
+    /// pull cursor to it.
+    async fn settle(&mut self) -> Result<(), String> {
+        let Some(Committing { submitted, cursor }) = self.committing.take() else {
+            return Ok(());
+        };
+        let outcome = submitted.finish(&self.ingest_context()).await?;
+        self.pull_cursor = cursor;
+        self.args.status.send_modify(|s| {
+            s.pulled += outcome.applied;
+            s.refused += outcome.refused;
+        });
+        Ok(())
+    }
+
+    fn ingest_context(&self) -> IngestContext {
+        IngestContext {
+            keys: self.args.keys.clone(),
+            routes: self.args.routes.clone(),
+            clock: self.args.clock.clone(),
+            max_drift_ms: self.args.max_drift_ms,
+            on_applied: self.args.on_applied.clone(),
+        }
     }
 
     /// Plans and commits `batch` with `meta`, then tells the Sealer, the
@@ -767,13 +854,7 @@ impl SessionState {
         batch: Vec<Incoming>,
         meta: Vec<(&'static str, Option<Vec<u8>>)>,
     ) -> Result<(), String> {
-        let ctx = IngestContext {
-            keys: self.args.keys.clone(),
-            routes: self.args.routes.clone(),
-            clock: self.args.clock.clone(),
-            max_drift_ms: self.args.max_drift_ms,
-            on_applied: self.args.on_applied.clone(),
-        };
+        let ctx = self.ingest_context();
         let outcome = ingest::apply(&ctx, batch, meta).await?;
         self.args.status.send_modify(|s| {
             s.pulled += outcome.applied;
@@ -842,7 +923,7 @@ impl SessionState {
         if self.conn.is_none() {
             return;
         }
-        let push_idle = self.push_inflight.is_none();
+        let push_idle = self.push_inflight.is_empty();
         let now = self.args.status.borrow().clone();
         let (done, waiting): (Vec<_>, Vec<_>) = self.waiters.drain(..).partition(|w| {
             push_idle && self.push_cursor >= w.push_target && self.rounds_done >= w.round
