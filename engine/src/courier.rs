@@ -6,8 +6,8 @@
 //!
 //! 1. posts, to every member that has not acknowledged it, a parcel with
 //!    each live epoch key (sealed to that member, signed by this device:
-//!    see [`persist_core::keywrap`]), once per member and epoch while the
-//!    store is open;
+//!    see [`persist_core::keywrap`]), once per member and epoch, and again
+//!    every [`REPOST_ROUNDS`] rounds until the member acknowledges it;
 //! 2. takes the parcels in this device's mailbox: a key new to this device
 //!    goes into its keyring (durably, by the KeyManager), is acknowledged
 //!    to its sender, and the sync session is asked for a round, which
@@ -19,7 +19,7 @@
 //! [`ROUND_INTERVAL`]; so an offline member gets the key when it next
 //! connects.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +36,9 @@ use crate::sync::Remote;
 
 /// How often the courier looks for parcels without being asked.
 pub(crate) const ROUND_INTERVAL: Duration = Duration::from_secs(30);
+/// Rounds after which a parcel still unacknowledged is posted again (the
+/// relay may have lost it: a restored database, a full mailbox).
+const REPOST_ROUNDS: u64 = 10;
 
 /// The courier of one open store.
 pub(crate) struct Courier {
@@ -67,7 +70,8 @@ impl Courier {
             device: args.device,
             access: args.access,
             routes: args.routes,
-            posted: BTreeSet::new(),
+            posted: BTreeMap::new(),
+            rounds: 0,
             link: None,
         };
         tokio::spawn(run.run(kick.clone(), stop.subscribe(), args.sync));
@@ -108,8 +112,11 @@ struct Run {
     device: DeviceId,
     access: AccessKey,
     routes: Routes,
-    /// Parcels posted while the store has been open: `(recipient, epoch)`.
-    posted: BTreeSet<(DeviceId, Epoch)>,
+    /// Parcels posted while the store has been open: `(recipient, epoch)`
+    /// and the round they were posted in.
+    posted: BTreeMap<(DeviceId, Epoch), u64>,
+    /// Rounds run so far.
+    rounds: u64,
     link: Option<Mailboxes>,
 }
 
@@ -182,12 +189,18 @@ impl Run {
         let Some(link) = self.link.as_mut() else {
             return Ok(());
         };
+        self.rounds += 1;
         for (to, epoch, parcel) in parcels {
-            if self.posted.contains(&(to, epoch)) {
+            // Parcels come only for members that have not acknowledged.
+            let due = self
+                .posted
+                .get(&(to, epoch))
+                .is_none_or(|at| self.rounds >= at + REPOST_ROUNDS);
+            if !due {
                 continue;
             }
             link.put(to, parcel).await?;
-            self.posted.insert((to, epoch));
+            self.posted.insert((to, epoch), self.rounds);
             tracing::debug!(%to, ?epoch, "posted an epoch key");
         }
         let items = link.fetch(self.device, 0).await?;

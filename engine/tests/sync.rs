@@ -841,6 +841,58 @@ impl persist_storage::relay::RelayBackend for Malicious {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_parcel_the_relay_lost_is_posted_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let attack = std::sync::Arc::new(std::sync::Mutex::new(Attack::Honest));
+    let backend = Malicious {
+        inner: persist_storage::relay::MemoryRelay::new(),
+        attack: attack.clone(),
+        first_seen: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+        seen: std::sync::Arc::default(),
+    };
+    let handle = persist_relay::start(
+        RelayConfig::new("127.0.0.1:0".parse().unwrap(), tmp.path().join("relay")),
+        backend,
+    )
+    .await
+    .unwrap();
+    let remote = Remote::pinned(
+        &format!("quic://{}", handle.addr()),
+        &handle.pin().to_string(),
+    )
+    .unwrap();
+    let (a, b) = pair(tmp.path(), &remote).await;
+    a.sync_now().await.unwrap();
+    b.sync_now().await.unwrap();
+    a.sync_now().await.unwrap();
+
+    // The parcel carrying the new key is lost by the relay.
+    *attack.lock().unwrap() = Attack::NoMail;
+    a.crypto().rotate_key().await.unwrap().wait().await.unwrap();
+    a.put("after/rotation", "secret").await.unwrap();
+    a.sync_now().await.unwrap();
+    let report = b.sync_now().await.unwrap();
+    assert!(report.held >= 1, "{report:?}");
+
+    // The relay keeps mail again: A posts the key again, unasked, since B
+    // never acknowledged it.
+    *attack.lock().unwrap() = Attack::Honest;
+    until(
+        "b gets the key again and applies what it held",
+        async || {
+            let _ = a.sync_now().await;
+            let _ = b.sync_now().await;
+            b.get::<String>("after/rotation").await.unwrap().as_deref() == Some("secret")
+                && b.sync_status().unwrap().held == 0
+        },
+    )
+    .await;
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+    handle.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malicious_relay_cannot_corrupt_or_roll_back_records() {
     let tmp = tempfile::tempdir().unwrap();
     let attack = std::sync::Arc::new(std::sync::Mutex::new(Attack::Honest));
