@@ -215,8 +215,9 @@ async fn relay_process_keeps_and_logs_no_plaintext_and_no_key() {
         .await
         .unwrap();
     converge_bytes(&a, &b).await;
-    // A's reseals reach the relay; B pulls them and holds them (it has no
-    // key for the new epoch until pairing brings one).
+    // A's reseals reach the relay; B pulls them, and the key courier
+    // brings it the new epoch key through a sealed parcel in its mailbox,
+    // so B ends with nothing held. The scans below then cover the parcel.
     a.crypto().rotate_key().await.unwrap().wait().await.unwrap();
     let mut pushed = false;
     for _ in 0..SETTLE.as_millis() / 50 {
@@ -228,8 +229,22 @@ async fn relay_process_keeps_and_logs_no_plaintext_and_no_key() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(pushed, "a pushed its reseals: {:?}", a.sync_status());
-    let report = b.sync_now().await.unwrap();
-    assert!(report.held > 0, "b pulled the reseals: {report:?}");
+    let mut pulled = 0;
+    let mut settled = false;
+    for _ in 0..SETTLE.as_millis() / 50 {
+        pulled += b.sync_now().await.map_or(0, |r| r.pulled);
+        let status = b.sync_status().unwrap();
+        if pulled > 0 && status.synced && status.held == 0 {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        settled,
+        "b pulled {pulled} and holds nothing: {:?}",
+        b.sync_status()
+    );
     let got: Option<ByteBuf> = b.get(&format!("canary/{hex}/1")).await.unwrap();
     assert_eq!(got.map(ByteBuf::into_vec), Some(canary.to_vec()));
     let got: Option<ByteBuf> = a.get(&format!("from-b/{hex}")).await.unwrap();
