@@ -385,11 +385,30 @@ async fn no_table_and_no_database_log_holds_a_canary_or_a_key() {
         .await
         .unwrap();
     converge_bytes(&a, &b).await;
-    // A's reseals under a new epoch reach node 1; B pulls them from node 2.
+    // A's reseals under a new epoch reach node 1; B pulls them from node 2,
+    // and the key courier brings it the new epoch key in a sealed parcel
+    // (through the nodes' mailboxes), so B ends with nothing held. The
+    // scans below then cover the parcel.
+    let pulled_before = b.sync_status().unwrap().pulled;
     a.crypto().rotate_key().await.unwrap().wait().await.unwrap();
     push_all(&a).await;
-    let report = b.sync_now().await.unwrap();
-    assert!(report.held > 0, "b pulled the reseals: {report:?}");
+    let mut settled = false;
+    for _ in 0..SETTLE.as_millis() / 50 {
+        let _ = b.sync_now().await;
+        let status = b.sync_status().unwrap();
+        if status.pulled > pulled_before && status.synced && status.held == 0 {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        settled,
+        "b pulled the reseals and holds nothing: {:?}",
+        b.sync_status()
+    );
+    let got: Option<ByteBuf> = b.get(&format!("canary/{hex}/1")).await.unwrap();
+    assert_eq!(got.map(ByteBuf::into_vec), Some(canary.to_vec()));
     let got: Option<ByteBuf> = a.get(&format!("from-b/{hex}")).await.unwrap();
     assert_eq!(got.map(ByteBuf::into_vec), Some(canary.to_vec()));
 
