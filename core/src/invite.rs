@@ -29,6 +29,28 @@
 //! access credential derived from the secret, and opaque Noise bytes. It
 //! never sees the secret, the psk or any key.
 //!
+//! # Attempts
+//!
+//! A joiner whose inviter is offline may give up and try again later with
+//! the same code: a new attempt, with a new handshake. The inviter answers
+//! the first messages it finds in order, so the joiner's mailbox can hold
+//! answers (and aborts) for attempts nobody waits on any more. Everything
+//! the inviter sends is therefore framed with the attempt it belongs to
+//! (a hash of that attempt's first message) and a MAC under a key derived
+//! from the invite secret:
+//!
+//! ```text
+//! attempt (16) | HMAC-SHA256(route key, attempt | noise) (32) | noise
+//! ```
+//!
+//! A joiner skips a frame whose MAC holds but whose attempt is another
+//! ([`Received::Stale`]): only a holder of the code made it, for a
+//! handshake that is not this one. Anything else that does not open (a bad
+//! MAC, or this attempt's frame failing Noise) is tampering and ends the
+//! pairing with [`PairingError::Handshake`]. The frame adds no trust: the
+//! Noise handshake alone decides what is accepted; the MAC only tells an
+//! honest leftover from a forgery.
+//!
 //! # Invariants
 //! - The invite secret is used only through domain-separated derivations
 //!   ([`Invite::relay_access`], the psk); it never leaves the code or the
@@ -36,7 +58,11 @@
 //! - Randomness comes from the caller's stream (the injected environment),
 //!   never from the OS: snow draws its ephemeral keys through [`Resolver`].
 //! - Every message is bounded: a Noise message by [`NOISE_MESSAGE_BYTES_MAX`],
-//!   a grant by [`GRANT_CHUNKS_MAX`] chunks.
+//!   a framed one by [`crate::protocol::MAILBOX_ITEM_BYTES_MAX`], a grant by
+//!   [`GRANT_CHUNKS_MAX`] chunks.
+//! - The joiner acts only on frames of its own attempt; a frame of another
+//!   attempt is skipped only if its MAC proves it came from a holder of the
+//!   code.
 
 use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
@@ -81,9 +107,21 @@ const DOMAIN_RELAY_TOKEN: &[u8] = b"persist/invite-relay-token/v1";
 const DOMAIN_PSK: &[u8] = b"persist/invite-psk/v1";
 const DOMAIN_JOINER_MAILBOX: &[u8] = b"persist/invite-joiner-mailbox/v1";
 const DOMAIN_PROLOGUE: &[u8] = b"persist/pairing/v1";
+const DOMAIN_ROUTE_KEY: &[u8] = b"persist/invite-route-key/v1";
+const DOMAIN_ATTEMPT: &[u8] = b"persist/invite-attempt/v1";
+
+/// Bytes naming an attempt: a hash of its first message.
+const ATTEMPT_BYTES: usize = 16;
+/// Bytes of a frame's MAC (HMAC-SHA256).
+const FRAME_MAC_BYTES: usize = 32;
+/// Bytes a frame adds to what the inviter sends.
+const FRAME_HEADER_BYTES: usize = ATTEMPT_BYTES + FRAME_MAC_BYTES;
 
 const _: () = assert!(GRANT_CHUNK_BYTES + 64 < NOISE_MESSAGE_BYTES_MAX);
 const _: () = assert!(NOISE_MESSAGE_BYTES_MAX <= crate::protocol::MAILBOX_ITEM_BYTES_MAX);
+// The largest framed message (a grant chunk) fits in one mailbox item.
+const _: () =
+    assert!(GRANT_CHUNK_BYTES + 64 + FRAME_HEADER_BYTES <= crate::protocol::MAILBOX_ITEM_BYTES_MAX);
 
 /// An invite code that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -358,6 +396,76 @@ fn prologue(store: StoreId, id: InviteId, inviter: DeviceId) -> Vec<u8> {
     [DOMAIN_PROLOGUE, &store.0, &id.0, &inviter.0].concat()
 }
 
+/// How the inviter's messages of one attempt are framed: the attempt, and
+/// a MAC under the invite's route key (see "Attempts" above).
+struct Route {
+    key: Zeroizing<[u8; 32]>,
+    attempt: [u8; ATTEMPT_BYTES],
+}
+
+/// A frame as the joiner of one attempt sees it.
+enum Framed<'m> {
+    /// This attempt's: the Noise bytes inside.
+    Ours(&'m [u8]),
+    /// Another attempt's, made by a holder of the code.
+    Other,
+}
+
+impl Route {
+    /// The route of the attempt that starts with `msg1`.
+    fn new(secret: &Secret32, id: InviteId, msg1: &[u8]) -> Route {
+        let digest = Sha256::new()
+            .chain_update(DOMAIN_ATTEMPT)
+            .chain_update(msg1)
+            .finalize();
+        let mut attempt = [0u8; ATTEMPT_BYTES];
+        attempt.copy_from_slice(&digest[..ATTEMPT_BYTES]);
+        Route {
+            key: Zeroizing::new(derive(secret, DOMAIN_ROUTE_KEY, id)),
+            attempt,
+        }
+    }
+
+    fn mac(&self, attempt: &[u8], noise: &[u8]) -> Hmac<Sha256> {
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(self.key.as_slice())
+            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+        mac.update(attempt);
+        mac.update(noise);
+        mac
+    }
+
+    /// `noise`, framed for this attempt.
+    fn frame(&self, noise: Vec<u8>) -> Vec<u8> {
+        let tag = self.mac(&self.attempt, &noise).finalize().into_bytes();
+        let mut out = Vec::with_capacity(FRAME_HEADER_BYTES + noise.len());
+        out.extend_from_slice(&self.attempt);
+        out.extend_from_slice(&tag);
+        out.extend_from_slice(&noise);
+        out
+    }
+
+    /// Reads a frame: whose it is, once its MAC holds.
+    fn unframe<'m>(&self, msg: &'m [u8], which: &'static str) -> Result<Framed<'m>, PairingError> {
+        if msg.len() > crate::protocol::MAILBOX_ITEM_BYTES_MAX {
+            return Err(PairingError::Protocol("framed message too large"));
+        }
+        if msg.len() < FRAME_HEADER_BYTES {
+            return Err(PairingError::Handshake(which));
+        }
+        let (attempt, rest) = msg.split_at(ATTEMPT_BYTES);
+        let (tag, noise) = rest.split_at(FRAME_MAC_BYTES);
+        self.mac(attempt, noise)
+            .verify_slice(tag)
+            .map_err(|_| PairingError::Handshake(which))?;
+        // Not secret (the relay sees both): a plain comparison is enough.
+        if attempt == self.attempt {
+            Ok(Framed::Ours(noise))
+        } else {
+            Ok(Framed::Other)
+        }
+    }
+}
+
 /// A snow resolver whose randomness is the caller's stream; the primitives
 /// are snow's own.
 struct Resolver {
@@ -533,11 +641,28 @@ impl std::fmt::Debug for Grant {
     }
 }
 
-/// The joining side of a pairing.
+/// The joining side of a pairing: one attempt.
 pub struct Joiner {
     stage: JoinerStage,
     store_id: StoreId,
     inviter: DeviceId,
+    route: Route,
+}
+
+/// What a joiner makes of a message from the inviter's mailbox, from
+/// [`Joiner::receive`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Received {
+    /// The answer was taken: send this confirmation to the inviter.
+    Reply(Vec<u8>),
+    /// A part of the grant; more is to come.
+    Pending,
+    /// The whole grant.
+    Granted(Grant),
+    /// An honest message for an earlier attempt with the same code (a
+    /// retried join): nothing to do with this one, skip it.
+    Stale,
 }
 
 enum JoinerStage {
@@ -579,13 +704,37 @@ impl Joiner {
                 stage: JoinerStage::AwaitingAnswer(Box::new(hs)),
                 store_id: invite.store_id,
                 inviter: invite.inviter,
+                route: Route::new(&invite.secret, invite.id, &msg1),
             },
             msg1,
         ))
     }
 
+    /// Takes the next message from the inviter's side, in the order the
+    /// relay keeps them. An error ends this attempt: the message was
+    /// forged or altered, or the inviter refused or stopped.
+    pub fn receive(&mut self, msg: &[u8]) -> Result<Received, PairingError> {
+        let which = match self.stage {
+            JoinerStage::AwaitingAnswer(_) => "the inviter's answer",
+            JoinerStage::AwaitingGrant { .. } | JoinerStage::Done => "a grant message",
+        };
+        let noise = match self.route.unframe(msg, which)? {
+            Framed::Ours(noise) => noise,
+            Framed::Other => return Ok(Received::Stale),
+        };
+        match self.stage {
+            JoinerStage::AwaitingAnswer(_) => self.on_answer(noise).map(Received::Reply),
+            JoinerStage::AwaitingGrant { .. } | JoinerStage::Done => {
+                Ok(match self.on_message(noise)? {
+                    Some(grant) => Received::Granted(grant),
+                    None => Received::Pending,
+                })
+            }
+        }
+    }
+
     /// Takes the inviter's answer; returns the confirmation to send back.
-    pub fn on_answer(&mut self, msg2: &[u8]) -> Result<Vec<u8>, PairingError> {
+    fn on_answer(&mut self, msg2: &[u8]) -> Result<Vec<u8>, PairingError> {
         let JoinerStage::AwaitingAnswer(hs) = &mut self.stage else {
             return Err(PairingError::Protocol("an answer arrived twice"));
         };
@@ -614,7 +763,7 @@ impl Joiner {
 
     /// Takes one message after the confirmation: `Some` once the whole
     /// grant is in.
-    pub fn on_message(&mut self, msg: &[u8]) -> Result<Option<Grant>, PairingError> {
+    fn on_message(&mut self, msg: &[u8]) -> Result<Option<Grant>, PairingError> {
         let JoinerStage::AwaitingGrant {
             transport,
             chunks,
@@ -697,6 +846,7 @@ pub struct Host {
     transport: Box<TransportState>,
     confirmed: bool,
     joining: Joining,
+    route: Route,
 }
 
 /// The inviter's reaction to a first message.
@@ -759,7 +909,8 @@ impl Host {
             Some(why) => Answer::Refused(why),
             None => Answer::Accepted,
         };
-        let answer = write_hs(&mut hs, &encode(&answer))?;
+        let route = Route::new(&invite.secret, invite.id, msg1);
+        let answer = route.frame(write_hs(&mut hs, &encode(&answer))?);
         if let Some(why) = refusal {
             return Ok(Opened::Refused { answer, why });
         }
@@ -771,6 +922,7 @@ impl Host {
         Ok(Opened::Accepted {
             host: Host {
                 transport,
+                route,
                 confirmed: false,
                 joining: Joining {
                     device_id: DeviceId::from_public_key(&join.ed25519_public),
@@ -829,24 +981,26 @@ impl Host {
             .enumerate()
             .map(|(i, bytes)| {
                 let index = u16::try_from(i).unwrap_or_else(|_| unreachable!("i < total"));
-                seal(
+                let sealed = seal(
                     &mut self.transport,
                     &After::Grant {
                         index,
                         total,
                         bytes: bytes.to_vec(),
                     },
-                )
+                )?;
+                Ok(self.route.frame(sealed))
             })
             .collect()
     }
 
     /// A message telling the joiner the pairing stopped, and why.
     pub fn abort(&mut self, why: &str) -> Result<Vec<u8>, PairingError> {
-        seal(
+        let sealed = seal(
             &mut self.transport,
             &After::Abort(why.chars().take(256).collect()),
-        )
+        )?;
+        Ok(self.route.frame(sealed))
     }
 }
 
@@ -888,6 +1042,14 @@ mod tests {
             invite,
             open,
             joiner,
+        }
+    }
+
+    /// The confirmation a joiner sends back for an answer.
+    fn reply(received: Received) -> Vec<u8> {
+        match received {
+            Received::Reply(confirm) => confirm,
+            _ => panic!("the answer was not taken"),
         }
     }
 
@@ -969,7 +1131,7 @@ mod tests {
         let Opened::Accepted { host, answer } = opened else {
             panic!("refused")
         };
-        let confirm = joiner.on_answer(&answer).unwrap();
+        let confirm = reply(joiner.receive(&answer).unwrap());
         (joiner, host, confirm)
     }
 
@@ -985,7 +1147,9 @@ mod tests {
             .grant(&ExportedKeys::from_keyring(&s.ring), &members(&s.ring))
             .unwrap();
         assert_eq!(msgs.len(), 1);
-        let grant = joiner.on_message(&msgs[0]).unwrap().expect("complete");
+        let Received::Granted(grant) = joiner.receive(&msgs[0]).unwrap() else {
+            panic!("the grant is one message")
+        };
         assert_eq!(grant.keys.store_id, s.ring.store_id);
         assert!(grant.keys.index_key == *s.ring.index_key.secret());
         assert_eq!(grant.members, s.ring.members);
@@ -1011,10 +1175,13 @@ mod tests {
         assert!(msgs.len() > 1, "{} chunk(s)", msgs.len());
         let last = msgs.len() - 1;
         for (i, m) in msgs.iter().enumerate() {
-            let out = joiner.on_message(m).unwrap();
-            assert_eq!(out.is_some(), i == last);
-            if let Some(g) = out {
-                assert_eq!(g.members.len(), 901);
+            match joiner.receive(m).unwrap() {
+                Received::Pending => assert!(i < last, "chunk {i} of {last} completed it"),
+                Received::Granted(g) => {
+                    assert_eq!(i, last);
+                    assert_eq!(g.members.len(), 901);
+                }
+                _ => panic!("chunk {i} was not taken as a grant chunk"),
             }
         }
     }
@@ -1040,7 +1207,97 @@ mod tests {
         };
         // … and the joiner cannot authenticate the answer.
         assert!(matches!(
-            joiner.on_answer(&answer),
+            joiner.receive(&answer),
+            Err(PairingError::Handshake(_))
+        ));
+    }
+
+    #[test]
+    fn a_retried_attempt_skips_what_the_inviter_sent_for_earlier_ones() {
+        let s = setup(11);
+        let answer_to = |msg1: &[u8], stream: &str| {
+            let Opened::Accepted { host, answer } = Host::answer(
+                &s.open,
+                s.ring.store_id,
+                &s.ring.device,
+                msg1,
+                1,
+                s.entropy.stream(stream),
+            )
+            .unwrap() else {
+                panic!("refused")
+            };
+            (host, answer)
+        };
+        // The first attempt timed out: its answer and an abort are left in
+        // the joiner's mailbox.
+        let (_gone, first_a) =
+            Joiner::start(&s.invite, &s.joiner, "b", s.entropy.stream("j1")).unwrap();
+        let (mut host_a, answer_a) = answer_to(&first_a, "h1");
+        let abort_a = host_a.abort("a new attempt came").unwrap();
+        // The retry.
+        let (mut joiner, first_b) =
+            Joiner::start(&s.invite, &s.joiner, "b", s.entropy.stream("j2")).unwrap();
+        let (mut host_b, answer_b) = answer_to(&first_b, "h2");
+        assert!(matches!(joiner.receive(&answer_a), Ok(Received::Stale)));
+        assert!(matches!(joiner.receive(&abort_a), Ok(Received::Stale)));
+        let confirm = reply(joiner.receive(&answer_b).unwrap());
+        // A leftover seen again later changes nothing either.
+        assert!(matches!(joiner.receive(&answer_a), Ok(Received::Stale)));
+        host_b.on_confirm(&confirm).unwrap();
+        let grant = host_b
+            .grant(&ExportedKeys::from_keyring(&s.ring), &members(&s.ring))
+            .unwrap();
+        assert!(matches!(
+            joiner.receive(&grant[0]),
+            Ok(Received::Granted(_))
+        ));
+    }
+
+    #[test]
+    fn only_a_holder_of_the_code_can_make_a_frame_the_joiner_skips() {
+        let s = setup(12);
+        let (mut joiner, msg1) =
+            Joiner::start(&s.invite, &s.joiner, "b", s.entropy.stream("j")).unwrap();
+        let Opened::Accepted { answer, .. } = Host::answer(
+            &s.open,
+            s.ring.store_id,
+            &s.ring.device,
+            &msg1,
+            1,
+            s.entropy.stream("h"),
+        )
+        .unwrap() else {
+            panic!("refused")
+        };
+        // The relay relabels the answer as another attempt's: the MAC
+        // breaks, and the joiner stops instead of waiting.
+        let mut relabelled = answer.clone();
+        relabelled[0] ^= 1;
+        assert!(matches!(
+            joiner.receive(&relabelled),
+            Err(PairingError::Handshake(_))
+        ));
+        // A frame made under another invite's secret.
+        let other = Route::new(&Secret32::from_bytes([5; 32]), s.invite.id, b"elsewhere");
+        assert!(matches!(
+            joiner.receive(&other.frame(vec![0; 64])),
+            Err(PairingError::Handshake(_))
+        ));
+        // Too short to be a frame.
+        assert!(matches!(
+            joiner.receive(&answer[..FRAME_HEADER_BYTES - 1]),
+            Err(PairingError::Handshake(_))
+        ));
+        // This attempt's frame, with a valid MAC, whose Noise is altered
+        // (only a holder of the code could do this): still no pairing.
+        let route = Route::new(&s.invite.secret, s.invite.id, &msg1);
+        let mut noise = answer[FRAME_HEADER_BYTES..].to_vec();
+        let last = noise.len() - 1;
+        noise[last] ^= 1;
+        // (The frames above failed before reaching the handshake.)
+        assert!(matches!(
+            joiner.receive(&route.frame(noise)),
             Err(PairingError::Handshake(_))
         ));
     }
@@ -1095,12 +1352,12 @@ mod tests {
             Err(other) => panic!("unexpected {other}"),
             Ok(Opened::Accepted { answer, .. } | Opened::Refused { answer, .. }) => {
                 // … and were it to answer, the joiner would not accept it.
-                assert!(joiner.on_answer(&answer).is_err());
+                assert!(joiner.receive(&answer).is_err());
             }
         }
         // An answer of random bytes is rejected too.
         assert!(matches!(
-            joiner.on_answer(&[0x17; 96]),
+            joiner.receive(&[0x17; 96]),
             Err(PairingError::Handshake(_))
         ));
     }
@@ -1124,7 +1381,7 @@ mod tests {
         };
         assert_eq!(why, Refusal::Used);
         assert_eq!(
-            joiner.on_answer(&answer).unwrap_err(),
+            joiner.receive(&answer).unwrap_err(),
             PairingError::Refused(Refusal::Used)
         );
 
@@ -1144,7 +1401,7 @@ mod tests {
         };
         assert_eq!(why, Refusal::Expired);
         assert_eq!(
-            joiner.on_answer(&answer).unwrap_err(),
+            joiner.receive(&answer).unwrap_err(),
             PairingError::Refused(Refusal::Expired)
         );
     }
@@ -1156,7 +1413,7 @@ mod tests {
         host.on_confirm(&confirm).unwrap();
         let abort = host.abort("the store is closing").unwrap();
         assert_eq!(
-            joiner.on_message(&abort).unwrap_err(),
+            joiner.receive(&abort).unwrap_err(),
             PairingError::Aborted("the store is closing".into())
         );
     }
@@ -1177,7 +1434,7 @@ mod tests {
         .unwrap() else {
             panic!("refused")
         };
-        let confirm = joiner.on_answer(&answer).unwrap();
+        let confirm = reply(joiner.receive(&answer).unwrap());
         host.on_confirm(&confirm).unwrap();
         let grant = host
             .grant(&ExportedKeys::from_keyring(&s.ring), &members(&s.ring))
@@ -1191,6 +1448,7 @@ mod tests {
             *s.ring.relay_token.expose(),
             *s.ring.current_key().expose(),
             derive(&s.invite.secret, DOMAIN_PSK, s.invite.id),
+            derive(&s.invite.secret, DOMAIN_ROUTE_KEY, s.invite.id),
         ];
         for bytes in &carried {
             for secret in &secrets {

@@ -25,7 +25,7 @@ use persist_actors::key_manager::{InviteRoute, KeyManagerMsg, Redeemed};
 use persist_actors::peer_session::{Connector, Link};
 use persist_actors::routes::Routes;
 use persist_core::env::Env;
-use persist_core::invite::{self, Grant, Host, Invite, Joiner, Opened, PairingError};
+use persist_core::invite::{self, Grant, Host, Invite, Joiner, Opened, PairingError, Received};
 use persist_core::keys::DeviceIdentity;
 use persist_core::protocol::{AccessKey, ErrorCode, Hello, MailboxItem, Message, PROTOCOL_VERSION};
 use persist_core::{DeviceId, InviteId, StoreId};
@@ -246,7 +246,6 @@ async fn join_inner(
     rng.fill_bytes(&mut hello_id);
     // What is still to send, in order; and how far this side has read.
     let mut outbox: Vec<Vec<u8>> = vec![first];
-    let mut sent_first = false;
     let mut since = 0;
     let mut failures = 0u32;
     loop {
@@ -282,7 +281,6 @@ async fn join_inner(
             &mut link,
             &mut joiner,
             &mut outbox,
-            &mut sent_first,
             &mut since,
             to_inviter,
             to_me,
@@ -318,42 +316,45 @@ impl From<LinkError> for Step {
 }
 
 /// The joiner's conversation over one connection.
+///
+/// The joiner's mailbox may hold what the inviter sent for earlier
+/// attempts with the same code (a join retried after a timeout): the
+/// joiner skips those ([`Received::Stale`]) and acknowledges them away
+/// with the rest. What fails to open is tampering, or the inviter's
+/// refusal, and ends the attempt.
 async fn converse(
     link: &mut Mailboxes,
     joiner: &mut Joiner,
     outbox: &mut Vec<Vec<u8>>,
-    sent_first: &mut bool,
     since: &mut u64,
     to_inviter: DeviceId,
     to_me: DeviceId,
 ) -> Result<Grant, Step> {
-    if !*sent_first {
-        // Answers to an earlier attempt of this invite (a retried join)
-        // would not decrypt: start from an empty mailbox.
-        let stale = link.fetch(to_me, 0).await?;
-        if let Some(last) = stale.last() {
-            link.ack(to_me, last.seq).await?;
-            *since = last.seq;
-        }
-    }
-    let mut answered = *sent_first && outbox.is_empty();
     loop {
         while let Some(next) = outbox.first() {
             link.put(to_inviter, next.clone()).await?;
             outbox.remove(0);
-            *sent_first = true;
         }
-        for item in link.fetch(to_me, *since).await? {
+        let items = link.fetch(to_me, *since).await?;
+        let any = !items.is_empty();
+        for item in items {
             *since = item.seq;
-            if !answered {
-                let confirm = joiner.on_answer(&item.payload).map_err(Step::Pairing)?;
-                outbox.push(confirm);
-                answered = true;
-                continue;
+            match joiner.receive(&item.payload).map_err(Step::Pairing)? {
+                Received::Reply(confirm) => outbox.push(confirm),
+                Received::Pending => {}
+                Received::Granted(grant) => return Ok(grant),
+                Received::Stale => {
+                    tracing::debug!(
+                        seq = item.seq,
+                        "pairing: skipped an answer to an earlier attempt"
+                    );
+                }
+                // A newer core may say more; nothing to do here for it.
+                _ => {}
             }
-            if let Some(grant) = joiner.on_message(&item.payload).map_err(Step::Pairing)? {
-                return Ok(grant);
-            }
+        }
+        if any {
+            link.ack(to_me, *since).await?;
         }
         if outbox.is_empty() {
             tokio::time::sleep(POLL_INTERVAL).await;

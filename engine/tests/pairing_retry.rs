@@ -1,0 +1,120 @@
+//! Pairing when things go wrong the ordinary way: a joiner that timed out
+//! while its inviter was offline tries again with the same code, and a
+//! relay that admits only its operator's devices.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use persist::{Config, JoinError, KdfParams, OpenError, Remote, Store, SyncConfig};
+use persist_relay::{Admission, RelayConfig, RelayHandle};
+use persist_storage::relay::RedbRelay;
+
+/// How long a test waits for something sync does in the background.
+const SETTLE: Duration = Duration::from_secs(20);
+/// A join attempt meant to time out: the inviter is offline.
+const SHORT: Duration = Duration::from_millis(1500);
+
+async fn relay_with(dir: &Path, admission: Admission) -> RelayHandle {
+    std::fs::create_dir_all(dir).unwrap();
+    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let mut config = RelayConfig::new(listen, dir);
+    config.admission = admission;
+    let backend = RedbRelay::open(&dir.join("relay.redb")).expect("relay db");
+    persist_relay::start(config, backend)
+        .await
+        .expect("relay starts")
+}
+
+fn remote(relay: &RelayHandle) -> Remote {
+    let url = format!("quic://{}", relay.addr());
+    Remote::pinned(&url, &relay.pin().to_string()).expect("remote")
+}
+
+fn device(tmp: &Path, name: &str) -> Config {
+    Config::new(tmp.join(name).join("store"))
+        .key_file(tmp.join(name).join("keys").join("k.key"))
+        .name(name)
+        .dangerous()
+        .export_kdf(KdfParams::insecure_for_tests())
+        .done()
+}
+
+fn nothing_written(tmp: &Path, name: &str) {
+    let db = tmp.join(name).join("store").join(persist::DB_FILE);
+    assert!(!db.exists(), "a failed join left {}", db.display());
+    assert!(
+        !tmp.join(name).join("keys").join("k.key").exists(),
+        "a failed join left a device key"
+    );
+}
+
+async fn converge(stores: &[&Store]) {
+    for _ in 0..2 {
+        for s in stores {
+            s.sync_now().await.expect("sync");
+        }
+    }
+}
+
+/// B writes, A writes, and each reads the other's write.
+async fn both_read_each_other(a: &Store, b: &Store) {
+    a.put("from-a", "written on a").await.unwrap();
+    b.put("from-b", "written on b").await.unwrap();
+    converge(&[a, b]).await;
+    assert_eq!(
+        b.get::<String>("from-a").await.unwrap().as_deref(),
+        Some("written on a")
+    );
+    assert_eq!(
+        a.get::<String>("from-b").await.unwrap().as_deref(),
+        Some("written on b")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_retried_after_timing_out_succeeds_once_the_inviter_answers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = relay_with(&tmp.path().join("relay"), Admission::Open).await;
+    let a_config = || device(tmp.path(), "a").sync(SyncConfig::new(remote(&relay)));
+    let a = Store::open(a_config()).await.unwrap();
+    let invite = a.crypto().create_invite().await.unwrap();
+    let code = invite.code().to_owned();
+    a.close().await.unwrap();
+
+    // A is offline: two attempts time out, each leaving a first message
+    // in A's mailbox.
+    for attempt in 1..=2 {
+        let err = Store::open(device(tmp.path(), "b").invite(&code).invite_timeout(SHORT))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, OpenError::Join(JoinError::TimedOut { .. })),
+            "attempt {attempt}: {err}"
+        );
+        nothing_written(tmp.path(), "b");
+    }
+
+    // A comes back and answers the first messages of attempts nobody is
+    // waiting on any more.
+    let a = Store::open(a_config()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // The same code again: the stale answers must not spoil this attempt.
+    let b = Store::open(device(tmp.path(), "b").invite(&code).invite_timeout(SETTLE))
+        .await
+        .expect("b joins on the retry");
+    assert_eq!(b.info().store_id, a.info().store_id);
+    let joined = tokio::time::timeout(SETTLE, a.crypto().invite_used(&invite))
+        .await
+        .expect("a learns the invite was used")
+        .unwrap();
+    assert_eq!(joined, b.info().device_id);
+    both_read_each_other(&a, &b).await;
+    let devices = a.crypto().devices().await.unwrap();
+    assert_eq!(devices.len(), 2, "only b joined, once: {devices:?}");
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+    relay.shutdown().await;
+}
