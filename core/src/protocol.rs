@@ -17,6 +17,8 @@
 //! Subscribe                         →
 //!                                   ← Notify{head}   (whenever the log grows)
 //! MailboxPut / MailboxFetch / MailboxAck → MailboxStored / Mailbox / MailboxAcked
+//! Rekey{access}                     →
+//!                                   ← Rekeyed              or Error + close
 //! ```
 //!
 //! Pulls are client-driven and one at a time, so a client's cursor only ever
@@ -24,6 +26,12 @@
 //! number (no data), telling the client there is something to pull. Pushes
 //! carry an id that the acknowledgement echoes. A server answers a bad
 //! message with [`Message::Error`] and closes that connection only.
+//!
+//! `Rekey` replaces the store's credential on the server with `access`
+//! (device revocation hands the remaining members a new relay token): the
+//! session that asks must hold the current credential, it goes on under
+//! the new one, and every other conversation still holding the old one is
+//! refused `Error{Unauthorized}` at its next request.
 //!
 //! # Invariants
 //! - Every collection in a message is bounded by a named constant here, and
@@ -297,6 +305,21 @@ pub enum Message {
         /// For people; at most [`ERROR_TEXT_BYTES_MAX`] bytes.
         text: String,
     },
+    // Variants below came after the first release of `persist/1`: they are
+    // appended, so every earlier variant keeps its encoding (postcard
+    // encodes a variant by its index). A server that predates them answers
+    // one with `Error{Protocol}`, as it does any message it cannot decode.
+    /// Client → server, after `Welcome` only: from now on the store's
+    /// credential is `access` (the server keeps its fingerprint). The
+    /// conversation goes on under it; every other conversation with the
+    /// old credential is refused at its next request.
+    Rekey {
+        /// The new credential.
+        access: AccessKey,
+    },
+    /// Server → client: the store's credential is now the one the `Rekey`
+    /// carried, durably.
+    Rekeyed,
 }
 
 /// A decoded message broke a bound of this module.
@@ -358,7 +381,9 @@ impl Message {
             | Message::MailboxStored { .. }
             | Message::MailboxFetch { .. }
             | Message::MailboxAck { .. }
-            | Message::MailboxAcked => Ok(()),
+            | Message::MailboxAcked
+            | Message::Rekey { .. }
+            | Message::Rekeyed => Ok(()),
         }
     }
 
@@ -394,6 +419,8 @@ impl Message {
             Message::MailboxAck { .. } => "mailbox_ack",
             Message::MailboxAcked => "mailbox_acked",
             Message::Error { .. } => "error",
+            Message::Rekey { .. } => "rekey",
+            Message::Rekeyed => "rekeyed",
         }
     }
 }
@@ -462,12 +489,38 @@ mod tests {
             },
             Message::error(ErrorCode::Unauthorized, "no"),
             Message::Notify { head: u64::MAX },
+            Message::Rekey {
+                access: AccessKey([8; 32]),
+            },
+            Message::Rekeyed,
         ];
         for message in messages {
             let bytes = postcard::to_stdvec(&message).expect("encodes");
             let back: Message = postcard::from_bytes(&bytes).expect("decodes");
             assert_eq!(back, message);
         }
+    }
+
+    #[test]
+    fn earlier_variants_keep_their_encoding() {
+        // The first byte is the variant index: appending variants must not
+        // move the ones that shipped.
+        let first_byte = |m: &Message| postcard::to_stdvec(m).expect("encodes")[0];
+        assert_eq!(first_byte(&hello(1)), 0);
+        assert_eq!(first_byte(&Message::Subscribe), 6);
+        assert_eq!(first_byte(&Message::MailboxAcked), 13);
+        assert_eq!(first_byte(&Message::error(ErrorCode::Protocol, "")), 14);
+        let rekey = Message::Rekey {
+            access: AccessKey([1; 32]),
+        };
+        assert_eq!(first_byte(&rekey), 15);
+        assert_eq!(first_byte(&Message::Rekeyed), 16);
+        assert_eq!(
+            peek_hello_version(&postcard::to_stdvec(&rekey).expect("encodes")),
+            None
+        );
+        assert_eq!(rekey.kind(), "rekey");
+        assert!(rekey.check_bounds().is_ok());
     }
 
     #[test]
