@@ -838,6 +838,21 @@ impl persist_storage::relay::RelayBackend for Malicious {
     ) -> Result<persist_storage::relay::RelayStats, persist_storage::relay::RelayError> {
         self.inner.stats().await
     }
+
+    async fn rekey(
+        &self,
+        store: &persist::StoreId,
+        old: &[u8; 32],
+        new: &[u8; 32],
+    ) -> Result<(), persist_storage::relay::RelayError> {
+        self.record(old);
+        self.record(new);
+        self.inner.rekey(store, old, new).await
+    }
+
+    fn access_changes(&self, store: &persist::StoreId) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.access_changes(store)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -867,6 +867,18 @@ impl RelayBackend for FlakyRelay {
         self.check()?;
         self.inner.stats().await
     }
+    async fn rekey(
+        &self,
+        store: &StoreId,
+        old: &[u8; 32],
+        new: &[u8; 32],
+    ) -> Result<(), persist_storage::relay::RelayError> {
+        self.check()?;
+        self.inner.rekey(store, old, new).await
+    }
+    fn access_changes(&self, store: &StoreId) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.access_changes(store)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -996,5 +1008,16 @@ impl RelayBackend for SharedBackend {
         Output = Result<persist_storage::relay::RelayStats, persist_storage::relay::RelayError>,
     > + Send {
         self.0.stats()
+    }
+    fn rekey(
+        &self,
+        store: &StoreId,
+        old: &[u8; 32],
+        new: &[u8; 32],
+    ) -> impl Future<Output = Result<(), persist_storage::relay::RelayError>> + Send {
+        self.0.rekey(store, old, new)
+    }
+    fn access_changes(&self, store: &StoreId) -> tokio::sync::watch::Receiver<u64> {
+        self.0.access_changes(store)
     }
 }

@@ -192,6 +192,19 @@ impl RelayBackend for SimRelay {
     async fn stats(&self) -> Result<RelayStats, RelayError> {
         self.store.stats().await
     }
+
+    async fn rekey(
+        &self,
+        store: &StoreId,
+        old: &[u8; 32],
+        new: &[u8; 32],
+    ) -> Result<(), RelayError> {
+        self.store.rekey(store, old, new).await
+    }
+
+    fn access_changes(&self, store: &StoreId) -> tokio::sync::watch::Receiver<u64> {
+        self.store.access_changes(store)
+    }
 }
 
 impl std::fmt::Debug for SimNet {

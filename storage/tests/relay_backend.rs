@@ -65,6 +65,29 @@ async fn concurrent_appends_on_redb() {
     conformance::concurrent_appends_share_one_sequence(Arc::new(relay)).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_rekeys_on_memory() {
+    conformance::concurrent_rekeys_from_one_credential(Arc::new(MemoryRelay::new())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_rekeys_on_redb() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = RedbRelay::open(&dir.path().join("relay.redb")).unwrap();
+    conformance::concurrent_rekeys_from_one_credential(Arc::new(relay)).await;
+}
+
+#[tokio::test]
+async fn redb_keeps_a_rekeyed_credential_across_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("relay.redb");
+    conformance::reopen_keeps_a_rekeyed_credential(|| {
+        let path = path.clone();
+        async move { RedbRelay::open(&path).unwrap() }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn redb_keeps_data_and_sequence_across_reopen() {
     let dir = tempfile::tempdir().unwrap();

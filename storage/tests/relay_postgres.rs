@@ -181,6 +181,81 @@ async fn reconnecting_keeps_data_and_sequence() {
 }
 
 #[tokio::test]
+async fn reconnecting_keeps_a_rekeyed_credential() {
+    let Some(url) = url() else { return };
+    let schema = unique_name("reopen_rekey");
+    let _cleanup = Cleanup {
+        url: url.clone(),
+        schema: schema.clone(),
+        role: None,
+    };
+    conformance::reopen_keeps_a_rekeyed_credential(|| {
+        let (url, schema) = (url.clone(), schema.clone());
+        async move { PostgresRelay::connect(&url, Some(&schema)).await.unwrap() }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_rekeys_on_one_node() {
+    let Some((relay, _cleanup)) = fresh_named("concurrent_rekeys").await else {
+        return;
+    };
+    conformance::concurrent_rekeys_from_one_credential(Arc::new(relay)).await;
+}
+
+/// A rekey on one node moves the store's access channel on the other (via
+/// NOTIFY), and two nodes racing to rekey from one credential leave
+/// exactly one winner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rekey_on_one_node_reaches_the_other() {
+    let Some((one, two, _cleanup)) = two_nodes("cross_node_rekey").await else {
+        return;
+    };
+    one.open_store(&store(1), &fingerprint(1), true)
+        .await
+        .unwrap();
+    let mut on_two = two.access_changes(&store(1));
+    on_two.borrow_and_update();
+    one.rekey(&store(1), &fingerprint(1), &fingerprint(2))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), on_two.changed())
+        .await
+        .expect("node 2 hears of the rekey within 10 s")
+        .unwrap();
+    assert_eq!(
+        two.open_store(&store(1), &fingerprint(1), false).await,
+        Err(RelayError::Unauthorized)
+    );
+    assert!(
+        two.open_store(&store(1), &fingerprint(2), false)
+            .await
+            .is_ok()
+    );
+
+    let (s, old, three, four) = (store(1), fingerprint(2), fingerprint(3), fingerprint(4));
+    let (a, b) = tokio::join!(one.rekey(&s, &old, &three), two.rekey(&s, &old, &four),);
+    assert!(
+        a.is_ok() != b.is_ok(),
+        "exactly one of two racing rekeys wins: {a:?} {b:?}"
+    );
+    let winner = if a.is_ok() { 3 } else { 4 };
+    for node in [&one, &two] {
+        assert!(
+            node.open_store(&store(1), &fingerprint(winner), false)
+                .await
+                .is_ok()
+        );
+        assert_eq!(
+            node.open_store(&store(1), &fingerprint(7 - winner), false)
+                .await,
+            Err(RelayError::Unauthorized)
+        );
+    }
+}
+
+#[tokio::test]
 async fn a_newer_schema_is_refused_and_left_alone() {
     let Some((relay, _cleanup)) = fresh_named("newer").await else {
         return;

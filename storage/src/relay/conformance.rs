@@ -23,7 +23,8 @@
 //! [`relay_conformance_tests!`](crate::relay_conformance_tests) makes one
 //! `#[tokio::test]` per check that takes a fresh, empty backend; the checks
 //! that take more ([`random_appends_match_model`],
-//! [`reopen_keeps_data_and_sequence`]) are called by hand. Each check
+//! [`reopen_keeps_data_and_sequence`], [`reopen_keeps_a_rekeyed_credential`],
+//! [`concurrent_rekeys_from_one_credential`]) are called by hand. Each check
 //! panics, with a message naming what broke, on the first violation.
 //!
 //! Envelopes here are opaque bytes, as they are to a backend: precedence
@@ -77,6 +78,9 @@ macro_rules! relay_conformance_tests {
             mailbox_refuses_items_when_full,
             stats_count_what_is_held,
             stores_are_isolated,
+            rekey_swaps_the_credential_and_keeps_the_store,
+            rekey_from_a_stale_credential_changes_nothing,
+            rekey_moves_access_changes,
         );
     };
     (@each always $fresh:path; $($check:ident),* $(,)?) => {
@@ -1180,5 +1184,287 @@ pub async fn concurrent_appends_share_one_sequence<B: RelayBackend>(relay: Arc<B
         seqs,
         (1..=total).collect::<Vec<_>>(),
         "no seq lost or shared"
+    );
+}
+
+/// A rekey replaces the credential: the old one is refused from then on,
+/// the new one admits to the same store (log, head, mailboxes), and other
+/// stores are untouched.
+pub async fn rekey_swaps_the_credential_and_keeps_the_store<B: RelayBackend>(relay: &B) {
+    create(relay, 1).await;
+    create(relay, 2).await;
+    append(
+        relay,
+        1,
+        vec![incoming(locator(1), precedence(1, 1, 1), b"kept")],
+    )
+    .await;
+    let device = DeviceId([4; 16]);
+    must(
+        relay
+            .mailbox_put(&store(1), &device, b"mail".to_vec())
+            .await,
+        "put",
+    );
+    let log = pull_all(relay, 1).await;
+
+    must(
+        relay
+            .rekey(&store(1), &fingerprint(1), &fingerprint(3))
+            .await,
+        "rekey",
+    );
+    for may_create in [false, true] {
+        assert_eq!(
+            relay
+                .open_store(&store(1), &fingerprint(1), may_create)
+                .await,
+            Err(RelayError::Unauthorized),
+            "the old credential is refused after a rekey"
+        );
+    }
+    assert_eq!(
+        relay.open_store(&store(1), &fingerprint(3), false).await,
+        Ok(StoreAccess {
+            created: false,
+            head: 1
+        }),
+        "the new credential admits to the same store"
+    );
+    assert_eq!(pull_all(relay, 1).await, log, "the log is unchanged");
+    let mail = must(
+        relay.mailbox_fetch(&store(1), &device, 0, 10).await,
+        "fetch",
+    );
+    assert_eq!(mail.len(), 1, "mailboxes are unchanged");
+    assert_eq!(
+        relay.open_store(&store(2), &fingerprint(2), false).await,
+        Ok(StoreAccess {
+            created: false,
+            head: 0
+        }),
+        "other stores keep their credentials"
+    );
+    assert_eq!(
+        relay.open_store(&store(2), &fingerprint(3), false).await,
+        Err(RelayError::Unauthorized),
+        "a rekey of one store opens no other"
+    );
+
+    // Rekeying to the same credential, and onwards again.
+    must(
+        relay
+            .rekey(&store(1), &fingerprint(3), &fingerprint(3))
+            .await,
+        "rekey to itself",
+    );
+    must(
+        relay
+            .rekey(&store(1), &fingerprint(3), &fingerprint(4))
+            .await,
+        "rekey again",
+    );
+    assert!(
+        relay
+            .open_store(&store(1), &fingerprint(4), false)
+            .await
+            .is_ok()
+    );
+    assert_eq!(
+        relay.open_store(&store(1), &fingerprint(3), false).await,
+        Err(RelayError::Unauthorized)
+    );
+    assert_eq!(
+        relay
+            .rekey(&store(9), &fingerprint(9), &fingerprint(1))
+            .await,
+        Err(RelayError::UnknownStore),
+        "a rekey creates no store"
+    );
+    assert_eq!(
+        relay.head(&store(9)).await,
+        Err(RelayError::UnknownStore),
+        "a refused rekey creates nothing"
+    );
+    assert_eq!(must(relay.stats().await, "stats").stores, 2);
+}
+
+/// A rekey whose `old` is not the stored credential (a wrong one, the one
+/// before the last rekey, one bit off) is refused and changes nothing.
+pub async fn rekey_from_a_stale_credential_changes_nothing<B: RelayBackend>(relay: &B) {
+    create(relay, 1).await;
+    let mut almost = fingerprint(1);
+    almost[0] ^= 0x80;
+    for wrong in [fingerprint(2), almost] {
+        assert_eq!(
+            relay.rekey(&store(1), &wrong, &fingerprint(5)).await,
+            Err(RelayError::Unauthorized),
+            "a rekey needs the current credential"
+        );
+    }
+    assert!(
+        relay
+            .open_store(&store(1), &fingerprint(1), false)
+            .await
+            .is_ok(),
+        "refused rekeys leave the credential"
+    );
+    assert_eq!(
+        relay.open_store(&store(1), &fingerprint(5), false).await,
+        Err(RelayError::Unauthorized),
+        "and install nothing"
+    );
+    must(
+        relay
+            .rekey(&store(1), &fingerprint(1), &fingerprint(2))
+            .await,
+        "rekey",
+    );
+    assert_eq!(
+        relay
+            .rekey(&store(1), &fingerprint(1), &fingerprint(6))
+            .await,
+        Err(RelayError::Unauthorized),
+        "the credential before the rekey cannot rekey again"
+    );
+    assert!(
+        relay
+            .open_store(&store(1), &fingerprint(2), false)
+            .await
+            .is_ok()
+    );
+    assert_eq!(
+        relay.open_store(&store(1), &fingerprint(6), false).await,
+        Err(RelayError::Unauthorized)
+    );
+}
+
+/// Every successful rekey moves the store's access channel (for every
+/// subscriber, new or old); refused rekeys and other stores' rekeys do not.
+pub async fn rekey_moves_access_changes<B: RelayBackend>(relay: &B) {
+    create(relay, 1).await;
+    create(relay, 2).await;
+    let mut first = relay.access_changes(&store(1));
+    first.borrow_and_update();
+    assert!(
+        !must(first.has_changed(), "channel open"),
+        "nothing changed yet"
+    );
+    must(
+        relay
+            .rekey(&store(2), &fingerprint(2), &fingerprint(7))
+            .await,
+        "rekey of another store",
+    );
+    let _ = relay
+        .rekey(&store(1), &fingerprint(9), &fingerprint(8))
+        .await;
+    assert!(
+        !must(first.has_changed(), "channel open"),
+        "refused rekeys and other stores are silent"
+    );
+    let mut second = relay.access_changes(&store(1));
+    second.borrow_and_update();
+    must(
+        relay
+            .rekey(&store(1), &fingerprint(1), &fingerprint(3))
+            .await,
+        "rekey",
+    );
+    assert!(
+        must(first.has_changed(), "channel open"),
+        "a rekey is announced"
+    );
+    assert!(
+        must(second.has_changed(), "channel open"),
+        "to every subscriber"
+    );
+    first.borrow_and_update();
+    drop(second);
+    must(
+        relay
+            .rekey(&store(1), &fingerprint(3), &fingerprint(4))
+            .await,
+        "rekey again",
+    );
+    assert!(
+        must(first.has_changed(), "channel open"),
+        "each rekey is announced"
+    );
+}
+
+/// Rekeys racing from one credential to different new ones (run it on a
+/// multi-threaded runtime): exactly one wins, and its credential is the
+/// store's.
+pub async fn concurrent_rekeys_from_one_credential<B: RelayBackend>(relay: Arc<B>) {
+    const RACERS: u8 = 4;
+    create(&*relay, 1).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for racer in 0..RACERS {
+        let relay = relay.clone();
+        tasks.spawn(async move {
+            let new = fingerprint(10 + racer);
+            (racer, relay.rekey(&store(1), &fingerprint(1), &new).await)
+        });
+    }
+    let mut winners = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        let (racer, result) = must(joined, "a rekeying task");
+        match result {
+            Ok(()) => winners.push(racer),
+            Err(err) => assert_eq!(err, RelayError::Unauthorized, "a loser is refused"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one rekey wins: {winners:?}");
+    for racer in 0..RACERS {
+        let admitted = relay
+            .open_store(&store(1), &fingerprint(10 + racer), false)
+            .await
+            .is_ok();
+        assert_eq!(
+            admitted,
+            winners.contains(&racer),
+            "only the winner's credential opens the store"
+        );
+    }
+}
+
+/// A durable backend keeps a rekeyed credential across reopening: the old
+/// one stays refused, the new one admits.
+pub async fn reopen_keeps_a_rekeyed_credential<B, F, Fut>(mut open: F)
+where
+    B: RelayBackend,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = B>,
+{
+    {
+        let relay = open().await;
+        create(&relay, 1).await;
+        append(
+            &relay,
+            1,
+            vec![incoming(locator(1), precedence(1, 1, 1), b"x")],
+        )
+        .await;
+        must(
+            relay
+                .rekey(&store(1), &fingerprint(1), &fingerprint(2))
+                .await,
+            "rekey",
+        );
+    }
+    let relay = open().await;
+    assert_eq!(
+        relay.open_store(&store(1), &fingerprint(1), true).await,
+        Err(RelayError::Unauthorized),
+        "the old credential stays refused"
+    );
+    assert_eq!(
+        relay.open_store(&store(1), &fingerprint(2), false).await,
+        Ok(StoreAccess {
+            created: false,
+            head: 1
+        }),
+        "the rekeyed credential survives"
     );
 }

@@ -56,6 +56,10 @@ pub enum RelayError {
         /// [`persist_core::protocol::MAILBOX_ITEM_BYTES_MAX`].
         max: usize,
     },
+    /// This backend does not do what was asked (a device serving its own
+    /// store has no credential of its own to change).
+    #[error("this server does not {0}")]
+    Unsupported(&'static str),
     /// The relay's storage failed (I/O, a damaged or unreachable database).
     /// Retryable: the same call may succeed later. The text is for the
     /// operator's log.
@@ -72,7 +76,8 @@ impl RelayError {
             RelayError::MailboxFull { .. } => ErrorCode::MailboxFull,
             RelayError::TooManyEntries { .. }
             | RelayError::EnvelopeTooLarge { .. }
-            | RelayError::MailboxItemTooLarge { .. } => ErrorCode::Protocol,
+            | RelayError::MailboxItemTooLarge { .. }
+            | RelayError::Unsupported(_) => ErrorCode::Protocol,
             RelayError::Unavailable(_) => ErrorCode::Unavailable,
         }
     }

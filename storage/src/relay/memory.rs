@@ -26,6 +26,8 @@ use super::{
 pub struct MemoryRelay {
     state: Mutex<State>,
     watchers: Watchers,
+    /// Per store, moved on by every rekey.
+    access: Watchers,
 }
 
 #[derive(Default)]
@@ -60,6 +62,7 @@ impl MemoryRelay {
         Self {
             state: Mutex::new(State::default()),
             watchers: Watchers::new(),
+            access: Watchers::new(),
         }
     }
 
@@ -309,5 +312,27 @@ impl RelayBackend for MemoryRelay {
             entries: state.entries,
             envelope_bytes: state.envelope_bytes,
         })
+    }
+
+    async fn rekey(
+        &self,
+        store: &StoreId,
+        old: &[u8; 32],
+        new: &[u8; 32],
+    ) -> Result<(), RelayError> {
+        {
+            let mut state = self.lock();
+            let found = state.store_mut(store)?;
+            if !fingerprints_match(&found.fingerprint, old) {
+                return Err(RelayError::Unauthorized);
+            }
+            found.fingerprint = *new;
+        }
+        self.access.bump(store);
+        Ok(())
+    }
+
+    fn access_changes(&self, store: &StoreId) -> tokio::sync::watch::Receiver<u64> {
+        self.access.subscribe(store, || 0)
     }
 }

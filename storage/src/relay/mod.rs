@@ -22,6 +22,13 @@
 //!   compared in constant time; a mismatch is [`RelayError::Unauthorized`]
 //!   and says nothing else. An absent store is created (head 0) if the
 //!   caller allows it, and is otherwise [`RelayError::AdmissionRequired`].
+//! - [`RelayBackend::rekey`]: compare-and-swap of a store's access
+//!   fingerprint, durable before it returns: it replaces the fingerprint
+//!   only if the stored one is the caller's `old` (compared in constant
+//!   time), else [`RelayError::Unauthorized`] and nothing changes. The log,
+//!   head and mailboxes stay as they were. After the commit the store's
+//!   [`RelayBackend::access_changes`] channel moves on, on this node and
+//!   (PostgreSQL) on every node sharing the database.
 //! - [`RelayBackend::append`]: one durable transaction per call. Entries are
 //!   taken in order; one whose locator already holds an entry of equal or
 //!   higher precedence is counted stale, any other gets the next sequence
@@ -70,6 +77,9 @@
 //! 5. A mailbox holds at most [`MAILBOX_ITEMS_MAX`] items, each at most
 //!    [`MAILBOX_ITEM_BYTES_MAX`] bytes; its sequence numbers only grow.
 //! 6. `stats` equals the sum over stores of live entries and their bytes.
+//! 7. A store has exactly one access fingerprint at a time: of two
+//!    [`RelayBackend::rekey`] calls from the same `old`, at most one
+//!    succeeds.
 //!
 //! # The redb relay database, format 1
 //!
@@ -336,6 +346,44 @@ pub trait RelayBackend: Send + Sync + 'static {
 
     /// Counts of what the relay holds, in O(1).
     fn stats(&self) -> impl Future<Output = Result<RelayStats, RelayError>> + Send;
+
+    /// Replaces `store`'s access fingerprint `old` with `new`, durably,
+    /// then moves the store's [`RelayBackend::access_changes`] on.
+    ///
+    /// Errors: [`RelayError::Unauthorized`] if the stored fingerprint is not
+    /// `old` (then nothing changed), [`RelayError::UnknownStore`].
+    ///
+    /// The default refuses with [`RelayError::Unsupported`]: right for a
+    /// server without credentials of its own (a device serving its store),
+    /// wrong for a relay backend or a wrapper of one, which must implement
+    /// or delegate it (with [`RelayBackend::access_changes`]).
+    fn rekey(
+        &self,
+        store: &StoreId,
+        old: &[u8; 32],
+        new: &[u8; 32],
+    ) -> impl Future<Output = Result<(), RelayError>> + Send {
+        let _ = (store, old, new);
+        std::future::ready(Err(RelayError::Unsupported(
+            "change a store's access credential",
+        )))
+    }
+
+    /// A channel that moves on (its value is a counter with no other
+    /// meaning) whenever `store`'s access fingerprint may have changed: after
+    /// every [`RelayBackend::rekey`] of the store, and whenever the backend
+    /// may have missed one (a PostgreSQL node that lost its LISTEN
+    /// connection, once it is back). Whoever admitted a client by its
+    /// fingerprint re-checks it ([`RelayBackend::open_store`] without
+    /// `may_create`) once the channel has moved.
+    ///
+    /// Subscribe before admitting: a rekey committed after the check is then
+    /// seen as a change. Cannot fail. The default never moves (its sender is
+    /// gone): right with the default [`RelayBackend::rekey`].
+    fn access_changes(&self, store: &StoreId) -> tokio::sync::watch::Receiver<u64> {
+        let _ = store;
+        tokio::sync::watch::channel(0).1
+    }
 }
 
 /// Checks an append's bounds before anything is stored.

@@ -66,6 +66,20 @@
 //! store, or at 0 (then a query in the background raises it), which the
 //! trait allows as long as the subscriber reads the head after subscribing.
 //!
+//! A [`RelayBackend::rekey`] is one transaction too: it locks the store's
+//! row (`FOR NO KEY UPDATE`, as an append does), compares the stored
+//! fingerprint with the caller's in constant time, updates it, and sends
+//! `NOTIFY persist_<schema>, '<store hex>:rekey'` (no fingerprint), on
+//! which every node moves its [`RelayBackend::access_changes`] channel for
+//! the store. Nodes that predate rekeys read no head from that payload and
+//! ignore it. The rekeying node moves its own channel at once as well.
+//! Until the notification reaches another node (normally milliseconds
+//! after the commit), that node's sessions with the old credential are
+//! still served: that is the window of cross-node revocation. While a
+//! node's LISTEN connection is down it hears no rekey at all; once it is
+//! back, the node moves the channel of every store someone watches, so
+//! that every session re-checks its credential at its next request.
+//!
 //! Every transaction that notifies takes PostgreSQL's notification-queue
 //! lock for its commit, so commits of appends serialise briefly across the
 //! whole database; the ingest benchmark (`benches/relay_ingest.rs`) shows
@@ -114,6 +128,7 @@ use tokio_postgres::types::ToSql;
 use self::fanout::Heads;
 use super::page::Pager;
 use super::precedence;
+use super::watchers::Watchers;
 use super::{
     Appended, Incoming, MAILBOX_FETCH_BYTES_TARGET, MAILBOX_FETCH_ITEMS_MAX, PULL_BYTES_TARGET_MAX,
     PULL_ENTRIES_MAX, Page, RelayBackend, RelayError, RelayStats, StoreAccess, check_append,
@@ -248,6 +263,8 @@ struct Shared {
     /// The NOTIFY channel: `persist_<schema>`.
     channel: String,
     heads: Heads,
+    /// Per store, moved on by every rekey heard of (`fanout`).
+    access: Watchers,
 }
 
 impl PostgresRelay {
@@ -320,6 +337,7 @@ impl PostgresRelay {
             schema: schema.to_owned(),
             channel: format!("persist_{schema}"),
             heads: Heads::new(),
+            access: Watchers::new(),
         });
         let (listening_tx, listening) = watch::channel(false);
         let listener = tokio::spawn(fanout::listen(shared.clone(), listening_tx));
@@ -771,6 +789,57 @@ impl RelayBackend for PostgresRelay {
             envelope_bytes: seq_from_db(row.try_get(2).map_err(db)?, "envelope bytes")?,
         })
     }
+
+    async fn rekey(
+        &self,
+        store: &StoreId,
+        old: &[u8; 32],
+        new: &[u8; 32],
+    ) -> Result<(), RelayError> {
+        let mut client = self.client().await?;
+        let lock = client
+            .prepare_cached(SQL_LOCK_FINGERPRINT)
+            .await
+            .map_err(db)?;
+        let update = client
+            .prepare_cached(SQL_UPDATE_FINGERPRINT)
+            .await
+            .map_err(db)?;
+        let notify = client.prepare_cached(SQL_NOTIFY).await.map_err(db)?;
+        let txn = client.transaction().await.map_err(db)?;
+        let store_key = store.0.as_slice();
+        let Some(row) = txn.query_opt(&lock, &[&store_key]).await.map_err(db)? else {
+            txn.rollback().await.map_err(db)?;
+            return Err(RelayError::UnknownStore);
+        };
+        let stored: [u8; 32] = fixed(row.try_get(0).map_err(db)?, "access fingerprint")?;
+        if !fingerprints_match(&stored, old) {
+            txn.rollback().await.map_err(db)?;
+            return Err(RelayError::Unauthorized);
+        }
+        let new_key = new.as_slice();
+        let payload = fanout::rekey_payload(store);
+        let update_params: [&(dyn ToSql + Sync); 2] = [&store_key, &new_key];
+        let notify_params: [&(dyn ToSql + Sync); 2] = [&self.shared.channel, &payload];
+        tokio::try_join!(
+            txn.execute(&update, &update_params),
+            txn.execute(&notify, &notify_params),
+        )
+        .map_err(db)?;
+        txn.commit().await.map_err(|err| {
+            unavailable(
+                "commit failed (if only its answer was lost, the rekey took effect: the new \
+                 credential opens the store)",
+                err,
+            )
+        })?;
+        self.shared.access.bump(store);
+        Ok(())
+    }
+
+    fn access_changes(&self, store: &StoreId) -> watch::Receiver<u64> {
+        self.shared.access.subscribe(store, || 0)
+    }
 }
 
 impl fmt::Debug for PostgresRelay {
@@ -810,6 +879,12 @@ const SQL_UPDATE_STORE: &str = "UPDATE relay_stores SET head = $2, entries = ent
      envelope_bytes = envelope_bytes + $4 WHERE store_id = $1";
 const SQL_NOTIFY: &str = "SELECT pg_notify($1, $2)";
 const SQL_HEAD: &str = "SELECT head FROM relay_stores WHERE store_id = $1";
+/// The store's fingerprint, its row locked to commit: a rekey's compare
+/// and swap see no other change in between (nor an append, briefly).
+const SQL_LOCK_FINGERPRINT: &str =
+    "SELECT access_fingerprint FROM relay_stores WHERE store_id = $1 FOR NO KEY UPDATE";
+const SQL_UPDATE_FINGERPRINT: &str =
+    "UPDATE relay_stores SET access_fingerprint = $2 WHERE store_id = $1";
 const SQL_SELECT_STORE: &str =
     "SELECT access_fingerprint, head FROM relay_stores WHERE store_id = $1";
 const SQL_INSERT_STORE: &str = "INSERT INTO relay_stores (store_id, access_fingerprint) \

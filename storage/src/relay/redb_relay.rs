@@ -59,6 +59,8 @@ pub struct RedbRelay {
     db: Guarded<redb::Database>,
     path: Arc<Path>,
     watchers: Watchers,
+    /// Per store, moved on by every rekey.
+    access: Watchers,
 }
 
 impl RedbRelay {
@@ -75,6 +77,7 @@ impl RedbRelay {
             db,
             path: Arc::from(path),
             watchers: Watchers::new(),
+            access: Watchers::new(),
         })
     }
 
@@ -386,6 +389,31 @@ impl RelayBackend for RedbRelay {
                 envelope_bytes: meta_u64(&txn.open_table(META)?, ENVELOPE_BYTES_KEY)?,
             })
         })
+    }
+
+    async fn rekey(
+        &self,
+        store: &StoreId,
+        old: &[u8; 32],
+        new: &[u8; 32],
+    ) -> Result<(), RelayError> {
+        // One write transaction: redb has one writer at a time, so the
+        // compare and the swap see no other change in between.
+        self.write(|txn| {
+            let mut stores = txn.open_table(STORES)?;
+            let (stored, head) = store_row(&stores, store)?;
+            if !fingerprints_match(&stored, old) {
+                return Err(RelayError::Unauthorized.into());
+            }
+            stores.insert(store.0, (*new, head))?;
+            Ok(((), Finish::Commit))
+        })?;
+        self.access.bump(store);
+        Ok(())
+    }
+
+    fn access_changes(&self, store: &StoreId) -> tokio::sync::watch::Receiver<u64> {
+        self.access.subscribe(store, || 0)
     }
 }
 

@@ -85,6 +85,33 @@ impl Watchers {
         });
     }
 
+    /// Moves `store`'s channel on by one, for channels that count events
+    /// rather than carry a head (a store's credential changed).
+    pub(super) fn bump(&self, store: &StoreId) {
+        let mut state = self.lock();
+        let Some(sender) = state.senders.get(store) else {
+            return;
+        };
+        if sender.receiver_count() == 0 {
+            state.senders.remove(store);
+            return;
+        }
+        sender.send_modify(|count| *count = count.wrapping_add(1));
+    }
+
+    /// [`Watchers::bump`] for every store someone watches, when events may
+    /// have been missed.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
+    pub(super) fn bump_all(&self) {
+        let mut state = self.lock();
+        state
+            .senders
+            .retain(|_, sender| sender.receiver_count() > 0);
+        for sender in state.senders.values() {
+            sender.send_modify(|count| *count = count.wrapping_add(1));
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // Every operation leaves the map whole: a panic elsewhere while
         // the lock was held cannot have left it half-changed.
@@ -120,6 +147,23 @@ mod tests {
         assert_eq!(*b.borrow_and_update(), 7);
         watchers.publish(&store(2), 9);
         assert!(!a.has_changed().unwrap(), "other stores do not wake it");
+    }
+
+    #[test]
+    fn bumps_reach_only_their_store_and_bump_all_reaches_all() {
+        let watchers = Watchers::new();
+        let mut a = watchers.subscribe(&store(1), || 0);
+        let b = watchers.subscribe(&store(2), || 0);
+        watchers.bump(&store(1));
+        assert!(a.has_changed().unwrap());
+        assert!(!b.has_changed().unwrap(), "other stores do not wake it");
+        a.borrow_and_update();
+        watchers.bump(&store(9));
+        watchers.bump_all();
+        assert!(a.has_changed().unwrap() && b.has_changed().unwrap());
+        drop(b);
+        watchers.bump_all();
+        assert_eq!(watchers.len(), 1, "unwatched channels are dropped");
     }
 
     #[test]

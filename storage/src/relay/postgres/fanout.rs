@@ -132,10 +132,34 @@ pub(super) fn payload(store: &StoreId, head: u64) -> String {
     format!("{store}:{head}")
 }
 
-/// The inverse of [`payload`]; `None` for anything else.
-fn parse_payload(payload: &str) -> Option<(StoreId, u64)> {
-    let (store, head) = payload.split_once(':')?;
-    Some((store.parse().ok()?, head.parse().ok()?))
+/// The NOTIFY payload of a rekey of `store`: `<store hex>:rekey`. It
+/// carries no fingerprint: a node only learns that it must re-check.
+pub(super) fn rekey_payload(store: &StoreId) -> String {
+    format!("{store}:{REKEY_MARK}")
+}
+
+/// What follows the store in a rekey's payload. Not a number, so a node
+/// that knows only head payloads ignores it.
+const REKEY_MARK: &str = "rekey";
+
+/// What a notification on our channel says.
+#[derive(Debug, PartialEq, Eq)]
+enum Notice {
+    /// The store's log grew to this head.
+    Head(StoreId, u64),
+    /// The store's credential changed.
+    Rekey(StoreId),
+}
+
+/// The inverse of [`payload`] and [`rekey_payload`]; `None` for anything
+/// else.
+fn parse_payload(payload: &str) -> Option<Notice> {
+    let (store, rest) = payload.split_once(':')?;
+    let store = store.parse().ok()?;
+    if rest == REKEY_MARK {
+        return Some(Notice::Rekey(store));
+    }
+    Some(Notice::Head(store, rest.parse().ok()?))
 }
 
 /// Keeps one LISTEN connection up for the life of the node (the task is
@@ -200,6 +224,9 @@ async fn listen_once(shared: &Shared, listening: &watch::Sender<bool>) -> bool {
             shared.heads.publish(&StoreId(store), head, false);
         }
     }
+    // Rekeys while this connection was down were not heard: every watched
+    // store's sessions re-check their credential.
+    shared.access.bump_all();
     listening.send_replace(true);
     while let Some(Ok(message)) = messages.next().await {
         shared.deliver(&message);
@@ -216,8 +243,10 @@ impl Shared {
         if notification.channel() != self.channel {
             return;
         }
-        if let Some((store, head)) = parse_payload(notification.payload()) {
-            self.heads.publish(&store, head, false);
+        match parse_payload(notification.payload()) {
+            Some(Notice::Head(store, head)) => self.heads.publish(&store, head, false),
+            Some(Notice::Rekey(store)) => self.access.bump(&store),
+            None => {}
         }
     }
 }
@@ -231,13 +260,18 @@ mod tests {
         let store = StoreId([0xAB; 16]);
         let text = payload(&store, 42);
         assert_eq!(text, format!("{}:42", "ab".repeat(16)));
-        assert_eq!(parse_payload(&text), Some((store, 42)));
+        assert_eq!(parse_payload(&text), Some(Notice::Head(store, 42)));
+        let rekey = rekey_payload(&store);
+        assert_eq!(rekey, format!("{}:rekey", "ab".repeat(16)));
+        assert_eq!(parse_payload(&rekey), Some(Notice::Rekey(store)));
         for bad in [
             "",
             "ab:1",
             "x:y",
             &format!("{store}:-1"),
             &format!("{store}"),
+            &format!("{store}:rekeyed"),
+            &format!("{store}:rekey:1"),
         ] {
             assert_eq!(parse_payload(bad), None, "{bad:?}");
         }
