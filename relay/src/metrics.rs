@@ -52,6 +52,7 @@ pub struct Metrics {
     envelopes_out: AtomicU64,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
+    rekeys: AtomicU64,
     /// Errors sent to clients, by [`code_label`].
     errors: Mutex<BTreeMap<&'static str, u64>>,
 }
@@ -74,6 +75,8 @@ pub struct MetricsSnapshot {
     pub bytes_in: u64,
     /// Frame bytes sent.
     pub bytes_out: u64,
+    /// Store access credentials changed (`Rekey` answered `Rekeyed`).
+    pub rekeys: u64,
     /// Errors sent to clients, by code label.
     pub errors: BTreeMap<&'static str, u64>,
 }
@@ -90,6 +93,7 @@ impl Metrics {
             envelopes_out: get(&self.envelopes_out),
             bytes_in: get(&self.bytes_in),
             bytes_out: get(&self.bytes_out),
+            rekeys: get(&self.rekeys),
             errors: self
                 .errors
                 .lock()
@@ -154,6 +158,12 @@ impl Metrics {
             s.bytes_out,
         );
         metric(
+            "rekeys_total",
+            "counter",
+            "Store access credentials changed.",
+            s.rekeys,
+        );
+        metric(
             "backend_up",
             "gauge",
             "1 if the storage backend answered this scrape.",
@@ -210,6 +220,10 @@ impl Metrics {
 
     pub(crate) fn bytes_out(&self, n: u64) {
         self.bytes_out.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub(crate) fn rekeyed(&self) {
+        self.rekeys.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn error(&self, code: ErrorCode) {
@@ -338,6 +352,7 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         let open = metrics.connection_opened();
         metrics.envelopes_in(3);
+        metrics.rekeyed();
         metrics.error(ErrorCode::Unauthorized);
         metrics.error(ErrorCode::Unauthorized);
         let text = metrics.render(Some(RelayStats {
@@ -349,6 +364,7 @@ mod tests {
             "persist_relay_connections_total 1",
             "persist_relay_connections_open 1",
             "persist_relay_envelopes_in_total 3",
+            "persist_relay_rekeys_total 1",
             "persist_relay_stores 2",
             "persist_relay_backend_up 1",
             "persist_relay_errors_total{code=\"unauthorized\"} 2",

@@ -18,7 +18,25 @@
 //!    backend's refusal (`Unauthorized` says nothing else about the store).
 //! 3. Then, one request at a time: `Push` → `PushAck`, `Pull` → `Batch`,
 //!    `Subscribe` (then `Notify` whenever the head passes what the client
-//!    was last told), mailbox put / fetch / ack.
+//!    was last told), mailbox put / fetch / ack, `Rekey` → `Rekeyed`.
+//!
+//! # Credential changes
+//!
+//! `Rekey{access}` swaps the store's fingerprint from the one this session
+//! was admitted with to `access`'s ([`RelayBackend::rekey`], a
+//! compare-and-swap); the session goes on under the new one. Every other
+//! session of the store holding the old one must stop: each session
+//! subscribes to [`RelayBackend::access_changes`] before its `Hello` is
+//! checked, and once that channel moves, it re-checks its credential
+//! ([`RelayBackend::open_store`] without creating) before it answers its
+//! next request or sends its next `Notify`. A credential that no longer
+//! opens the store gets `Error{Unauthorized}` and the session ends. So the
+//! cost is one read per session per rekey, and nothing per request. On
+//! this node the channel moves before the rekey's `Rekeyed` is sent; on
+//! other PostgreSQL nodes when the rekey's NOTIFY arrives (see
+//! `PostgresRelay`'s docs for that window). If the re-check cannot be made
+//! (storage down), a request is answered `Unavailable` and a `Notify` is
+//! held back, until a re-check succeeds.
 //!
 //! # Failure
 //!
@@ -37,6 +55,8 @@
 //! - `Notify{head}` is sent only for `head` above every head the client was
 //!   told (Welcome, PushAck, Notify), so a client is never told of its own
 //!   push twice, and heads it hears only grow.
+//! - No request is answered, and no `Notify` sent, while the store's
+//!   credential may have changed since this session's was last checked.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -46,7 +66,7 @@ use std::time::Duration;
 use persist_core::StoreId;
 use persist_core::envelope::Envelope;
 use persist_core::protocol::{
-    ADMISSION_BYTES_MAX, ENTRIES_PER_MESSAGE_MAX, ErrorCode, Hello, MAILBOX_ITEMS_MAX,
+    ADMISSION_BYTES_MAX, AccessKey, ENTRIES_PER_MESSAGE_MAX, ErrorCode, Hello, MAILBOX_ITEMS_MAX,
     MESSAGE_PAYLOAD_BYTES_TARGET, Message, PROTOCOL_VERSION, PushEntry, Welcome,
     peek_hello_version,
 };
@@ -257,8 +277,11 @@ pub async fn serve<B: RelayBackend>(
         metrics: &ctx.metrics,
         tx,
         store: StoreId([0; 16]),
+        fingerprint: [0; 32],
         told: 0,
         watch: None,
+        access: None,
+        recheck: false,
     };
     let mut shutdown = ctx.shutdown.clone();
     let mut reader = Reader::new(rx);
@@ -290,11 +313,16 @@ pub async fn serve<B: RelayBackend>(
         let event = tokio::select! {
             biased;
             () = shutdown.requested() => Event::Shutdown,
+            moved = access_moved(&mut session.access) => Event::Access(moved),
             frame = reader.next() => Event::Frame(frame),
             head = next_head(&mut session.watch) => Event::Head(head),
         };
         let end = match event {
             Event::Shutdown => Some(session.shutting_down().await),
+            Event::Access(moved) => {
+                session.access_moved(moved);
+                None
+            }
             Event::Frame(Ok(Some(frame))) => session.request(&frame).await,
             Event::Frame(Ok(None)) => Some(SessionEnd::Finished),
             Event::Frame(Err(e)) => Some(session.frame_failed(e).await),
@@ -308,8 +336,20 @@ pub async fn serve<B: RelayBackend>(
 
 enum Event {
     Shutdown,
+    /// The store's credential may have changed (`true`), or the backend
+    /// dropped the channel (`false`).
+    Access(bool),
     Frame(Result<Option<Vec<u8>>, FrameError>),
     Head(Option<u64>),
+}
+
+/// Resolves when the store's access channel moves (`true`) or closes
+/// (`false`). Pends forever without one.
+async fn access_moved(access: &mut Option<watch::Receiver<u64>>) -> bool {
+    match access {
+        Some(rx) => rx.changed().await.is_ok(),
+        None => std::future::pending().await,
+    }
 }
 
 /// The next head a subscription reports; `None` once the backend dropped
@@ -372,9 +412,27 @@ struct Session<'a, B> {
     metrics: &'a Metrics,
     tx: SendHalf,
     store: StoreId,
+    /// The fingerprint of the credential this session was admitted with,
+    /// or rekeyed to. Never logged.
+    fingerprint: [u8; 32],
     /// The highest head the client was told of.
     told: u64,
     watch: Option<watch::Receiver<u64>>,
+    /// The store's [`RelayBackend::access_changes`], from before the Hello
+    /// was checked; `None` once the backend dropped it.
+    access: Option<watch::Receiver<u64>>,
+    /// The store's credential may have changed since `fingerprint` was last
+    /// checked: check it before answering anything.
+    recheck: bool,
+}
+
+/// Whether a session's credential still opens its store.
+enum Access {
+    Current,
+    /// It does not: the store was rekeyed (or is gone).
+    Revoked,
+    /// The check failed; retryable.
+    Unknown(RelayError),
 }
 
 impl<B: RelayBackend> Session<'_, B> {
@@ -414,13 +472,20 @@ impl<B: RelayBackend> Session<'_, B> {
             Err(e) => return Some(self.frame_failed(e).await),
         };
         let may_create = admission.may_create(&hello);
+        let fingerprint = hello.access.fingerprint();
+        // Subscribed (and marked seen) before the check: a rekey that
+        // commits after the check moves it, and is re-checked.
+        let mut changes = self.backend.access_changes(&hello.store);
+        changes.borrow_and_update();
         match self
             .backend
-            .open_store(&hello.store, &hello.access.fingerprint(), may_create)
+            .open_store(&hello.store, &fingerprint, may_create)
             .await
         {
             Ok(access) => {
                 self.store = hello.store;
+                self.fingerprint = fingerprint;
+                self.access = Some(changes);
                 self.told = access.head;
                 tracing::debug!(store = %hello.store, device = %hello.device, created = access.created, "welcome");
                 let welcome = Message::Welcome(Welcome {
@@ -445,7 +510,13 @@ impl<B: RelayBackend> Session<'_, B> {
             Ok(message) => message,
             Err(e) => return Some(self.frame_failed(e).await),
         };
+        match self.check_access().await {
+            Access::Current => {}
+            Access::Revoked => return Some(self.revoked().await),
+            Access::Unknown(e) => return self.backend_failed(e).await,
+        }
         match message {
+            Message::Rekey { access } => self.rekey(access).await,
             Message::Push { id, entries } => self.push(id, entries).await,
             Message::Pull { since, limit } => self.pull(since, limit).await,
             Message::Subscribe => self.subscribe().await,
@@ -555,8 +626,90 @@ impl<B: RelayBackend> Session<'_, B> {
         if head <= self.told {
             return None;
         }
+        match self.check_access().await {
+            Access::Current => {}
+            Access::Revoked => return Some(self.revoked().await),
+            // Held back, `told` unchanged: the next head tries again.
+            Access::Unknown(e) => {
+                tracing::warn!(store = %self.store, error = %e,
+                    "cannot re-check a subscriber's credential; holding its Notify back");
+                return None;
+            }
+        }
         self.told = head;
         self.send(&Message::Notify { head }).await
+    }
+
+    async fn rekey(&mut self, access: AccessKey) -> Option<SessionEnd> {
+        let new = access.fingerprint();
+        match self
+            .backend
+            .rekey(&self.store, &self.fingerprint, &new)
+            .await
+        {
+            Ok(()) => {
+                self.fingerprint = new;
+                self.metrics.rekeyed();
+                tracing::info!(store = %self.store, "store access credential changed");
+                self.send(&Message::Rekeyed).await
+            }
+            // Someone else rekeyed first: this session's credential is
+            // the old one.
+            Err(RelayError::Unauthorized) => Some(self.revoked().await),
+            Err(e) => self.backend_failed(e).await,
+        }
+    }
+
+    /// Notes a move of the store's access channel: re-check before the
+    /// next answer. A closed channel means no more moves.
+    fn access_moved(&mut self, moved: bool) {
+        if moved {
+            self.recheck = true;
+        } else {
+            self.access = None;
+        }
+    }
+
+    /// Whether this session's credential still opens its store, asking the
+    /// backend only if the store's credential may have changed since the
+    /// last check.
+    async fn check_access(&mut self) -> Access {
+        // The select loop may not have seen a move yet (a rekey on this
+        // node moves the channel before its Rekeyed is sent).
+        if let Some(changes) = &mut self.access {
+            match changes.has_changed() {
+                Ok(true) => {
+                    changes.borrow_and_update();
+                    self.recheck = true;
+                }
+                Ok(false) => {}
+                Err(_) => self.access = None,
+            }
+        }
+        if !self.recheck {
+            return Access::Current;
+        }
+        match self
+            .backend
+            .open_store(&self.store, &self.fingerprint, false)
+            .await
+        {
+            Ok(_) => {
+                self.recheck = false;
+                Access::Current
+            }
+            Err(e) if e.code().is_retryable() => Access::Unknown(e),
+            Err(_) => Access::Revoked,
+        }
+    }
+
+    /// Ends a session whose credential no longer opens its store.
+    async fn revoked(&mut self) -> SessionEnd {
+        self.refuse(
+            ErrorCode::Unauthorized,
+            "the store's access credential was changed: this credential is no longer valid",
+        )
+        .await
     }
 
     async fn reply(&mut self, reply: Result<Message, RelayError>) -> Option<SessionEnd> {
