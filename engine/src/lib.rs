@@ -79,6 +79,7 @@ mod env;
 mod error;
 mod kek;
 mod pairing;
+mod rekey;
 mod serve;
 mod store;
 mod sync;
