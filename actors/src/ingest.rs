@@ -32,7 +32,7 @@ use persist_core::envelope::{
     Algorithm, DOMAIN_SIG, Envelope, HEADER_LEN, OpenError, ParseError, SIGNATURE_LEN, TAG_LEN,
 };
 use persist_core::hlc::Hlc;
-use persist_core::keyring::Member;
+use persist_core::keyring::{Member, Revocation};
 use persist_core::lww::Precedence;
 use persist_core::membership::{self, AnnouncementError};
 use persist_core::record::Record;
@@ -112,6 +112,21 @@ pub async fn prepare(ctx: &IngestContext, batch: Vec<Incoming>) -> Result<Prepar
     let plan = plan_parallel(keys, batch, ctx.clock.now_ms(), ctx.max_drift_ms).await?;
     for (locator, refusal) in &plan.refused {
         tracing::warn!(%locator, %refusal, "sync: refused an envelope");
+    }
+    if !plan.revocations.is_empty()
+        && let Some(km) = ctx.routes.key_manager()
+    {
+        let revocations = plan.revocations.clone();
+        let learned = km
+            .call(
+                |reply| KeyManagerMsg::LearnRevocations { revocations, reply },
+                None,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        if let CallResult::Success(Err(e)) = learned {
+            return Err(e.to_string());
+        }
     }
     if !plan.learned.is_empty()
         && let Some(km) = ctx.routes.key_manager()
@@ -235,6 +250,9 @@ pub enum Refusal {
     /// A member announcement that contradicts itself.
     #[error(transparent)]
     Announcement(#[from] AnnouncementError),
+    /// Signed by a revoked device after its revocation.
+    #[error("device {0} was revoked before it signed this envelope")]
+    Revoked(DeviceId),
 }
 
 /// What to do with a batch.
@@ -246,6 +264,8 @@ pub struct Plan {
     pub parks: Vec<Park>,
     /// Members learned from announcements in the batch.
     pub learned: Vec<Member>,
+    /// Revocations learned from records in the batch.
+    pub revocations: Vec<Revocation>,
     /// Envelopes kept pending, with why.
     pub pending: Vec<(Locator, PendingReason)>,
     /// Envelopes refused, with why.
@@ -435,19 +455,30 @@ fn plan_checked(
     max_drift_ms: u64,
 ) -> Plan {
     let mut members = keys.members.clone();
+    let mut revoked = keys.revoked.clone();
     let mut plan = Plan::default();
     let mut deferred = Vec::new();
     let mut work = batch;
     loop {
         let learned_before = plan.learned.len();
         for (mut item, checked) in work.drain(..) {
-            match decide(keys, &members, &mut item, checked, now_ms, max_drift_ms) {
+            let known = Known {
+                members: &members,
+                revoked: &revoked,
+            };
+            match decide(keys, known, &mut item, checked, now_ms, max_drift_ms) {
                 Decision::Apply {
                     record,
                     row,
                     precedence,
                     member,
+                    revocation,
                 } => {
+                    if let Some(revocation) = revocation {
+                        // Later envelopes of the batch are checked against it.
+                        revoked.entry(revocation.device_id).or_insert(revocation);
+                        plan.revocations.push(revocation);
+                    }
                     if let Some(member) = member.map(|m| *m) {
                         if let Ok(key) = VerifyingKey::from_bytes(&member.ed25519_public) {
                             members.insert(member.device_id, key);
@@ -507,6 +538,7 @@ enum Decision {
         precedence: Precedence,
         // Boxed: a member entry is large and rarely present.
         member: Option<Box<Member>>,
+        revocation: Option<Revocation>,
     },
     Defer(PendingReason),
     Refuse(Refusal, Option<Precedence>),
@@ -527,11 +559,19 @@ fn park(plan: &mut Plan, item: Incoming, reason: PendingReason) {
     }
 }
 
+/// The members and revocations known while planning a batch: those of the
+/// key set, and those the batch announced before the item at hand.
+#[derive(Clone, Copy)]
+struct Known<'a> {
+    members: &'a BTreeMap<DeviceId, VerifyingKey>,
+    revoked: &'a BTreeMap<DeviceId, Revocation>,
+}
+
 /// Decides on `item`, using what [`precheck`] found with the same `keys`.
 /// An item that applies gives its envelope bytes to the row it becomes.
 fn decide(
     keys: &KeySet,
-    members: &BTreeMap<DeviceId, VerifyingKey>,
+    known: Known<'_>,
     item: &mut Incoming,
     checked: Checked,
     now_ms: u64,
@@ -549,6 +589,7 @@ fn decide(
         (true, Algorithm::Aes256GcmEd25519) | (false, Algorithm::Plain) => {}
         (_, found) => return refuse(Refusal::WrongAlgorithm { found }),
     }
+    let members = known.members;
     let signer_key = members.get(&header.signer);
     if let Some(key) = signer_key
         && encrypted
@@ -561,6 +602,13 @@ fn decide(
         if !good {
             return refuse(Refusal::BadSignature(header.signer));
         }
+    }
+    if known
+        .revoked
+        .get(&header.signer)
+        .is_some_and(|r| r.refuses(header.epoch, header.version.hlc))
+    {
+        return refuse(Refusal::Revoked(header.signer));
     }
     if encrypted && !keys.has_epoch(header.epoch) {
         return Decision::Defer(PendingReason::UnknownEpoch(header.epoch));
@@ -601,6 +649,17 @@ fn decide(
             _ => None,
         }
     };
+    // Only a known member's record can revoke: an unknown signer's
+    // record is at most its own announcement.
+    let revocation = if signer_key.is_some() {
+        match membership::announced_revocation(&record) {
+            Some(Ok(r)) if !known.revoked.contains_key(&r.device_id) => Some(r),
+            Some(Err(e)) => return refuse(e.into()),
+            _ => None,
+        }
+    } else {
+        None
+    };
     let row = Row {
         epoch: header.epoch,
         tombstone: header.flags.tombstone,
@@ -611,6 +670,7 @@ fn decide(
         row,
         precedence,
         member,
+        revocation,
     }
 }
 
@@ -713,6 +773,56 @@ mod tests {
                 counter: 0
             })
         );
+    }
+
+    #[test]
+    fn a_revocation_refuses_what_its_device_signs_afterwards_in_the_same_batch_too() {
+        let (mut a, mut b) = two_devices();
+        let a_member = a.ring.own_member().unwrap().clone();
+        let b_member = b.ring.own_member().unwrap().clone();
+        a.ring.add_member(b_member.clone());
+        b.ring.add_member(a_member);
+        let mut rng = SeededEntropy::from_u64(2).stream("t");
+        let at = Hlc {
+            ms: NOW - 5,
+            counter: u16::MAX,
+        };
+        let revocation = a.ring.revoke(b_member.device_id, at, &mut rng).unwrap();
+        let record = a.seal(
+            &membership::revocation_path(&b_member.device_id),
+            &membership::encode_revocation(&revocation),
+            NOW - 4,
+        );
+        // A third member holds the new epoch (it got the key with the
+        // revocation) and sees B's writes from before and after it.
+        let mut c = Keyring::from_export(
+            DeviceIdentity::generate(&mut rng),
+            ExportedKeys::from_keyring(&a.ring),
+            "c",
+            Hlc::default(),
+        );
+        c.add_member(a.ring.own_member().unwrap().clone());
+        c.add_member(b_member.clone());
+        let c = Device { ring: c };
+        let before = b.seal("notes/before", b"b, before", NOW - 10);
+        let after = b.seal("notes/after", b"b, after", NOW);
+        let plan = super::plan(&c.keys(), vec![before, record, after], NOW, DRIFT);
+        assert_eq!(plan.revocations, [revocation]);
+        assert_eq!(plan.writes.len(), 2, "the earlier write and the record");
+        assert_eq!(
+            plan.refused
+                .iter()
+                .map(|(_, r)| r.clone())
+                .collect::<Vec<_>>(),
+            [Refusal::Revoked(b_member.device_id)]
+        );
+        // Once known, the revocation is checked from the key set.
+        let mut known = c;
+        known.ring.learn_revocations(&[revocation]);
+        let late = b.seal("notes/late", b"b, later still", NOW);
+        let plan = super::plan(&known.keys(), vec![late], NOW, DRIFT);
+        assert!(plan.writes.is_empty());
+        assert_eq!(plan.refused.len(), 1);
     }
 
     #[test]

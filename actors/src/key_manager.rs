@@ -8,7 +8,8 @@
 //! retired keys, and exports.
 //!
 //! **Messages.** [`KeyManagerMsg`]: `Describe`, `Rotate`, `RotationDone`,
-//! `PurgeRetired`, `AddMembers`, `OwnMember`, `Members`, `Export`, and the
+//! `PurgeRetired`, `AddMembers`, `OwnMember`, `Members`, `Export`,
+//! revocation (`Revoke`, `LearnRevocations`, `Revocations`), and the
 //! key parcels of rotation (`Parcels`, `TakeParcel`, `Acks`), and the
 //! inviter's side of pairing: `CreateInvite`, `OpenInvites`,
 //! `AnswerInvite`, `RedeemInvite`. The Noise handshake runs here, beside the
@@ -27,7 +28,7 @@ use persist_core::env::{Entropy, RngStream};
 use persist_core::export::{ExportedKeys, KdfParams, generate_passphrase};
 use persist_core::hlc::Hlc;
 use persist_core::invite::{self, Host, Invite, Joining, Opened};
-use persist_core::keyring::{EpochState, Keyring, Member};
+use persist_core::keyring::{EpochState, Keyring, Member, Revocation, RevokeError};
 use persist_core::keys::Secret32;
 use persist_core::keywrap::{self, Parcel};
 use persist_core::protocol::AccessKey;
@@ -69,6 +70,9 @@ pub enum KeyError {
     /// A key parcel was refused.
     #[error("key parcel refused: {0}")]
     Parcel(String),
+    /// The device cannot be revoked; nothing changed.
+    #[error(transparent)]
+    Revoke(#[from] RevokeError),
 }
 
 /// A finished export.
@@ -104,6 +108,28 @@ pub enum KeyManagerMsg {
         /// Added count.
         reply: RpcReplyPort<Result<usize, KeyError>>,
     },
+    /// Revoke member `device` at `at` (this device's clock): start a new
+    /// epoch it will never receive, durably, and start resealing every
+    /// record under it. Answers with the revocation, whose record the
+    /// caller writes.
+    Revoke {
+        /// The device.
+        device: DeviceId,
+        /// The stamp after which what it signs is refused.
+        at: Hlc,
+        /// The revocation.
+        reply: RpcReplyPort<Result<Revocation, KeyError>>,
+    },
+    /// Remember `revocations` (from records of trusted members), durably;
+    /// answers with how many were new.
+    LearnRevocations {
+        /// The revocations learned.
+        revocations: Vec<Revocation>,
+        /// New count.
+        reply: RpcReplyPort<Result<usize, KeyError>>,
+    },
+    /// The revocations this device knows.
+    Revocations(RpcReplyPort<Vec<Revocation>>),
     /// This device's own member entry, which it announces to the others.
     OwnMember(RpcReplyPort<Option<Member>>),
     /// Every member this device knows, itself included.
@@ -324,6 +350,34 @@ impl Actor for KeyManager {
             KeyManagerMsg::AddMembers { members, reply } => {
                 let _ = reply.send(state.add_members(members).await);
             }
+            KeyManagerMsg::Revoke { device, at, reply } => {
+                let outcome = state
+                    .change(|ring, rng| Ok(ring.revoke(device, at, rng)?))
+                    .await;
+                if let Ok(revocation) = &outcome {
+                    tracing::info!(device = %revocation.device_id, epoch = ?revocation.epoch,
+                        "revoked a device; resealing every record under a new epoch");
+                    state.args.progress.send_modify(|p| {
+                        p.active = true;
+                        p.epoch = revocation.epoch;
+                    });
+                    if let Some(rotator) = state.args.routes.rotator() {
+                        let _ = rotator.cast(RotatorMsg::Start);
+                    }
+                }
+                let _ = reply.send(outcome);
+            }
+            KeyManagerMsg::LearnRevocations { revocations, reply } => {
+                let _ = reply.send(state.learn_revocations(&revocations).await);
+            }
+            KeyManagerMsg::Revocations(reply) => {
+                let known = state
+                    .keyring
+                    .as_ref()
+                    .map(|r| r.revoked.clone())
+                    .unwrap_or_default();
+                let _ = reply.send(known);
+            }
             KeyManagerMsg::OwnMember(reply) => {
                 let own = state.keyring.as_ref().and_then(|r| r.own_member().cloned());
                 let _ = reply.send(own);
@@ -457,6 +511,28 @@ impl KeyManagerState {
         .await
     }
 
+    /// Records the revocations not known yet, in one durable change.
+    async fn learn_revocations(&mut self, learned: &[Revocation]) -> Result<usize, KeyError> {
+        let Some(ring) = self.keyring.as_ref() else {
+            return Ok(0);
+        };
+        let new: Vec<Revocation> = learned
+            .iter()
+            .filter(|r| ring.revocation(&r.device_id).is_none())
+            .copied()
+            .collect();
+        if new.is_empty() {
+            return Ok(0);
+        }
+        let added = self
+            .change(|ring, _| Ok(ring.learn_revocations(&new)))
+            .await?;
+        for r in &added {
+            tracing::info!(device = %r.device_id, by = %r.by, "learned that a device was revoked");
+        }
+        Ok(added.len())
+    }
+
     async fn create_invite(
         &mut self,
         relay: &str,
@@ -568,7 +644,14 @@ impl KeyManagerState {
                 continue;
             };
             let acked = self.acks.get(epoch);
-            for member in ring.members.iter().filter(|m| m.device_id != me) {
+            // A revoked device gets no key, not even of the epochs it held:
+            // it has those already, and nothing is sealed under them for
+            // long once the reseal runs.
+            let recipients = ring
+                .members
+                .iter()
+                .filter(|m| m.device_id != me && ring.revocation(&m.device_id).is_none());
+            for member in recipients {
                 if acked.is_some_and(|a| a.contains(&member.device_id)) {
                     continue;
                 }
@@ -576,9 +659,12 @@ impl KeyManagerState {
                     ring.store_id,
                     &ring.device,
                     member,
-                    *epoch,
-                    entry.announcement,
-                    key,
+                    keywrap::KeyParcel {
+                        epoch: *epoch,
+                        announcement: entry.announcement,
+                        key,
+                        revocations: &ring.revoked,
+                    },
                     &mut self.rng,
                 );
                 out.push((member.device_id, *epoch, parcel));
@@ -589,7 +675,14 @@ impl KeyManagerState {
 
     async fn take_parcel(&mut self, bytes: &[u8]) -> Result<Taken, KeyError> {
         let ring = self.keyring.as_ref().ok_or(KeyError::NotEncrypted)?;
-        let (sender, parcel) = keywrap::open(ring.store_id, &ring.device, &ring.members, bytes)
+        // Parcels from a revoked device are refused as from a stranger.
+        let trusted: Vec<Member> = ring
+            .members
+            .iter()
+            .filter(|m| ring.revocation(&m.device_id).is_none())
+            .cloned()
+            .collect();
+        let (sender, parcel) = keywrap::open(ring.store_id, &ring.device, &trusted, bytes)
             .map_err(|e| KeyError::Parcel(e.to_string()))?;
         match parcel {
             Parcel::Ack {
@@ -606,7 +699,16 @@ impl KeyManagerState {
                 epoch,
                 announcement,
                 key,
+                revocations,
             } => {
+                // The revocations first, durably: once the key is here the
+                // courier may pass it on, and never to a revoked device.
+                self.learn_revocations(&revocations).await?;
+                let ring = self.keyring.as_ref().ok_or(KeyError::NotEncrypted)?;
+                if ring.revocation(&ring.device_id()).is_some() {
+                    tracing::warn!(%sender, "this device was revoked; refused an epoch key");
+                    return Ok(Taken::default());
+                }
                 let store = ring.store_id;
                 let held = ring.epochs.get(&epoch).map(|e| e.announcement);
                 let new_epoch = match held {

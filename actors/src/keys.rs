@@ -9,7 +9,7 @@ use std::sync::{Arc, RwLock};
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use persist_core::envelope::{self, Algorithm, Envelope, OpenError, SealContext};
-use persist_core::keyring::Keyring;
+use persist_core::keyring::{Keyring, Revocation};
 use persist_core::keys::{IndexKey, Secret32, plain_locator};
 use persist_core::protocol::AccessKey;
 use persist_core::record::Record;
@@ -48,6 +48,9 @@ pub struct KeySet {
     /// The Ed25519 keys of the store's known members, which sync ingest
     /// checks envelope signatures against.
     pub members: BTreeMap<DeviceId, VerifyingKey>,
+    /// The revoked members: ingest refuses what they signed after their
+    /// revocation.
+    pub revoked: BTreeMap<DeviceId, Revocation>,
     /// The credential a remote checks (derived from the relay token), or
     /// `None` for a store that does not encrypt.
     pub access: Option<AccessKey>,
@@ -81,6 +84,7 @@ impl KeySet {
             store_id: ring.store_id,
             device_id: ring.device_id(),
             members,
+            revoked: ring.revoked.iter().map(|r| (r.device_id, *r)).collect(),
             access: Some(AccessKey::derive(&ring.relay_token, &ring.store_id)),
             crypto: Some(CryptoKeys {
                 index: IndexKey::new(ring.index_key.secret().duplicate()),
@@ -98,6 +102,7 @@ impl KeySet {
             device_id,
             crypto: None,
             members: BTreeMap::new(),
+            revoked: BTreeMap::new(),
             access: None,
         }
     }

@@ -44,6 +44,9 @@ pub const DOMAIN_EPOCH: &[u8] = b"persist/epoch/v1";
 /// devices, and it bounds the keyring and what a receiver keeps in memory.
 pub const MEMBERS_MAX: usize = 1024;
 
+/// Most revocations a keyring keeps: one per member at most.
+pub const REVOCATIONS_MAX: usize = MEMBERS_MAX;
+
 /// Where an epoch is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[non_exhaustive]
@@ -85,6 +88,59 @@ pub struct Member {
     pub added_at: Hlc,
 }
 
+/// A member the store no longer trusts (DESIGN.md, "Rotation and
+/// revocation", step 6). It stays in the member list, so that what it
+/// signed before stays verifiable, but:
+///
+/// - it never receives the key of [`Revocation::epoch`] or of any later
+///   epoch (the revocation started that epoch, and every record is resealed
+///   under it);
+/// - envelopes it signed under that epoch or later, or stamped after
+///   [`Revocation::at`], are refused by every member that knows of the
+///   revocation.
+///
+/// Revocations are final: there is no way back for a device id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// The revoked device.
+    pub device_id: DeviceId,
+    /// The member that revoked it.
+    pub by: DeviceId,
+    /// The epoch the revocation started.
+    pub epoch: Epoch,
+    /// The revoker's clock when it revoked.
+    pub at: Hlc,
+}
+
+impl Revocation {
+    /// Whether an envelope `device` signed under `epoch`, stamped `hlc`,
+    /// falls after this revocation (so must be refused).
+    pub fn refuses(&self, epoch: Epoch, hlc: Hlc) -> bool {
+        epoch >= self.epoch || hlc > self.at
+    }
+}
+
+/// Why a device cannot be revoked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RevokeError {
+    /// No member has that id.
+    #[error("no member of this store has device id {0}; `persist device list` shows them")]
+    UnknownDevice(DeviceId),
+    /// A device cannot revoke itself.
+    #[error("a device cannot revoke itself; revoke it from another member")]
+    Itself,
+    /// The device is revoked already.
+    #[error("device {0} is already revoked")]
+    AlreadyRevoked(DeviceId),
+    /// This device is revoked itself.
+    #[error("this device was revoked; it cannot revoke others")]
+    Revoked,
+    /// Epoch numbers are exhausted.
+    #[error("no epoch numbers are left")]
+    EpochsExhausted,
+}
+
 impl Member {
     /// `device` as a member that added itself: the store's creator, or a
     /// device joining from a key export.
@@ -119,6 +175,8 @@ pub struct Keyring {
     pub members: Vec<Member>,
     /// Invites this device made that have not expired.
     pub invites: Vec<OpenInvite>,
+    /// Members revoked, in the order this device learned of them.
+    pub revoked: Vec<Revocation>,
 }
 
 /// What [`Keyring::merge_export`] took.
@@ -170,6 +228,7 @@ impl Keyring {
             current: Epoch::FIRST,
             members: vec![me],
             invites: Vec::new(),
+            revoked: Vec::new(),
         };
         let key = Secret32::random(rng);
         let announcement = ring.announcement(Epoch::FIRST, device_id, rng);
@@ -202,6 +261,7 @@ impl Keyring {
             current: keys.current,
             members: vec![me],
             invites: Vec::new(),
+            revoked: Vec::new(),
         }
     }
 
@@ -319,6 +379,61 @@ impl Keyring {
         }
         self.members.push(member);
         true
+    }
+
+    /// The revocation of `device`, if it is revoked.
+    pub fn revocation(&self, device: &DeviceId) -> Option<&Revocation> {
+        self.revoked.iter().find(|r| r.device_id == *device)
+    }
+
+    /// Revokes member `device` at `at` (this device's clock): starts a new
+    /// epoch, as [`Keyring::rotate`] does, which the revoked device will
+    /// never receive, and records the revocation. Nothing changes on error.
+    pub fn revoke(
+        &mut self,
+        device: DeviceId,
+        at: Hlc,
+        rng: &mut (impl CryptoRng + ?Sized),
+    ) -> Result<Revocation, RevokeError> {
+        let me = self.device_id();
+        if self.revocation(&me).is_some() {
+            return Err(RevokeError::Revoked);
+        }
+        if device == me {
+            return Err(RevokeError::Itself);
+        }
+        if !self.members.iter().any(|m| m.device_id == device) {
+            return Err(RevokeError::UnknownDevice(device));
+        }
+        if self.revocation(&device).is_some() {
+            return Err(RevokeError::AlreadyRevoked(device));
+        }
+        let epoch = self.rotate(rng).ok_or(RevokeError::EpochsExhausted)?;
+        let revocation = Revocation {
+            device_id: device,
+            by: me,
+            epoch,
+            at,
+        };
+        self.revoked.push(revocation);
+        Ok(revocation)
+    }
+
+    /// Records the revocations among `learned` that are new here: of
+    /// known members, up to [`REVOCATIONS_MAX`]. Returns those recorded.
+    pub fn learn_revocations(&mut self, learned: &[Revocation]) -> Vec<Revocation> {
+        let mut added = Vec::new();
+        for r in learned {
+            let member = self.members.iter().any(|m| m.device_id == r.device_id);
+            if member
+                && self.revocation(&r.device_id).is_none()
+                && self.revoked.len() < REVOCATIONS_MAX
+            {
+                self.revoked.push(*r);
+                added.push(*r);
+            }
+        }
+        added
     }
 
     /// Keeps `invite` open, after dropping those expired at `now_ms`.
@@ -469,6 +584,7 @@ impl Keyring {
                     used_by: i.used_by.map(|d| d.0),
                 })
                 .collect(),
+            revoked: self.revoked.iter().map(RevocationWire::from).collect(),
         }
     }
 
@@ -521,6 +637,7 @@ impl Keyring {
                     used_by: i.used_by.map(DeviceId),
                 })
                 .collect(),
+            revoked: w.revoked.iter().map(Revocation::from).collect(),
         })
     }
 }
@@ -537,6 +654,42 @@ struct KeyringWire {
     epochs: Vec<EpochWire>,
     members: Vec<MemberWire>,
     invites: Vec<InviteWire>,
+    revoked: Vec<RevocationWire>,
+}
+
+#[derive(Serialize, Deserialize, Zeroize)]
+struct RevocationWire {
+    device_id: [u8; 16],
+    by: [u8; 16],
+    epoch: u32,
+    at_ms: u64,
+    at_counter: u16,
+}
+
+impl From<&Revocation> for RevocationWire {
+    fn from(r: &Revocation) -> Self {
+        Self {
+            device_id: r.device_id.0,
+            by: r.by.0,
+            epoch: r.epoch.0,
+            at_ms: r.at.ms,
+            at_counter: r.at.counter,
+        }
+    }
+}
+
+impl From<&RevocationWire> for Revocation {
+    fn from(r: &RevocationWire) -> Self {
+        Self {
+            device_id: DeviceId(r.device_id),
+            by: DeviceId(r.by),
+            epoch: Epoch(r.epoch),
+            at: Hlc {
+                ms: r.at_ms,
+                counter: r.at_counter,
+            },
+        }
+    }
 }
 
 #[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
@@ -680,6 +833,49 @@ mod tests {
         let merge = c.merge_export(export(&a)).unwrap();
         assert_eq!(merge.conflicting, vec![Epoch(4)]);
         assert!(c.current_key() == &ours);
+    }
+
+    #[test]
+    fn revoking_starts_an_epoch_and_is_kept_sealed() {
+        let mut r = ring(1);
+        let other = ring(2).members[0].clone();
+        let me = r.device_id();
+        let mut rng = SeededEntropy::from_u64(3).stream("t");
+        let at = Hlc { ms: 9, counter: 2 };
+        assert_eq!(
+            r.revoke(other.device_id, at, &mut rng).unwrap_err(),
+            RevokeError::UnknownDevice(other.device_id)
+        );
+        assert_eq!(r.revoke(me, at, &mut rng).unwrap_err(), RevokeError::Itself);
+        assert_eq!(r.current, Epoch::FIRST, "failed revocations change nothing");
+        assert!(r.add_member(other.clone()));
+        let revocation = r.revoke(other.device_id, at, &mut rng).unwrap();
+        assert_eq!(revocation.epoch, r.current);
+        assert!(r.current > Epoch::FIRST);
+        assert_eq!(revocation.by, me);
+        assert_eq!(
+            r.revoke(other.device_id, at, &mut rng).unwrap_err(),
+            RevokeError::AlreadyRevoked(other.device_id)
+        );
+        // Refused: later epochs, or later stamps; earlier ones stand.
+        assert!(revocation.refuses(r.current, Hlc { ms: 1, counter: 0 }));
+        assert!(revocation.refuses(Epoch::FIRST, Hlc { ms: 9, counter: 3 }));
+        assert!(!revocation.refuses(Epoch::FIRST, at));
+        // Sealed and opened again, and learned once only elsewhere.
+        let kek = Secret32::from_bytes([9; 32]);
+        let back = Keyring::open(&r.seal(&kek, &mut rng), &r.store_id, &kek).unwrap();
+        assert_eq!(back.revoked, [revocation]);
+        let mut third = ring(3);
+        assert!(
+            third.learn_revocations(&[revocation]).is_empty(),
+            "not a member there"
+        );
+        third.add_member(other);
+        assert_eq!(
+            third.learn_revocations(&[revocation, revocation]),
+            [revocation]
+        );
+        assert!(third.learn_revocations(&[revocation]).is_empty());
     }
 
     #[test]

@@ -13,6 +13,12 @@
 //! parcel = postcard(ParcelWire) ‖ Ed25519(sender, "persist/parcel/v1" ‖ postcard(ParcelWire))
 //! ```
 //!
+//! A key parcel also carries the revocations its sender knows (the
+//! newest [`REVOCATIONS_PER_PARCEL_MAX`]), under its signature: a member
+//! learns that a device is revoked no later than it learns the key of the
+//! epoch that revocation started, so it never passes that key on to the
+//! revoked device, and refuses what that device signs afterwards.
+//!
 //! The wrap is bound to the epoch's announcement hash, so a key cannot be
 //! replayed as another epoch's. The relay sees the store, the two device
 //! ids and the epoch number: the same metadata envelopes show it.
@@ -32,14 +38,18 @@ use sha2::Sha256;
 use zeroize::Zeroizing;
 
 use crate::ids::{DeviceId, Epoch, StoreId};
-use crate::keyring::Member;
+use crate::keyring::{Member, Revocation};
 use crate::keys::{DeviceIdentity, Secret32};
 
 const FORMAT: u8 = 1;
 const DOMAIN_SIGN: &[u8] = b"persist/parcel/v1";
 const DOMAIN_WRAP: &[u8] = b"persist/epoch-wrap/v1";
-/// Bytes of a parcel: far above any real one, far below a mailbox item.
-pub const PARCEL_BYTES_MAX: usize = 1024;
+/// Revocations a key parcel carries at most (the newest ones; devices
+/// also learn every revocation from its record).
+pub const REVOCATIONS_PER_PARCEL_MAX: usize = 256;
+/// Bytes of a parcel: above any real one (a revocation encodes in under
+/// 64 bytes), far below a mailbox item.
+pub const PARCEL_BYTES_MAX: usize = 1024 + REVOCATIONS_PER_PARCEL_MAX * 64;
 
 /// What a parcel says.
 pub enum Parcel {
@@ -51,6 +61,8 @@ pub enum Parcel {
         announcement: [u8; 32],
         /// `DEK_e`.
         key: Secret32,
+        /// The revocations the sender knows.
+        revocations: Vec<Revocation>,
     },
     /// The sender holds this epoch's key now.
     Ack {
@@ -101,6 +113,8 @@ struct ParcelWire {
     nonce: [u8; 12],
     #[serde(with = "serde_bytes")]
     sealed: Vec<u8>,
+    /// Empty for an acknowledgement.
+    revocations: Vec<Revocation>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -148,16 +162,33 @@ fn sign(sender: &DeviceIdentity, wire: &ParcelWire) -> Vec<u8> {
         .unwrap_or_else(|e| unreachable!("postcard to Vec cannot fail: {e}"))
 }
 
-/// A parcel carrying `key` of `epoch` from `sender` to `recipient`.
+/// What a key parcel carries.
+pub struct KeyParcel<'a> {
+    /// The epoch.
+    pub epoch: Epoch,
+    /// Its announcement hash.
+    pub announcement: [u8; 32],
+    /// `DEK_e`.
+    pub key: &'a Secret32,
+    /// The revocations the sender knows (the newest
+    /// [`REVOCATIONS_PER_PARCEL_MAX`] go in).
+    pub revocations: &'a [Revocation],
+}
+
+/// A parcel carrying `what` from `sender` to `recipient`.
 pub fn seal_key(
     store: StoreId,
     sender: &DeviceIdentity,
     recipient: &Member,
-    epoch: Epoch,
-    announcement: [u8; 32],
-    key: &Secret32,
+    what: KeyParcel<'_>,
     rng: &mut (impl CryptoRng + ?Sized),
 ) -> Vec<u8> {
+    let KeyParcel {
+        epoch,
+        announcement,
+        key,
+        revocations,
+    } = what;
     let eph = x25519_dalek::StaticSecret::random_from_rng(&mut *rng);
     let eph_pub = x25519_dalek::PublicKey::from(&eph).to_bytes();
     let shared = Zeroizing::new(
@@ -176,6 +207,8 @@ pub fn seal_key(
         ephemeral: Some(eph_pub),
         nonce,
         sealed: Vec::new(),
+        revocations: revocations[revocations.len().saturating_sub(REVOCATIONS_PER_PARCEL_MAX)..]
+            .to_vec(),
     };
     let kek = wrap_key(&shared, &eph_pub, &recipient.x25519_public, &wire);
     let mut buf = key.expose().to_vec();
@@ -205,6 +238,7 @@ pub fn seal_ack(
         ephemeral: None,
         nonce: [0; 12],
         sealed: Vec::new(),
+        revocations: Vec::new(),
     };
     sign(sender, &wire)
 }
@@ -223,7 +257,7 @@ pub fn open(
     let signed: Signed = postcard::from_bytes(bytes).map_err(|_| ParcelError::Malformed)?;
     let wire: ParcelWire =
         postcard::from_bytes(&signed.body).map_err(|_| ParcelError::Malformed)?;
-    if wire.format != FORMAT {
+    if wire.format != FORMAT || wire.revocations.len() > REVOCATIONS_PER_PARCEL_MAX {
         return Err(ParcelError::Malformed);
     }
     if wire.store != store.0 || wire.recipient != me.device_id().0 {
@@ -276,6 +310,7 @@ pub fn open(
             epoch,
             announcement: wire.announcement,
             key: Secret32::from_bytes(*buf),
+            revocations: wire.revocations,
         },
     ))
 }
@@ -312,13 +347,22 @@ mod tests {
         let b_member = b.own_member().unwrap().clone();
         let a_member = a.own_member().unwrap().clone();
         let key = Secret32::from_bytes([0x42; 32]);
+        let revoked = Revocation {
+            device_id: DeviceId([7; 16]),
+            by: a.device_id(),
+            epoch: Epoch(2),
+            at: Hlc { ms: 3, counter: 4 },
+        };
         let parcel = seal_key(
             a.store_id,
             &a.device,
             &b_member,
-            Epoch(2),
-            [9; 32],
-            &key,
+            KeyParcel {
+                epoch: Epoch(2),
+                announcement: [9; 32],
+                key: &key,
+                revocations: &[revoked],
+            },
             &mut rng,
         );
         assert!(
@@ -338,10 +382,12 @@ mod tests {
                 epoch,
                 announcement,
                 key: got,
+                revocations,
             } => {
                 assert_eq!(epoch, Epoch(2));
                 assert_eq!(announcement, [9; 32]);
                 assert!(got == key);
+                assert_eq!(revocations, [revoked]);
             }
             other => panic!("{other:?}"),
         }
@@ -370,6 +416,43 @@ mod tests {
                 "flip at {i} went unnoticed"
             );
         }
+    }
+
+    #[test]
+    fn a_parcel_carries_the_newest_revocations_within_its_bound() {
+        let (a, b, mut rng) = setup();
+        let b_member = b.own_member().unwrap().clone();
+        let a_member = a.own_member().unwrap().clone();
+        let many: Vec<Revocation> = (0..REVOCATIONS_PER_PARCEL_MAX + 10)
+            .map(|i| Revocation {
+                device_id: DeviceId([(i % 251) as u8; 16]),
+                by: a.device_id(),
+                epoch: Epoch(i as u32 + 1),
+                at: Hlc {
+                    ms: u64::MAX,
+                    counter: u16::MAX,
+                },
+            })
+            .collect();
+        let key = Secret32::from_bytes([1; 32]);
+        let parcel = seal_key(
+            a.store_id,
+            &a.device,
+            &b_member,
+            KeyParcel {
+                epoch: Epoch(9),
+                announcement: [9; 32],
+                key: &key,
+                revocations: &many,
+            },
+            &mut rng,
+        );
+        assert!(parcel.len() <= PARCEL_BYTES_MAX, "{} bytes", parcel.len());
+        let (_, opened) = open(a.store_id, &b.device, &[a_member], &parcel).unwrap();
+        let Parcel::Key { revocations, .. } = opened else {
+            panic!("a key parcel")
+        };
+        assert_eq!(revocations, many[10..]);
     }
 
     #[test]

@@ -16,6 +16,14 @@
 //! key's device id all agree) and its signature verifies under the key it
 //! announces. See [`check_self_announcement`].
 //!
+//! A revocation travels the same way: the revoking member writes a record
+//! at [`revocation_path`]`(device_id)` whose value is the [`Revocation`],
+//! sealed under the epoch the revocation started (which the revoked device
+//! never receives). A receiver takes it from a known, unrevoked signer
+//! when the record's origin is the revoker it names; see
+//! [`announced_revocation`]. Devices that join later learn revocations
+//! this way.
+//!
 //! # Invariants
 //! - A [`Member`] is only ever learned with its `device_id` equal to the
 //!   id derived from its Ed25519 key ([`DeviceId::from_public_key`]).
@@ -23,11 +31,57 @@
 use ed25519_dalek::VerifyingKey;
 
 use crate::ids::DeviceId;
-use crate::keyring::Member;
+use crate::keyring::{Member, Revocation};
 use crate::record::{Record, SYSTEM_PATH_PREFIX};
 
 /// The system path prefix of member announcements.
 const MEMBER_PATH: &str = "member/";
+/// The system path prefix of revocations.
+const REVOCATION_PATH: &str = "revoked/";
+
+/// The path of `device`'s revocation record.
+pub fn revocation_path(device: &DeviceId) -> String {
+    format!(
+        "{SYSTEM_PATH_PREFIX}{REVOCATION_PATH}{}",
+        hex::encode(device.0)
+    )
+}
+
+/// The value of the record of `revocation`.
+pub fn encode_revocation(revocation: &Revocation) -> Vec<u8> {
+    // A struct of fixed arrays and integers into a Vec cannot fail.
+    postcard::to_stdvec(revocation)
+        .unwrap_or_else(|e| unreachable!("postcard to Vec cannot fail: {e}"))
+}
+
+/// If `record` is a revocation record, the revocation it states, checked
+/// for consistency between its path, its value and its origin (the
+/// revoker wrote it); `None` for other records. The caller checks that
+/// the envelope's signer is a member it trusts.
+pub fn announced_revocation(record: &Record) -> Option<Result<Revocation, AnnouncementError>> {
+    let id_hex = record
+        .path
+        .strip_prefix(SYSTEM_PATH_PREFIX)?
+        .strip_prefix(REVOCATION_PATH)?;
+    let decoded = postcard::from_bytes::<Revocation>(&record.value)
+        .map_err(|e| AnnouncementError::Malformed(e.to_string()))
+        .and_then(|r| {
+            if hex::encode(r.device_id.0) != id_hex {
+                Err(AnnouncementError::Inconsistent(
+                    "revocation path names another device than its value",
+                ))
+            } else if r.by != record.origin {
+                Err(AnnouncementError::Inconsistent(
+                    "revocation was not written by the member it names as revoker",
+                ))
+            } else if r.by == r.device_id {
+                Err(AnnouncementError::Inconsistent("a device revoking itself"))
+            } else {
+                Ok(r)
+            }
+        });
+    Some(decoded)
+}
 
 /// The path of `device`'s announcement.
 pub fn member_path(device: &DeviceId) -> String {
@@ -128,6 +182,57 @@ mod tests {
             origin,
             hlc: Hlc { ms: 1, counter: 0 },
         }
+    }
+
+    #[test]
+    fn revocation_records_name_their_device_and_revoker() {
+        let a = ring(1).members[0].device_id;
+        let b = ring(2).members[0].device_id;
+        let c = ring(3).members[0].device_id;
+        let revocation = Revocation {
+            device_id: b,
+            by: a,
+            epoch: crate::Epoch(2),
+            at: Hlc { ms: 5, counter: 1 },
+        };
+        let record = |path: String, value: Vec<u8>, origin| Record {
+            path,
+            value,
+            origin,
+            hlc: Hlc { ms: 6, counter: 0 },
+        };
+        let good = record(revocation_path(&b), encode_revocation(&revocation), a);
+        assert!(is_system_path(&good.path) && validate_path(&good.path).is_err());
+        assert_eq!(announced_revocation(&good), Some(Ok(revocation)));
+        // Path naming another device.
+        let moved = record(revocation_path(&c), encode_revocation(&revocation), a);
+        assert!(matches!(
+            announced_revocation(&moved),
+            Some(Err(AnnouncementError::Inconsistent(_)))
+        ));
+        // Written by someone else than the revoker it names.
+        let forged = record(revocation_path(&b), encode_revocation(&revocation), c);
+        assert!(matches!(
+            announced_revocation(&forged),
+            Some(Err(AnnouncementError::Inconsistent(_)))
+        ));
+        // A device revoking itself.
+        let own = Revocation {
+            by: b,
+            ..revocation
+        };
+        let own = record(revocation_path(&b), encode_revocation(&own), b);
+        assert!(announced_revocation(&own).is_some_and(|r| r.is_err()));
+        // Garbage, and records of other kinds.
+        let garbage = record(revocation_path(&b), vec![0xff; 3], a);
+        assert!(matches!(
+            announced_revocation(&garbage),
+            Some(Err(AnnouncementError::Malformed(_)))
+        ));
+        let note = record("notes/1".into(), encode_revocation(&revocation), a);
+        assert_eq!(announced_revocation(&note), None);
+        let member = record(member_path(&b), encode_revocation(&revocation), a);
+        assert_eq!(announced_revocation(&member), None);
     }
 
     #[test]

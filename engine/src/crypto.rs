@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use persist_actors::key_manager::{self, KeyManagerMsg};
 use persist_actors::rotator::RotationProgress;
+use persist_core::hlc::Hlc;
 use persist_core::invite;
 use persist_core::{DeviceId, InviteId};
 use ractor::rpc::CallResult;
@@ -93,6 +94,9 @@ pub struct Device {
     pub added_at_ms: u64,
     /// Whether it is this device.
     pub this_device: bool,
+    /// Whether it was revoked: it receives no new key, and what it signs
+    /// after its revocation is refused.
+    pub revoked: bool,
 }
 
 /// A running rotation, from [`Crypto::rotate_key`].
@@ -232,10 +236,15 @@ impl Crypto<'_> {
             Ok(CallResult::Success(m)) => m,
             _ => return Err(KeyError::Closed),
         };
+        let revoked = match km.call(KeyManagerMsg::Revocations, None).await {
+            Ok(CallResult::Success(r)) => r,
+            _ => return Err(KeyError::Closed),
+        };
         let me = self.store.info().device_id;
         Ok(members
             .into_iter()
             .map(|m| Device {
+                revoked: revoked.iter().any(|r| r.device_id == m.device_id),
                 id: m.device_id,
                 name: m.name,
                 added_by: m.added_by,
@@ -243,6 +252,47 @@ impl Crypto<'_> {
                 this_device: m.device_id == me,
             })
             .collect())
+    }
+
+    /// Revokes member `device` (DESIGN.md, "Rotation and revocation"):
+    /// starts a new key epoch that it never receives and re-encrypts every
+    /// record under it in the background, as [`Crypto::rotate_key`] does;
+    /// the other members learn of the revocation with the new key, and
+    /// devices that join later from its record. From then on the revoked
+    /// device cannot read what is written, and every member that knows of
+    /// the revocation refuses what the device signs afterwards.
+    ///
+    /// Revocation is final for that device id. Errors: the device is not a
+    /// member, is this device, or is revoked already
+    /// ([`KeyError::CannotRevoke`]); nothing changes then.
+    pub async fn revoke_device(&self, device: DeviceId) -> Result<Rotation, KeyError> {
+        if self.store.is_read_only() {
+            return Err(KeyError::ReadOnly);
+        }
+        // Everything the device stamped up to now stands; what it stamps
+        // later (by its own clock, which may lag) is refused.
+        let at = Hlc {
+            ms: self.store.now_ms(),
+            counter: u16::MAX,
+        };
+        let revocation = self
+            .call(|reply| KeyManagerMsg::Revoke { device, at, reply })
+            .await?;
+        self.store.kick_courier();
+        self.store
+            .record_revocation(&revocation)
+            .await
+            .map_err(|e| {
+                KeyError::Failed(format!(
+                    "device {device} is revoked and the new key is in place, but the \
+                     revocation's record could not be written ({e}); devices that join \
+                     later will not know of it"
+                ))
+            })?;
+        Ok(Rotation {
+            epoch: revocation.epoch.0,
+            progress: self.store.rotation_progress(),
+        })
     }
 
     /// Operations that weaken security.
@@ -307,6 +357,7 @@ impl DangerousCrypto<'_> {
 fn map_key_error(e: key_manager::KeyError) -> KeyError {
     match e {
         key_manager::KeyError::NotEncrypted => KeyError::NotEncrypted,
+        key_manager::KeyError::Revoke(e) => KeyError::CannotRevoke(e),
         other => KeyError::Failed(other.to_string()),
     }
 }

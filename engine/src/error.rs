@@ -78,6 +78,9 @@ pub enum KeyError {
         "invites travel through a relay: open the store with sync (Config::sync) to create one"
     )]
     NoRelay,
+    /// The device cannot be revoked; nothing changed.
+    #[error(transparent)]
+    CannotRevoke(#[from] persist_core::keyring::RevokeError),
     /// The operation failed.
     #[error("{0}")]
     Failed(String),

@@ -92,6 +92,7 @@ pub use pairing::{JOIN_TIMEOUT_DEFAULT, JoinError};
 pub use persist_core::env::{Clock, Entropy, Env, ManualClock, SeededEntropy};
 pub use persist_core::export::{ExportError, KdfParams};
 pub use persist_core::invite::{InviteError, PairingError, Refusal};
+pub use persist_core::keyring::RevokeError;
 pub use persist_core::record::{PATH_BYTES_MAX, PathError, VALUE_BYTES_MAX};
 pub use persist_core::{DeviceId, InviteId, StoreId};
 pub use persist_storage::{Backend, MemoryBackend};

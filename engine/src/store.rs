@@ -535,6 +535,20 @@ impl Store {
         .await
     }
 
+    /// Writes the record of `revocation`, made by this device, for the
+    /// other members and those that join later (see
+    /// [`persist_core::membership`]).
+    pub(crate) async fn record_revocation(
+        &self,
+        revocation: &persist_core::keyring::Revocation,
+    ) -> Result<(), WriteError> {
+        self.write(vec![WriteOp::Put {
+            path: membership::revocation_path(&revocation.device_id),
+            value: membership::encode_revocation(revocation),
+        }])
+        .await
+    }
+
     /// Pushes every local change and pulls every remote one, once, and
     /// says how many went each way. Sync also runs in the background; this
     /// is for when the caller wants to know it is done. It also asks the
@@ -735,10 +749,16 @@ impl Store {
     pub async fn status(&self) -> Result<Status, ReadError> {
         let txn = self.inner.db.begin_read().map_err(storage_read_error)?;
         let keys = self.inner.keys.current();
-        // Member announcements are the store's own records, not the app's.
+        // Member announcements and revocations are the store's own
+        // records, not the app's.
+        let own = keys
+            .members
+            .keys()
+            .map(membership::member_path)
+            .chain(keys.revoked.keys().map(membership::revocation_path));
         let mut announcements = 0;
-        for device in keys.members.keys() {
-            let locator = keys.locator(&membership::member_path(device));
+        for path in own {
+            let locator = keys.locator(&path);
             if let Some(row) = txn.record(&locator).map_err(storage_read_error)?
                 && !row.tombstone
             {
