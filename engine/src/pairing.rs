@@ -56,14 +56,16 @@ pub enum JoinError {
         "the inviter did not answer within {waited_secs} s{}: it answers while its store is \
          open with sync (e.g. `persist sync --watch` or `persist serve` on the inviting \
          device); nothing was written",
-        match .last_error { Some(e) => format!(" (the relay {relay} was unreachable: {e})"), None => String::new() }
+        match .last_error { Some(e) => format!(" ({e})"), None => String::new() }
     )]
     TimedOut {
         /// How long it waited.
         waited_secs: u64,
         /// The relay.
         relay: String,
-        /// The last connection error, if the relay itself was the problem.
+        /// What went wrong with the relay last, if the relay was a
+        /// problem: unreachable, or it admits only its operator's devices
+        /// and the inviter has not opened the pairing there.
         last_error: Option<String>,
     },
     /// The relay refused the pairing store.
@@ -265,12 +267,13 @@ async fn join_inner(
             // The inviter has not yet made the pairing store on a relay
             // that admits only its operator's devices: wait for it.
             Err(LinkError::Refused(ErrorCode::AdmissionRequired, _)) => {
+                note(Some(admission_note(connector)));
                 failures += 1;
                 tokio::time::sleep(backoff(failures)).await;
                 continue;
             }
             Err(LinkError::Down(e)) => {
-                note(Some(e));
+                note(Some(unreachable_note(connector, &e)));
                 failures += 1;
                 tokio::time::sleep(backoff(failures)).await;
                 continue;
@@ -296,12 +299,29 @@ async fn join_inner(
             Err(Step::Link(LinkError::Refused(_, text))) => return Err(JoinFailure::Refused(text)),
             Err(Step::Link(LinkError::Down(e))) => {
                 tracing::debug!(error = %e, "pairing: relay connection lost; reconnecting");
-                note(Some(e));
+                note(Some(unreachable_note(connector, &e)));
                 failures += 1;
                 tokio::time::sleep(backoff(failures)).await;
             }
         }
     }
+}
+
+/// What a timed-out joiner says of an unreachable relay.
+fn unreachable_note(connector: &dyn Connector, error: &str) -> String {
+    format!("the relay {} was unreachable: {error}", connector.remote())
+}
+
+/// What a timed-out joiner says of a relay that refused to make the
+/// pairing store: only the inviter, with the operator's secret, can.
+fn admission_note(connector: &dyn Connector) -> String {
+    format!(
+        "the relay {} admits only its operator's devices, and the inviting device has not \
+         opened the pairing there: it answers only with the relay's admission secret \
+         (`persist invite create --admission-secret-file F`, or `persist sync --watch \
+         --admission-secret-file F`)",
+        connector.remote()
+    )
 }
 
 enum Step {
@@ -506,6 +526,7 @@ impl Responder {
         let mut state = Serving::Idle;
         let mut failures = 0u32;
         let mut since = 0;
+        let mut told_admission = false;
         if !self.route.used {
             tracing::info!(invite = %id, "waiting for a device to accept the invite");
         }
@@ -523,11 +544,28 @@ impl Responder {
             )
             .await
             {
-                Ok(mut link) => self.serve(&mut link, &mut state, &mut since).await,
+                Ok(mut link) => {
+                    failures = 0;
+                    self.serve(&mut link, &mut state, &mut since).await
+                }
                 Err(e) => Err(e),
             };
             match outcome {
                 Ok(()) => return,
+                // No admission secret (or a wrong one) for a relay that
+                // admits only its operator's devices. Kept trying: a
+                // joiner holding the secret may make the pairing store,
+                // which this side may then open without one.
+                Err(LinkError::Refused(ErrorCode::AdmissionRequired, text)) => {
+                    if !told_admission {
+                        tracing::warn!(invite = %id, %text,
+                            "the relay admits only its operator's devices: the invite is answered \
+                             once the store is opened with the relay's admission secret");
+                        told_admission = true;
+                    }
+                    failures += 1;
+                    self.pause(backoff(failures)).await;
+                }
                 Err(LinkError::Refused(code, text)) => {
                     tracing::warn!(invite = %id, ?code, %text,
                         "the relay refused the invite's mailbox; the invite cannot be answered");

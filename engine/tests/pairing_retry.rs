@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use persist::{Config, JoinError, KdfParams, OpenError, Remote, Store, SyncConfig};
-use persist_relay::{Admission, RelayConfig, RelayHandle};
+use persist_relay::{Admission, AdmissionSecret, RelayConfig, RelayHandle};
 use persist_storage::relay::RedbRelay;
 
 /// How long a test waits for something sync does in the background.
@@ -116,5 +116,85 @@ async fn a_join_retried_after_timing_out_succeeds_once_the_inviter_answers() {
     assert_eq!(devices.len(), 2, "only b joined, once: {devices:?}");
     a.close().await.unwrap();
     b.close().await.unwrap();
+    relay.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_admits_only_its_operators_devices_pairs_through_the_inviters_secret() {
+    const SECRET: &str = "operator's secret";
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = relay_with(
+        &tmp.path().join("relay"),
+        Admission::Secret(AdmissionSecret::new(SECRET).unwrap()),
+    )
+    .await;
+    let with_secret =
+        || device(tmp.path(), "a").sync(SyncConfig::new(remote(&relay).admission(SECRET)));
+    // The store is on the relay now; later opens need no secret.
+    let a = Store::open(with_secret()).await.unwrap();
+    a.put("before", "written before b joined").await.unwrap();
+    a.sync_now().await.unwrap();
+
+    // With the secret, the inviter makes the pairing store, and the new
+    // device, which holds nothing but the code, pairs through it.
+    let invite = a.crypto().create_invite().await.unwrap();
+    let b = Store::open(
+        device(tmp.path(), "b")
+            .invite(invite.code())
+            .invite_timeout(SETTLE),
+    )
+    .await
+    .expect("b joins through the closed relay");
+    b.sync_now().await.unwrap();
+    assert_eq!(
+        b.get::<String>("before").await.unwrap().as_deref(),
+        Some("written before b joined")
+    );
+    both_read_each_other(&a, &b).await;
+    a.close().await.unwrap();
+
+    // Without the secret, the inviter syncs its store but cannot make an
+    // invite's pairing store: the joiner times out and says why.
+    let a = Store::open(device(tmp.path(), "a").sync(SyncConfig::new(remote(&relay))))
+        .await
+        .unwrap();
+    a.sync_now()
+        .await
+        .expect("an existing store needs no secret");
+    let invite = a.crypto().create_invite().await.unwrap();
+    let err = Store::open(
+        device(tmp.path(), "c")
+            .invite(invite.code())
+            .invite_timeout(Duration::from_secs(3)),
+    )
+    .await
+    .unwrap_err();
+    let OpenError::Join(JoinError::TimedOut { last_error, .. }) = &err else {
+        panic!("expected a timeout: {err}");
+    };
+    assert!(
+        last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("admission secret")),
+        "{err}"
+    );
+    assert!(err.to_string().contains("--admission-secret-file"), "{err}");
+    nothing_written(tmp.path(), "c");
+    a.close().await.unwrap();
+
+    // Reopened with the secret, the inviter answers that same invite.
+    let a = Store::open(with_secret()).await.unwrap();
+    let c = Store::open(
+        device(tmp.path(), "c")
+            .invite(invite.code())
+            .invite_timeout(SETTLE),
+    )
+    .await
+    .expect("c joins once the inviter has the secret");
+    both_read_each_other(&a, &c).await;
+    assert_eq!(a.crypto().devices().await.unwrap().len(), 3);
+    for s in [a, b, c] {
+        s.close().await.unwrap();
+    }
     relay.shutdown().await;
 }
