@@ -264,6 +264,12 @@ enum InviteCommand {
         /// Never show the QR code.
         #[arg(long)]
         no_qr: bool,
+        /// The relay operator's admission secret (the file's first line),
+        /// for a relay that admits only its operator's devices: the invite
+        /// travels through a store of its own there, which needs it. It is
+        /// never stored.
+        #[arg(long, value_name = "F")]
+        admission_secret_file: Option<PathBuf>,
     },
     /// Join a store with an invite code, from an empty --store directory;
     /// prints the store id, the device id and where the key lives.
@@ -537,6 +543,7 @@ async fn run(command: Command) -> anyhow::Result<String> {
                 json,
                 qr,
                 no_qr,
+                admission_secret_file,
             } => {
                 let after = if no_wait {
                     AfterCreate::Return
@@ -548,7 +555,14 @@ async fn run(command: Command) -> anyhow::Result<String> {
                     (_, true) => Qr::Never,
                     _ => Qr::Auto,
                 };
-                pairing::create(target.into(), expires, after, qr, json).await
+                let options = pairing::CreateOptions {
+                    expires,
+                    after,
+                    qr,
+                    as_json: json,
+                    admission_file: admission_secret_file,
+                };
+                pairing::create(target.into(), options).await
             }
             InviteCommand::Accept {
                 target,

@@ -31,7 +31,7 @@ use zeroize::Zeroizing;
 
 use crate::commands::{self, Access, Target, finish, open_existing, open_syncing};
 use crate::failure::CliError;
-use crate::remote::{self, RemoteSpec, Trust};
+use crate::remote::{self, AdmissionSecret, RemoteSpec, Trust};
 use crate::sync::{self, Shutdown};
 
 /// The longest an invite lasts (the engine's limit).
@@ -68,23 +68,49 @@ pub(crate) enum AfterCreate {
     Return,
 }
 
-/// `persist invite create [--expires D] [--no-wait] [--json] [--qr|--no-qr]`.
+/// What `invite create` was asked for.
+pub(crate) struct CreateOptions {
+    /// How long the invite lasts.
+    pub(crate) expires: Duration,
+    /// Whether to wait for the new device.
+    pub(crate) after: AfterCreate,
+    /// Whether to show a QR code.
+    pub(crate) qr: Qr,
+    /// JSON instead of the bare code.
+    pub(crate) as_json: bool,
+    /// The relay operator's admission secret file (`--admission-secret-file`).
+    pub(crate) admission_file: Option<PathBuf>,
+}
+
+/// `persist invite create [--expires D] [--no-wait] [--json] [--qr|--no-qr]
+/// [--admission-secret-file F]`.
 ///
 /// Prints the code (or `{"code","id","expires_ms"}`) on stdout as soon as
 /// it is made, then, unless told not to, waits on stderr for the new
 /// device. Ctrl-C stops the wait, not the invite.
-pub(crate) async fn create(
-    target: Target,
-    expires: Duration,
-    after: AfterCreate,
-    qr: Qr,
-    as_json: bool,
-) -> anyhow::Result<String> {
+///
+/// On a relay that admits only its operator's devices, the pairing runs
+/// through a store of its own (named by the invite), which only a device
+/// holding the operator's secret may make there: hence the secret file, as
+/// for `init` and `sync`. It is read for this command and never kept.
+pub(crate) async fn create(target: Target, options: CreateOptions) -> anyhow::Result<String> {
+    let CreateOptions {
+        expires,
+        after,
+        qr,
+        as_json,
+        admission_file,
+    } = options;
     target.require_store()?;
     // The invite names the relay, and the engine answers it through the
     // store's sync session: both need the remote.
     let spec = remote::require(&target.dir)?;
-    let remote = spec.remote(None)?;
+    let admission = admission_file
+        .as_deref()
+        .map(AdmissionSecret::read)
+        .transpose()?;
+    let remote = spec.remote(admission.as_ref())?;
+    drop(admission);
     let mut shutdown = match after {
         AfterCreate::Wait => Some(Shutdown::listen()?),
         AfterCreate::Return => None,

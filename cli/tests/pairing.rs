@@ -11,6 +11,7 @@ use std::path::Path;
 use std::process::Child;
 use std::time::Duration;
 
+use persist_relay::{Admission, AdmissionSecret};
 use serde_json::{Value, json};
 
 use common::relay::{Relay, interrupt, lines};
@@ -312,4 +313,39 @@ fn bad_codes_and_options_exit_2_and_leave_nothing() {
         .expect(USAGE);
     assert!(out.stderr.contains("no store"), "{out:#?}");
     Sandbox::new().run("device list", &[]).expect(USAGE);
+}
+
+#[test]
+fn an_invite_pairs_through_a_relay_that_admits_only_its_operators_devices() {
+    let secret = "operator's secret";
+    let relay = Relay::start_with(Admission::Secret(AdmissionSecret::new(secret).unwrap()));
+    let a = Sandbox::new();
+    let file = a.path().join("admission");
+    std::fs::write(&file, format!("{secret}\n")).unwrap();
+    let file = file.to_str().unwrap();
+    let mut args = relay.args().to_vec();
+    args.extend(["--admission-secret-file", file]);
+    let a_init = a.run("init", &args).expect(OK);
+    a.put("notes/1", r#""from a""#);
+    a.run("sync", &[]).expect(OK);
+
+    let (inviter, code) = create_invite(&a, &["--admission-secret-file", file]);
+    assert!(code.starts_with(PREFIX), "{code}");
+    let b = Sandbox::new();
+    let joined = accept(&b, &code, &["--name", "phone", "--timeout", "1m"]).expect(OK);
+    assert_eq!(
+        field(&joined, "store id:"),
+        field(&a_init, "store id:"),
+        "{joined:#?}"
+    );
+    let (code_a, stderr) = finished(inviter);
+    assert_eq!(code_a, OK, "{stderr}");
+    assert!(
+        stderr.contains(&format!("device {} joined", device_id(&joined))),
+        "{stderr}"
+    );
+    b.run("sync", &[]).expect(OK);
+    assert_eq!(b.run("get", &["notes/1"]).expect(OK).stdout, "\"from a\"\n");
+    let kept = std::fs::read_to_string(a.store().join("remote.json")).unwrap();
+    assert!(!kept.contains(secret), "the secret is never kept: {kept}");
 }
