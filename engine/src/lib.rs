@@ -79,7 +79,6 @@ mod env;
 mod error;
 mod kek;
 mod pairing;
-mod rekey;
 mod serve;
 mod store;
 mod sync;
