@@ -400,7 +400,10 @@ fn join_exit(error: &JoinError) -> Exit {
 /// closed under it is not.
 fn key_op_exit(error: &KeyError) -> Exit {
     match error {
-        KeyError::ReadOnly | KeyError::NotEncrypted | KeyError::NoRelay => Exit::Usage,
+        KeyError::ReadOnly
+        | KeyError::NotEncrypted
+        | KeyError::NoRelay
+        | KeyError::CannotRevoke(_) => Exit::Usage,
         _ => Exit::Unexpected,
     }
 }

@@ -141,7 +141,10 @@ pub(crate) async fn rotate(target: Target, wait: bool) -> anyhow::Result<String>
 
 /// Shows the re-encryption's progress until it ends; returns the records
 /// resealed and the store's status at the end.
-async fn wait_for_rotation(store: &Store, rotation: Rotation) -> anyhow::Result<(u64, Status)> {
+pub(crate) async fn wait_for_rotation(
+    store: &Store,
+    rotation: Rotation,
+) -> anyhow::Result<(u64, Status)> {
     let bar = progress_bar();
     loop {
         let progress = rotation.progress();

@@ -28,6 +28,7 @@
 //! persist invite create --store ./s          # prints a one-time code, waits for the device
 //! persist invite accept --store ./t --key-file t.key CODE   # on the new device
 //! persist device list --store ./s            # ID<TAB>NAME<TAB>added by ID at TIME
+//! persist device revoke --store ./s ID       # a new epoch ID never gets
 //! ```
 //!
 //! Only `sync`, `status` (when a remote is set), `serve` and the `invite`
@@ -317,9 +318,24 @@ enum DeviceCommand {
         #[command(flatten)]
         target: TargetArgs,
         /// Print a JSON array of {"id","name","added_by","added_at_ms",
-        /// "added_at","this_device"}.
+        /// "added_at","this_device","revoked"}.
         #[arg(long)]
         json: bool,
+    },
+    /// Revoke device ID (from `device list`): start a new key epoch that it
+    /// never receives and re-encrypt every record under it, as `key rotate`
+    /// does. It can read nothing written afterwards, and the other members
+    /// refuse what it writes afterwards. They get the new key, and learn of
+    /// the revocation, the next time this store syncs. Final.
+    Revoke {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// The device id (32 hex digits).
+        #[arg(value_name = "ID")]
+        id: persist::DeviceId,
+        /// Re-encrypt every record now, with a progress bar.
+        #[arg(long)]
+        wait: bool,
     },
 }
 
@@ -578,6 +594,9 @@ async fn run(command: Command) -> anyhow::Result<String> {
         },
         Command::Device { command } => match command {
             DeviceCommand::List { target, json } => pairing::list(target.into(), json).await,
+            DeviceCommand::Revoke { target, id, wait } => {
+                pairing::revoke(target.into(), id, wait).await
+            }
         },
     }
 }

@@ -31,6 +31,7 @@ use zeroize::Zeroizing;
 
 use crate::commands::{self, Access, Target, finish, open_existing, open_syncing};
 use crate::failure::CliError;
+use crate::keys;
 use crate::remote::{self, AdmissionSecret, RemoteSpec, Trust};
 use crate::sync::{self, Shutdown};
 
@@ -232,9 +233,42 @@ pub(crate) async fn list(target: Target, as_json: bool) -> anyhow::Result<String
         if device.this_device {
             out.push_str("\t(this device)");
         }
+        if device.revoked {
+            out.push_str("\t(revoked)");
+        }
         out.push('\n');
     }
     Ok(out)
+}
+
+/// `persist device revoke ID [--wait]`: revokes a member; with `--wait`,
+/// re-encrypts every record under the new epoch before exiting.
+pub(crate) async fn revoke(
+    target: Target,
+    device: persist::DeviceId,
+    wait: bool,
+) -> anyhow::Result<String> {
+    let store = open_existing(&target, Access::Write).await?;
+    let revocation = match store.crypto().revoke_device(device).await {
+        Ok(r) => r,
+        Err(error) => return finish(store, Err(error)).await,
+    };
+    let epoch = revocation.epoch();
+    let head = format!(
+        "revoked device {device}: new key epoch {epoch}, which it never receives; the other \
+         members get it, and learn of the revocation, the next time this store syncs \
+         (`persist sync`)"
+    );
+    if !wait {
+        commands::close(store).await?;
+        return Ok(format!(
+            "{head}\nre-encryption continues the next time the store is opened read-write, \
+             or pass --wait\n"
+        ));
+    }
+    let result = keys::wait_for_rotation(&store, revocation).await;
+    let (resealed, _) = finish(store, result).await?;
+    Ok(format!("{head}\n{resealed} records resealed\n"))
 }
 
 /// Parses `--expires`: a duration of at most [`EXPIRY_MAX`].
@@ -399,6 +433,7 @@ fn device_json(device: &Device) -> serde_json::Value {
         "added_at_ms": device.added_at_ms,
         "added_at": utc_time(device.added_at_ms),
         "this_device": device.this_device,
+        "revoked": device.revoked,
     })
 }
 

@@ -349,3 +349,55 @@ fn an_invite_pairs_through_a_relay_that_admits_only_its_operators_devices() {
     let kept = std::fs::read_to_string(a.store().join("remote.json")).unwrap();
     assert!(!kept.contains(secret), "the secret is never kept: {kept}");
 }
+
+#[test]
+fn device_revoke_cuts_a_device_off_and_refuses_bad_ids() {
+    let relay = Relay::start();
+    let a = Sandbox::new();
+    let a_id = device_id(&a.run("init", &relay.args()).expect(OK));
+    a.put("notes/1", r#""before""#);
+    let (inviter, code) = create_invite(&a, &[]);
+    let b = Sandbox::new();
+    let b_id = device_id(&accept(&b, &code, &["--name", "phone"]).expect(OK));
+    assert_eq!(finished(inviter).0, OK);
+    b.run("sync", &[]).expect(OK);
+    a.run("sync", &[]).expect(OK);
+
+    // Bad ids are usage errors that change nothing.
+    for (id, says) in [
+        ("not-hex", "hex"),
+        (a_id.as_str(), "cannot revoke itself"),
+        ("00112233445566778899aabbccddeeff", "no member"),
+    ] {
+        let out = a.run("device revoke", &[id]).expect(USAGE);
+        assert!(out.stderr.contains(says), "{id}: {out:#?}");
+    }
+    let list = a.run("device list", &["--json"]).expect(OK).json();
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["revoked"] == json!(false)),
+        "{list}"
+    );
+
+    let out = a.run("device revoke", &[&b_id, "--wait"]).expect(OK);
+    assert!(
+        out.stdout
+            .starts_with(&format!("revoked device {b_id}: new key epoch 2")),
+        "{out:#?}"
+    );
+    let list = a.run("device list", &[]).expect(OK).stdout;
+    let b_row = list.lines().find(|l| l.starts_with(&b_id)).unwrap();
+    assert!(b_row.ends_with("\t(revoked)"), "{list}");
+    let out = a.run("device revoke", &[&b_id]).expect(USAGE);
+    assert!(out.stderr.contains("already revoked"), "{out:#?}");
+
+    // B reads nothing written after its revocation.
+    a.put("notes/2", r#""after""#);
+    a.run("sync", &[]).expect(OK);
+    b.run("sync", &[]).expect(OK);
+    assert_eq!(b.run("get", &["notes/1"]).expect(OK).stdout, "\"before\"\n");
+    let out = b.run("get", &["notes/2"]);
+    assert!(out.stderr.contains("no record"), "{out:#?}");
+}
