@@ -157,6 +157,7 @@ async fn a_revoked_device_reads_nothing_new_and_its_later_writes_are_refused() {
         let _ = b.sync_now().await;
         let _ = a.sync_now().await;
         b.get::<String>("notes/after").await.unwrap().is_some()
+            && b.get::<String>("notes/shared").await.unwrap().as_deref() == Some("after")
     })
     .await;
     assert!(revoked(&b, c_id).await, "b learned of the revocation");
