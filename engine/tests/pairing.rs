@@ -3,69 +3,19 @@
 //! relay that tampers with the handshake gets no keys.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
+mod common;
+
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use persist::{
-    Config, Entropy, InviteError, JoinError, KdfParams, OpenError, PairingError, Refusal, Remote,
-    Store, SyncConfig,
+    Entropy, InviteError, JoinError, OpenError, PairingError, Refusal, Store, SyncConfig,
 };
-use persist_relay::{RelayConfig, RelayHandle};
-use persist_storage::relay::{MemoryRelay, RedbRelay, RelayBackend};
+use persist_relay::{Admission, RelayHandle};
+use persist_storage::relay::{MemoryRelay, RelayBackend};
 
-/// How long a test waits for something sync does in the background.
-const SETTLE: Duration = Duration::from_secs(20);
-
-async fn relay_on<B: RelayBackend + 'static>(dir: &Path, backend: B) -> RelayHandle {
-    std::fs::create_dir_all(dir).unwrap();
-    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    persist_relay::start(RelayConfig::new(listen, dir), backend)
-        .await
-        .expect("relay starts")
-}
-
-async fn relay(dir: &Path) -> RelayHandle {
-    std::fs::create_dir_all(dir).unwrap();
-    let backend = RedbRelay::open(&dir.join("relay.redb")).expect("relay db");
-    relay_on(dir, backend).await
-}
-
-fn remote(relay: &RelayHandle) -> Remote {
-    let url = format!("quic://{}", relay.addr());
-    Remote::pinned(&url, &relay.pin().to_string()).expect("remote")
-}
-
-fn device(tmp: &Path, name: &str) -> Config {
-    Config::new(tmp.join(name).join("store"))
-        .key_file(tmp.join(name).join("keys").join("k.key"))
-        .name(name)
-        .dangerous()
-        .export_kdf(KdfParams::insecure_for_tests())
-        .done()
-}
-
-fn nothing_written(tmp: &Path, name: &str) {
-    let db = tmp.join(name).join("store").join(persist::DB_FILE);
-    assert!(!db.exists(), "a failed join left {}", db.display());
-    assert!(
-        !tmp.join(name).join("keys").join("k.key").exists(),
-        "a failed join left a device key"
-    );
-}
-
-/// Polls `check` every 20 ms until it holds, failing after [`SETTLE`].
-async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    const POLL: Duration = Duration::from_millis(20);
-    for _ in 0..SETTLE.as_millis() / POLL.as_millis() {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(POLL).await;
-    }
-    panic!("timed out: {what}");
-}
+use common::devices::{SETTLE, device, nothing_written, relay, relay_on, remote, until};
 
 async fn converge(stores: &[&Store]) {
     for _ in 0..2 {
@@ -252,7 +202,12 @@ async fn an_invite_works_once_and_bad_codes_write_nothing() {
     );
 
     // A code for another relay than the one configured.
-    let other = relay_on(&tmp.path().join("other"), MemoryRelay::new()).await;
+    let other = relay_on(
+        &tmp.path().join("other"),
+        MemoryRelay::new(),
+        Admission::Open,
+    )
+    .await;
     let err = Store::open(
         device(tmp.path(), "o")
             .invite(invite.code())
@@ -549,7 +504,7 @@ async fn pair_through(
         puts: Mutex::new(0),
         seen: seen.clone(),
     };
-    let relay = relay_on(&tmp.join("relay"), backend).await;
+    let relay = relay_on(&tmp.join("relay"), backend, Admission::Open).await;
     let a = Store::open(device(tmp, "a").sync(SyncConfig::new(remote(&relay))))
         .await
         .unwrap();

@@ -3,52 +3,17 @@
 //! relay that admits only its operator's devices.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
-use std::path::Path;
+mod common;
+
 use std::time::Duration;
 
-use persist::{Config, JoinError, KdfParams, OpenError, Remote, Store, SyncConfig};
-use persist_relay::{Admission, AdmissionSecret, RelayConfig, RelayHandle};
-use persist_storage::relay::RedbRelay;
+use persist::{JoinError, OpenError, Store, SyncConfig};
+use persist_relay::{Admission, AdmissionSecret};
 
-/// How long a test waits for something sync does in the background.
-const SETTLE: Duration = Duration::from_secs(20);
+use common::devices::{SETTLE, device, nothing_written, relay_with, remote};
+
 /// A join attempt meant to time out: the inviter is offline.
 const SHORT: Duration = Duration::from_millis(1500);
-
-async fn relay_with(dir: &Path, admission: Admission) -> RelayHandle {
-    std::fs::create_dir_all(dir).unwrap();
-    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    let mut config = RelayConfig::new(listen, dir);
-    config.admission = admission;
-    let backend = RedbRelay::open(&dir.join("relay.redb")).expect("relay db");
-    persist_relay::start(config, backend)
-        .await
-        .expect("relay starts")
-}
-
-fn remote(relay: &RelayHandle) -> Remote {
-    let url = format!("quic://{}", relay.addr());
-    Remote::pinned(&url, &relay.pin().to_string()).expect("remote")
-}
-
-fn device(tmp: &Path, name: &str) -> Config {
-    Config::new(tmp.join(name).join("store"))
-        .key_file(tmp.join(name).join("keys").join("k.key"))
-        .name(name)
-        .dangerous()
-        .export_kdf(KdfParams::insecure_for_tests())
-        .done()
-}
-
-fn nothing_written(tmp: &Path, name: &str) {
-    let db = tmp.join(name).join("store").join(persist::DB_FILE);
-    assert!(!db.exists(), "a failed join left {}", db.display());
-    assert!(
-        !tmp.join(name).join("keys").join("k.key").exists(),
-        "a failed join left a device key"
-    );
-}
 
 async fn converge(stores: &[&Store]) {
     for _ in 0..2 {

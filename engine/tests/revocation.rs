@@ -4,51 +4,13 @@
 //! including one that joins later.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
+mod common;
+
 use std::path::Path;
-use std::time::Duration;
 
-use persist::{Config, KdfParams, KeyError, Remote, RevokeError, Store, SyncConfig};
-use persist_relay::{RelayConfig, RelayHandle};
-use persist_storage::relay::RedbRelay;
+use persist::{KeyError, RevokeError, Store, SyncConfig};
 
-/// How long a test waits for something sync does in the background.
-const SETTLE: Duration = Duration::from_secs(20);
-
-async fn relay(dir: &Path) -> RelayHandle {
-    std::fs::create_dir_all(dir).unwrap();
-    let backend = RedbRelay::open(&dir.join("relay.redb")).expect("relay db");
-    let listen: SocketAddr = "127.0.0.1:0".parse().unwrap();
-    persist_relay::start(RelayConfig::new(listen, dir), backend)
-        .await
-        .expect("relay starts")
-}
-
-fn remote(relay: &RelayHandle) -> Remote {
-    let url = format!("quic://{}", relay.addr());
-    Remote::pinned(&url, &relay.pin().to_string()).expect("remote")
-}
-
-fn device(tmp: &Path, name: &str) -> Config {
-    Config::new(tmp.join(name).join("store"))
-        .key_file(tmp.join(name).join("keys").join("k.key"))
-        .name(name)
-        .dangerous()
-        .export_kdf(KdfParams::insecure_for_tests())
-        .done()
-}
-
-/// Polls `check` every 20 ms until it holds, failing after [`SETTLE`].
-async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    const POLL: Duration = Duration::from_millis(20);
-    for _ in 0..SETTLE.as_millis() / POLL.as_millis() {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(POLL).await;
-    }
-    panic!("timed out: {what}");
-}
+use common::devices::{SETTLE, device, relay, remote, until};
 
 /// Syncs every store until all are synced (nothing pending either way).
 async fn converge(stores: &[&Store]) {

@@ -4,6 +4,8 @@
 
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
+pub(crate) mod devices;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
