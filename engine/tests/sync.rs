@@ -13,6 +13,8 @@ use persist::{Change, Config, KdfParams, Remote, Store, SyncConfig, SyncError};
 use persist_relay::{RelayConfig, RelayHandle};
 use persist_storage::relay::RedbRelay;
 
+use common::devices::until;
+
 /// How long a test waits for something sync does in the background.
 const SETTLE: Duration = Duration::from_secs(20);
 
@@ -67,18 +69,6 @@ async fn pair(tmp: &Path, remote: &Remote) -> (Store, Store) {
     .await
     .expect("open b");
     (a, b)
-}
-
-/// Polls `check` every 20 ms until it holds, failing after [`SETTLE`].
-async fn until(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    const POLL: Duration = Duration::from_millis(20);
-    for _ in 0..SETTLE.as_millis() / POLL.as_millis() {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(POLL).await;
-    }
-    panic!("timed out: {what}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

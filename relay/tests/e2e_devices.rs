@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::devices::{converge, converge_bytes, pair};
+use common::devices::{converge, converge_bytes, pair, pull_until_applied};
 use common::scan::{Corpus, needles, poll};
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -230,21 +230,7 @@ async fn relay_process_keeps_and_logs_no_plaintext_and_no_key() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(pushed, "a pushed its reseals: {:?}", a.sync_status());
-    let mut settled = false;
-    for _ in 0..SETTLE.as_millis() / 50 {
-        let _ = b.sync_now().await;
-        let status = b.sync_status().unwrap();
-        if status.pulled > pulled_before && status.synced && status.held == 0 {
-            settled = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
-        settled,
-        "b pulled the reseals and holds nothing: {:?}",
-        b.sync_status()
-    );
+    pull_until_applied(&b, pulled_before).await;
     let got: Option<ByteBuf> = b.get(&format!("canary/{hex}/1")).await.unwrap();
     assert_eq!(got.map(ByteBuf::into_vec), Some(canary.to_vec()));
     let got: Option<ByteBuf> = a.get(&format!("from-b/{hex}")).await.unwrap();

@@ -27,7 +27,7 @@
 
 mod common;
 
-use common::devices::{converge, converge_bytes, pair};
+use common::devices::{converge, converge_bytes, pair, pull_until_applied};
 use common::scan::{Corpus, needles, poll};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -392,21 +392,7 @@ async fn no_table_and_no_database_log_holds_a_canary_or_a_key() {
     let pulled_before = b.sync_status().unwrap().pulled;
     a.crypto().rotate_key().await.unwrap().wait().await.unwrap();
     push_all(&a).await;
-    let mut settled = false;
-    for _ in 0..SETTLE.as_millis() / 50 {
-        let _ = b.sync_now().await;
-        let status = b.sync_status().unwrap();
-        if status.pulled > pulled_before && status.synced && status.held == 0 {
-            settled = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
-        settled,
-        "b pulled the reseals and holds nothing: {:?}",
-        b.sync_status()
-    );
+    pull_until_applied(&b, pulled_before).await;
     let got: Option<ByteBuf> = b.get(&format!("canary/{hex}/1")).await.unwrap();
     assert_eq!(got.map(ByteBuf::into_vec), Some(canary.to_vec()));
     let got: Option<ByteBuf> = a.get(&format!("from-b/{hex}")).await.unwrap();

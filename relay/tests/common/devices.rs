@@ -73,3 +73,21 @@ pub async fn converge_bytes(a: &Store, b: &Store) {
     }
     panic!("the devices did not converge");
 }
+
+/// Syncs `b` until it has applied remote writes beyond `pulled_before`
+/// (its status count before the writes were made) and holds nothing:
+/// every envelope it pulled opened, its keys included.
+pub async fn pull_until_applied(b: &Store, pulled_before: u64) {
+    for _ in 0..SETTLE.as_millis() / 50 {
+        let _ = b.sync_now().await;
+        let status = b.sync_status().unwrap();
+        if status.pulled > pulled_before && status.synced && status.held == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "b pulled the new writes and holds nothing: {:?}",
+        b.sync_status()
+    );
+}
