@@ -9,8 +9,9 @@
 //!
 //! **Messages.** [`KeyManagerMsg`]: `Describe`, `Rotate`, `RotationDone`,
 //! `PurgeRetired`, `AddMembers`, `OwnMember`, `Members`, `Export`,
-//! revocation (`Revoke`, `LearnRevocations`, `Revocations`), and the
-//! key parcels of rotation (`Parcels`, `TakeParcel`, `Acks`), and the
+//! revocation (`Revoke`, `LearnRevocations`, `Revocations`, and the
+//! switch of the relay to a new token: `RelaySwitch`, `PromoteAccess`),
+//! the key parcels of rotation (`Parcels`, `TakeParcel`, `Acks`), and the
 //! inviter's side of pairing: `CreateInvite`, `OpenInvites`,
 //! `AnswerInvite`, `RedeemInvite`. The Noise handshake runs here, beside the
 //! keys it uses, and only its session (never a key) leaves.
@@ -28,7 +29,7 @@ use persist_core::env::{Entropy, RngStream};
 use persist_core::export::{ExportedKeys, KdfParams, generate_passphrase};
 use persist_core::hlc::Hlc;
 use persist_core::invite::{self, Host, Invite, Joining, Opened};
-use persist_core::keyring::{EpochState, Keyring, Member, Revocation, RevokeError};
+use persist_core::keyring::{EpochState, Keyring, Member, NextRelayToken, Revocation, RevokeError};
 use persist_core::keys::Secret32;
 use persist_core::keywrap::{self, Parcel};
 use persist_core::protocol::AccessKey;
@@ -195,6 +196,18 @@ pub enum KeyManagerMsg {
     /// Which members acknowledged which epochs to this device (since it
     /// opened).
     Acks(RpcReplyPort<BTreeMap<Epoch, BTreeSet<DeviceId>>>),
+    /// Where the switch of the relay to a revocation's new token stands:
+    /// `None` when none is pending.
+    RelaySwitch(RpcReplyPort<Option<RelaySwitch>>),
+    /// The relay took the pending token whose credential is `access` (this
+    /// device switched it, or found it switched): make it the current
+    /// token, durably. Answers whether anything changed.
+    PromoteAccess {
+        /// The credential the relay took.
+        access: AccessKey,
+        /// Whether the keyring changed.
+        reply: RpcReplyPort<Result<bool, KeyError>>,
+    },
     /// Export the store's keys.
     Export {
         /// The passphrase to wrap under; `None` generates one.
@@ -238,6 +251,26 @@ pub struct Redeemed {
     pub keys: ExportedKeys,
     /// The members, the new one included.
     pub members: Vec<Member>,
+}
+
+/// A pending switch of the relay to a new token (see
+/// [`persist_core::keyring::NextRelayToken`]).
+#[derive(Clone, Debug)]
+pub struct RelaySwitch {
+    /// The epoch of the revocation that chose the token.
+    pub epoch: Epoch,
+    /// Whether this device made that revocation: only the revoker switches
+    /// the relay.
+    pub by_this_device: bool,
+    /// When the revocation was made (the revoker's clock, ms).
+    pub since_ms: u64,
+    /// The members (other than this device and the revoked) that have not
+    /// acknowledged the epoch's key to this device since the store opened.
+    pub waiting_for: Vec<DeviceId>,
+    /// The credential the relay holds now.
+    pub from: AccessKey,
+    /// The credential to switch it to.
+    pub to: AccessKey,
 }
 
 /// What taking a parcel did.
@@ -437,6 +470,23 @@ impl Actor for KeyManager {
             }
             KeyManagerMsg::Acks(reply) => {
                 let _ = reply.send(state.acks.clone());
+            }
+            KeyManagerMsg::RelaySwitch(reply) => {
+                let _ = reply.send(state.relay_switch());
+            }
+            KeyManagerMsg::PromoteAccess { access, reply } => {
+                let promoted = match &state.keyring {
+                    Some(ring) if ring.relay_token_next.is_some() => {
+                        state
+                            .change(|ring, _| Ok(ring.promote_relay_token(&access)))
+                            .await
+                    }
+                    _ => Ok(false),
+                };
+                if let Ok(true) = promoted {
+                    tracing::info!("the relay now takes this store's new access token");
+                }
+                let _ = reply.send(promoted);
             }
             KeyManagerMsg::Export {
                 passphrase,
@@ -664,6 +714,11 @@ impl KeyManagerState {
                         announcement: entry.announcement,
                         key,
                         revocations: &ring.revoked,
+                        relay_token: ring
+                            .relay_token_next
+                            .as_ref()
+                            .filter(|next| next.epoch == *epoch)
+                            .map(|next| &next.token),
                     },
                     &mut self.rng,
                 );
@@ -700,6 +755,7 @@ impl KeyManagerState {
                 announcement,
                 key,
                 revocations,
+                relay_token,
             } => {
                 // The revocations first, durably: once the key is here the
                 // courier may pass it on, and never to a revoked device.
@@ -711,6 +767,14 @@ impl KeyManagerState {
                 }
                 let store = ring.store_id;
                 let held = ring.epochs.get(&epoch).map(|e| e.announcement);
+                // The relay token travels only with the key of the
+                // revocation that chose it; an epoch this device holds under
+                // another announcement is not that revocation's.
+                if held.is_none_or(|a| a == announcement)
+                    && let Some(token) = relay_token
+                {
+                    self.learn_relay_token(epoch, token).await?;
+                }
                 let new_epoch = match held {
                     Some(a) if a == announcement => None,
                     Some(_) => {
@@ -719,10 +783,12 @@ impl KeyManagerState {
                         return Ok(Taken::default());
                     }
                     None => {
+                        let ring = self.keyring.as_ref().ok_or(KeyError::NotEncrypted)?;
                         let keys = ExportedKeys {
                             store_id: store,
                             index_key: ring.index_key.secret().duplicate(),
                             relay_token: ring.relay_token.duplicate(),
+                            relay_token_next: None,
                             current: epoch,
                             epochs: vec![(
                                 epoch,
@@ -750,6 +816,56 @@ impl KeyManagerState {
                 })
             }
         }
+    }
+
+    /// Keeps the relay token a member sent with `epoch`'s key, durably,
+    /// unless this device holds it or a later one already.
+    async fn learn_relay_token(&mut self, epoch: Epoch, token: Secret32) -> Result<(), KeyError> {
+        let next = NextRelayToken { epoch, token };
+        let Some(ring) = self.keyring.as_ref() else {
+            return Ok(());
+        };
+        let known = next.token == ring.relay_token
+            || ring
+                .relay_token_next
+                .as_ref()
+                .is_some_and(|held| held.epoch >= epoch);
+        if known {
+            return Ok(());
+        }
+        if self
+            .change(|ring, _| Ok(ring.learn_relay_token(next)))
+            .await?
+        {
+            tracing::info!(
+                ?epoch,
+                "received the relay token a revocation chose; the relay switches to it soon"
+            );
+        }
+        Ok(())
+    }
+
+    fn relay_switch(&self) -> Option<RelaySwitch> {
+        let ring = self.keyring.as_ref()?;
+        let next = ring.relay_token_next.as_ref()?;
+        let me = ring.device_id();
+        let revocation = ring.revoked.iter().find(|r| r.epoch == next.epoch);
+        let acked = self.acks.get(&next.epoch);
+        let waiting_for = ring
+            .members
+            .iter()
+            .map(|m| m.device_id)
+            .filter(|d| *d != me && ring.revocation(d).is_none())
+            .filter(|d| acked.is_none_or(|a| !a.contains(d)))
+            .collect();
+        Some(RelaySwitch {
+            epoch: next.epoch,
+            by_this_device: revocation.is_some_and(|r| r.by == me),
+            since_ms: revocation.map_or(0, |r| r.at.ms),
+            waiting_for,
+            from: AccessKey::derive(&ring.relay_token, &ring.store_id),
+            to: AccessKey::derive(&next.token, &ring.store_id),
+        })
     }
 
     /// Purges retired epochs, re-checking that none holds a record.

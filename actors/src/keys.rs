@@ -54,6 +54,10 @@ pub struct KeySet {
     /// The credential a remote checks (derived from the relay token), or
     /// `None` for a store that does not encrypt.
     pub access: Option<AccessKey>,
+    /// The credential of the relay token a revocation chose, while the
+    /// relay has not been switched to it: presented when `access` is
+    /// refused (the switch happened since).
+    pub access_next: Option<AccessKey>,
 }
 
 /// Secret keys of an encrypted store.
@@ -86,6 +90,10 @@ impl KeySet {
             members,
             revoked: ring.revoked.iter().map(|r| (r.device_id, *r)).collect(),
             access: Some(AccessKey::derive(&ring.relay_token, &ring.store_id)),
+            access_next: ring
+                .relay_token_next
+                .as_ref()
+                .map(|next| AccessKey::derive(&next.token, &ring.store_id)),
             crypto: Some(CryptoKeys {
                 index: IndexKey::new(ring.index_key.secret().duplicate()),
                 epochs,
@@ -104,6 +112,7 @@ impl KeySet {
             members: BTreeMap::new(),
             revoked: BTreeMap::new(),
             access: None,
+            access_next: None,
         }
     }
 

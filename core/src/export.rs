@@ -37,7 +37,7 @@ use sha2::{Digest, Sha256};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::ids::{Epoch, StoreId};
-use crate::keyring::{EpochEntry, EpochState, Keyring};
+use crate::keyring::{EpochEntry, EpochState, Keyring, NextRelayToken};
 use crate::keys::Secret32;
 
 /// Prefix of a passphrase-wrapped export.
@@ -118,6 +118,8 @@ pub struct ExportedKeys {
     pub index_key: Secret32,
     /// The relay token.
     pub relay_token: Secret32,
+    /// The token a pending revocation will switch the relay to.
+    pub relay_token_next: Option<NextRelayToken>,
     /// The epoch new writes use.
     pub current: Epoch,
     /// Every unpurged epoch.
@@ -170,6 +172,10 @@ impl ExportedKeys {
             store_id: ring.store_id,
             index_key: ring.index_key.secret().duplicate(),
             relay_token: ring.relay_token.duplicate(),
+            relay_token_next: ring
+                .relay_token_next
+                .as_ref()
+                .map(NextRelayToken::duplicate),
             current: ring.current,
             epochs: ring
                 .epochs
@@ -295,6 +301,10 @@ impl ExportedKeys {
             store_id: self.store_id.0,
             index_key: *self.index_key.expose(),
             relay_token: *self.relay_token.expose(),
+            relay_token_next: self
+                .relay_token_next
+                .as_ref()
+                .map(|n| (n.epoch.0, *n.token.expose())),
             current: self.current.0,
             epochs: self
                 .epochs
@@ -344,6 +354,10 @@ impl ExportedKeys {
             store_id: StoreId(wire.store_id),
             index_key: Secret32::from_bytes(wire.index_key),
             relay_token: Secret32::from_bytes(wire.relay_token),
+            relay_token_next: wire.relay_token_next.map(|(epoch, token)| NextRelayToken {
+                epoch: Epoch(epoch),
+                token: Secret32::from_bytes(token),
+            }),
             current,
             epochs,
         })
@@ -415,6 +429,7 @@ struct ExportWire {
     store_id: [u8; 16],
     index_key: [u8; 32],
     relay_token: [u8; 32],
+    relay_token_next: Option<(u32, [u8; 32])>,
     current: u32,
     epochs: Vec<ExportEpoch>,
 }

@@ -120,6 +120,41 @@ impl Revocation {
     }
 }
 
+/// The relay token a revocation chose, before the relay is switched to it
+/// (DESIGN.md, "Rotation and revocation", step 6).
+///
+/// The revoked device knows the current token, so a revocation makes a
+/// new one. It travels to the other members sealed beside the key of the
+/// revocation's epoch, which the revoked device never receives. The relay
+/// is switched only once every remaining member has acknowledged that key
+/// (or a grace period has passed): a member that found the old token
+/// refused could no longer reach its mailbox to learn the new one. Until
+/// the switch, a device holds both and presents the current one first.
+pub struct NextRelayToken {
+    /// The epoch of the revocation that made it.
+    pub epoch: Epoch,
+    /// The token.
+    pub token: Secret32,
+}
+
+impl NextRelayToken {
+    /// A copy (the token is not `Clone`, so copies are deliberate).
+    pub fn duplicate(&self) -> Self {
+        Self {
+            epoch: self.epoch,
+            token: self.token.duplicate(),
+        }
+    }
+}
+
+impl std::fmt::Debug for NextRelayToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NextRelayToken")
+            .field("epoch", &self.epoch)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Why a device cannot be revoked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -167,6 +202,9 @@ pub struct Keyring {
     pub index_key: IndexKey,
     /// The relay access token (the relay keeps only its SHA-256).
     pub relay_token: Secret32,
+    /// The token a revocation will switch the relay to, while the switch
+    /// is pending (see [`NextRelayToken`]).
+    pub relay_token_next: Option<NextRelayToken>,
     /// Data keys by epoch.
     pub epochs: BTreeMap<Epoch, EpochEntry>,
     /// The epoch new writes use.
@@ -224,6 +262,7 @@ impl Keyring {
             device,
             index_key: IndexKey::new(Secret32::random(rng)),
             relay_token: Secret32::random(rng),
+            relay_token_next: None,
             epochs: BTreeMap::new(),
             current: Epoch::FIRST,
             members: vec![me],
@@ -257,6 +296,7 @@ impl Keyring {
             device,
             index_key: IndexKey::new(keys.index_key),
             relay_token: keys.relay_token,
+            relay_token_next: keys.relay_token_next,
             epochs: keys.epochs.into_iter().collect(),
             current: keys.current,
             members: vec![me],
@@ -304,12 +344,29 @@ impl Keyring {
         if keys.store_id != self.store_id {
             return Err(KeyringError::Invalid("the export belongs to another store"));
         }
+        // The relay tokens agree, or one side has switched to the token the
+        // other holds as its next.
+        let they_switched = self
+            .relay_token_next
+            .as_ref()
+            .is_some_and(|n| n.token == keys.relay_token);
+        let we_switched = keys
+            .relay_token_next
+            .as_ref()
+            .is_some_and(|n| n.token == self.relay_token);
         if keys.index_key.expose() != self.index_key.secret().expose()
-            || keys.relay_token != self.relay_token
+            || !(keys.relay_token == self.relay_token || they_switched || we_switched)
         {
             return Err(KeyringError::Invalid(
                 "the export's index key or relay token differ from this store's",
             ));
+        }
+        if they_switched {
+            if let Some(next) = self.relay_token_next.take() {
+                self.relay_token = next.token;
+            }
+        } else if !we_switched && let Some(next) = keys.relay_token_next {
+            self.learn_relay_token(next);
         }
         let mut merge = Merge::default();
         let newer = keys.current > self.current;
@@ -416,7 +473,48 @@ impl Keyring {
             at,
         };
         self.revoked.push(revocation);
+        // A later revocation's token supersedes an earlier one not yet
+        // switched to: the relay moves straight to the newest.
+        self.relay_token_next = Some(NextRelayToken {
+            epoch,
+            token: Secret32::random(rng),
+        });
         Ok(revocation)
+    }
+
+    /// Keeps `next`, a relay token a member sent with the key of
+    /// `next.epoch`, unless this keyring already holds that token or a
+    /// token of a later revocation. Returns whether it was kept.
+    pub fn learn_relay_token(&mut self, next: NextRelayToken) -> bool {
+        if next.token == self.relay_token {
+            return false;
+        }
+        if self
+            .relay_token_next
+            .as_ref()
+            .is_some_and(|held| held.epoch >= next.epoch)
+        {
+            return false;
+        }
+        self.relay_token_next = Some(next);
+        true
+    }
+
+    /// The relay now takes the pending token whose credential for this
+    /// store is `access`: it becomes the current token. Returns whether
+    /// anything changed (`false` when no pending token has that credential,
+    /// e.g. it was promoted already).
+    pub fn promote_relay_token(&mut self, access: &crate::protocol::AccessKey) -> bool {
+        let matches = self.relay_token_next.as_ref().is_some_and(|next| {
+            crate::protocol::AccessKey::derive(&next.token, &self.store_id) == *access
+        });
+        if !matches {
+            return false;
+        }
+        if let Some(next) = self.relay_token_next.take() {
+            self.relay_token = next.token;
+        }
+        true
     }
 
     /// Records the revocations among `learned` that are new here: of
@@ -562,6 +660,10 @@ impl Keyring {
             x25519: *self.device.x25519_secret().expose(),
             index_key: *self.index_key.secret().expose(),
             relay_token: *self.relay_token.expose(),
+            relay_token_next: self
+                .relay_token_next
+                .as_ref()
+                .map(|n| (n.epoch.0, *n.token.expose())),
             current: self.current.0,
             epochs: self
                 .epochs
@@ -624,6 +726,10 @@ impl Keyring {
             ),
             index_key: IndexKey::new(Secret32::from_bytes(w.index_key)),
             relay_token: Secret32::from_bytes(w.relay_token),
+            relay_token_next: w.relay_token_next.map(|(epoch, token)| NextRelayToken {
+                epoch: Epoch(epoch),
+                token: Secret32::from_bytes(token),
+            }),
             epochs,
             current,
             members: w.members.iter().map(Member::from).collect(),
@@ -650,6 +756,7 @@ struct KeyringWire {
     x25519: [u8; 32],
     index_key: [u8; 32],
     relay_token: [u8; 32],
+    relay_token_next: Option<(u32, [u8; 32])>,
     current: u32,
     epochs: Vec<EpochWire>,
     members: Vec<MemberWire>,
@@ -876,6 +983,86 @@ mod tests {
             [revocation]
         );
         assert!(third.learn_revocations(&[revocation]).is_empty());
+    }
+
+    #[test]
+    fn a_revocation_chooses_the_next_relay_token_which_travels_and_is_promoted() {
+        use crate::protocol::AccessKey;
+        let mut a = ring(1);
+        let other = ring(2).members[0].clone();
+        let mut rng = SeededEntropy::from_u64(3).stream("t");
+        // b: another member holding a's store secrets.
+        let mut b = Keyring::from_export(
+            ring(4).device,
+            crate::export::ExportedKeys::from_keyring(&a),
+            "b",
+            Hlc::default(),
+        );
+        assert!(a.add_member(other.clone()));
+        let old = a.relay_token.duplicate();
+        let revocation = a
+            .revoke(other.device_id, Hlc { ms: 9, counter: 0 }, &mut rng)
+            .unwrap();
+        let next = a
+            .relay_token_next
+            .as_ref()
+            .expect("a pending token")
+            .duplicate();
+        assert_eq!(next.epoch, revocation.epoch);
+        assert!(
+            next.token != old && a.relay_token == old,
+            "not switched yet"
+        );
+
+        // Kept sealed, and carried by exports (and so by pairing grants).
+        let kek = Secret32::from_bytes([9; 32]);
+        let back = Keyring::open(&a.seal(&kek, &mut rng), &a.store_id, &kek).unwrap();
+        assert!(back.relay_token_next.as_ref().unwrap().token == next.token);
+        let exported = crate::export::ExportedKeys::from_keyring(&a);
+        assert!(exported.relay_token_next.as_ref().unwrap().token == next.token);
+        let decoded = crate::export::ExportedKeys::decode(&exported.encode()).unwrap();
+        assert!(decoded.relay_token_next.unwrap().token == next.token);
+
+        // Learned once; an older revocation's token never replaces it.
+        assert!(b.learn_relay_token(next.duplicate()));
+        assert!(!b.learn_relay_token(next.duplicate()));
+        let older = NextRelayToken {
+            epoch: Epoch::FIRST,
+            token: Secret32::from_bytes([5; 32]),
+        };
+        assert!(!b.learn_relay_token(older));
+        assert!(b.relay_token_next.as_ref().unwrap().token == next.token);
+
+        // Promoted only by the pending token's own credential.
+        assert!(!b.promote_relay_token(&AccessKey::derive(&old, &b.store_id)));
+        let new_access = AccessKey::derive(&next.token, &b.store_id);
+        assert!(b.promote_relay_token(&new_access));
+        assert!(b.relay_token == next.token && b.relay_token_next.is_none());
+        assert!(!b.promote_relay_token(&new_access), "once");
+        assert!(
+            !b.learn_relay_token(next.duplicate()),
+            "the current token is not next"
+        );
+
+        // An export across the switch merges either way, and the side that
+        // had not switched switches.
+        assert!(
+            a.merge_export(crate::export::ExportedKeys::from_keyring(&b))
+                .is_ok()
+        );
+        assert!(a.relay_token == next.token && a.relay_token_next.is_none());
+        let mut c = Keyring::from_export(
+            ring(5).device,
+            crate::export::ExportedKeys::from_keyring(&ring(6)),
+            "c",
+            Hlc::default(),
+        );
+        c.store_id = a.store_id;
+        assert!(
+            c.merge_export(crate::export::ExportedKeys::from_keyring(&a))
+                .is_err(),
+            "an unrelated token is refused"
+        );
     }
 
     #[test]

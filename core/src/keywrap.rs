@@ -47,6 +47,10 @@ const DOMAIN_WRAP: &[u8] = b"persist/epoch-wrap/v1";
 /// Revocations a key parcel carries at most (the newest ones; devices
 /// also learn every revocation from its record).
 pub const REVOCATIONS_PER_PARCEL_MAX: usize = 256;
+/// Bytes of a sealed key with its GCM tag.
+const SEALED_KEY_BYTES: usize = 32 + 16;
+/// Bytes of a sealed key and relay token with its GCM tag.
+const SEALED_WITH_TOKEN_BYTES: usize = 64 + 16;
 /// Bytes of a parcel: above any real one (a revocation encodes in under
 /// 64 bytes), far below a mailbox item.
 pub const PARCEL_BYTES_MAX: usize = 1024 + REVOCATIONS_PER_PARCEL_MAX * 64;
@@ -63,6 +67,9 @@ pub enum Parcel {
         key: Secret32,
         /// The revocations the sender knows.
         revocations: Vec<Revocation>,
+        /// The relay token of the revocation that started `epoch`, while
+        /// the relay has not been switched to it.
+        relay_token: Option<Secret32>,
     },
     /// The sender holds this epoch's key now.
     Ack {
@@ -173,6 +180,9 @@ pub struct KeyParcel<'a> {
     /// The revocations the sender knows (the newest
     /// [`REVOCATIONS_PER_PARCEL_MAX`] go in).
     pub revocations: &'a [Revocation],
+    /// The relay token the revocation that started `epoch` chose, while
+    /// the switch to it is pending: sealed beside the key.
+    pub relay_token: Option<&'a Secret32>,
 }
 
 /// A parcel carrying `what` from `sender` to `recipient`.
@@ -188,6 +198,7 @@ pub fn seal_key(
         announcement,
         key,
         revocations,
+        relay_token,
     } = what;
     let eph = x25519_dalek::StaticSecret::random_from_rng(&mut *rng);
     let eph_pub = x25519_dalek::PublicKey::from(&eph).to_bytes();
@@ -211,12 +222,16 @@ pub fn seal_key(
             .to_vec(),
     };
     let kek = wrap_key(&shared, &eph_pub, &recipient.x25519_public, &wire);
-    let mut buf = key.expose().to_vec();
+    let mut buf = Zeroizing::new(Vec::with_capacity(SEALED_WITH_TOKEN_BYTES));
+    buf.extend_from_slice(key.expose());
+    if let Some(token) = relay_token {
+        buf.extend_from_slice(token.expose());
+    }
     let tag = Aes256Gcm::new((&*kek).into())
         .encrypt_inout_detached(&nonce.into(), &header(&wire), buf.as_mut_slice().into())
-        .unwrap_or_else(|_| unreachable!("32 bytes is far below GCM's limit"));
+        .unwrap_or_else(|_| unreachable!("64 bytes is far below GCM's limit"));
     buf.extend_from_slice(&tag);
-    wire.sealed = buf;
+    wire.sealed = buf.to_vec();
     sign(sender, &wire)
 }
 
@@ -282,9 +297,11 @@ pub fn open(
             },
         ));
     };
-    if wire.sealed.len() != 32 + 16 {
-        return Err(ParcelError::Malformed);
-    }
+    let with_token = match wire.sealed.len() {
+        SEALED_KEY_BYTES => false,
+        SEALED_WITH_TOKEN_BYTES => true,
+        _ => return Err(ParcelError::Malformed),
+    };
     let secret = me.x25519_secret();
     let shared = Zeroizing::new(
         x25519_dalek::StaticSecret::from(*secret.expose())
@@ -292,25 +309,32 @@ pub fn open(
             .to_bytes(),
     );
     let kek = wrap_key(&shared, &eph_pub, &me.x25519_public(), &wire);
-    let (ct, tag) = wire.sealed.split_at(32);
-    let mut buf = Zeroizing::new([0u8; 32]);
-    buf.copy_from_slice(ct);
+    let (ct, tag) = wire.sealed.split_at(wire.sealed.len() - 16);
+    let mut buf = Zeroizing::new([0u8; 64]);
+    let plain = &mut buf[..ct.len()];
+    plain.copy_from_slice(ct);
     let tag: [u8; 16] = tag.try_into().map_err(|_| ParcelError::Malformed)?;
     Aes256Gcm::new((&*kek).into())
         .decrypt_inout_detached(
             &wire.nonce.into(),
             &header(&wire),
-            buf.as_mut_slice().into(),
+            plain.into(),
             &tag.into(),
         )
         .map_err(|_| ParcelError::Forged)?;
+    let half = |at: usize| {
+        let mut k = [0u8; 32];
+        k.copy_from_slice(&buf[at..at + 32]);
+        Secret32::from_bytes(k)
+    };
     Ok((
         sender,
         Parcel::Key {
             epoch,
             announcement: wire.announcement,
-            key: Secret32::from_bytes(*buf),
+            key: half(0),
             revocations: wire.revocations,
+            relay_token: with_token.then(|| half(32)),
         },
     ))
 }
@@ -347,74 +371,82 @@ mod tests {
         let b_member = b.own_member().unwrap().clone();
         let a_member = a.own_member().unwrap().clone();
         let key = Secret32::from_bytes([0x42; 32]);
+        let token = Secret32::from_bytes([0x24; 32]);
         let revoked = Revocation {
             device_id: DeviceId([7; 16]),
             by: a.device_id(),
             epoch: Epoch(2),
             at: Hlc { ms: 3, counter: 4 },
         };
-        let parcel = seal_key(
-            a.store_id,
-            &a.device,
-            &b_member,
-            KeyParcel {
-                epoch: Epoch(2),
-                announcement: [9; 32],
-                key: &key,
-                revocations: &[revoked],
-            },
-            &mut rng,
-        );
-        assert!(
-            !parcel.windows(8).any(|w| w == [0x42; 8]),
-            "the key is sealed"
-        );
-        let (sender, opened) = open(
-            a.store_id,
-            &b.device,
-            std::slice::from_ref(&a_member),
-            &parcel,
-        )
-        .unwrap();
-        assert_eq!(sender, a.device_id());
-        match opened {
-            Parcel::Key {
-                epoch,
-                announcement,
-                key: got,
-                revocations,
-            } => {
-                assert_eq!(epoch, Epoch(2));
-                assert_eq!(announcement, [9; 32]);
-                assert!(got == key);
-                assert_eq!(revocations, [revoked]);
-            }
-            other => panic!("{other:?}"),
-        }
-        // Not for a: misaddressed.
-        assert_eq!(
-            open(
+        for relay_token in [None, Some(&token)] {
+            let parcel = seal_key(
                 a.store_id,
                 &a.device,
-                std::slice::from_ref(&a_member),
-                &parcel
-            )
-            .unwrap_err(),
-            ParcelError::Misaddressed
-        );
-        // From someone b does not know.
-        assert_eq!(
-            open(a.store_id, &b.device, &[], &parcel).unwrap_err(),
-            ParcelError::UnknownSender(a.device_id())
-        );
-        // Every flipped byte is caught.
-        for i in 0..parcel.len() {
-            let mut bad = parcel.clone();
-            bad[i] ^= 0x01;
-            assert!(
-                open(a.store_id, &b.device, std::slice::from_ref(&a_member), &bad).is_err(),
-                "flip at {i} went unnoticed"
+                &b_member,
+                KeyParcel {
+                    epoch: Epoch(2),
+                    announcement: [9; 32],
+                    key: &key,
+                    revocations: &[revoked],
+                    relay_token,
+                },
+                &mut rng,
             );
+            for secret in [[0x42; 8], [0x24; 8]] {
+                assert!(
+                    !parcel.windows(8).any(|w| w == secret),
+                    "the key and the token are sealed"
+                );
+            }
+            let (sender, opened) = open(
+                a.store_id,
+                &b.device,
+                std::slice::from_ref(&a_member),
+                &parcel,
+            )
+            .unwrap();
+            assert_eq!(sender, a.device_id());
+            match opened {
+                Parcel::Key {
+                    epoch,
+                    announcement,
+                    key: got,
+                    revocations,
+                    relay_token: got_token,
+                } => {
+                    assert_eq!(epoch, Epoch(2));
+                    assert_eq!(announcement, [9; 32]);
+                    assert!(got == key);
+                    assert_eq!(revocations, [revoked]);
+                    assert!(got_token.as_ref() == relay_token, "the token as sealed");
+                }
+                other => panic!("{other:?}"),
+            }
+            // Not for a: misaddressed.
+            assert_eq!(
+                open(
+                    a.store_id,
+                    &a.device,
+                    std::slice::from_ref(&a_member),
+                    &parcel
+                )
+                .unwrap_err(),
+                ParcelError::Misaddressed
+            );
+            // From someone b does not know.
+            assert_eq!(
+                open(a.store_id, &b.device, &[], &parcel).unwrap_err(),
+                ParcelError::UnknownSender(a.device_id())
+            );
+            // Every flipped byte is caught.
+            for i in 0..parcel.len() {
+                let mut bad = parcel.clone();
+                bad[i] ^= 0x01;
+                assert!(
+                    open(a.store_id, &b.device, std::slice::from_ref(&a_member), &bad).is_err(),
+                    "flip at {i} went unnoticed"
+                );
+            }
         }
     }
 
@@ -444,6 +476,7 @@ mod tests {
                 announcement: [9; 32],
                 key: &key,
                 revocations: &many,
+                relay_token: Some(&key),
             },
             &mut rng,
         );
