@@ -16,6 +16,11 @@
 //! once. Only envelopes this device signed are pushed (its own writes and
 //! its reseals); what it pulled came from the remote.
 //!
+//! It presents the store's credential from the keyring at each connection.
+//! When the remote refuses it and a revocation has chosen a next relay
+//! token, it tries that one: if the remote takes it, the revoker has
+//! switched the relay, and the KeyManager makes it the current token.
+//!
 //! On a lost connection it reconnects after a jittered exponential backoff,
 //! drawn from the injected randomness and timed on the runtime's clock, so
 //! a simulation replays it.
@@ -63,6 +68,7 @@ use tokio::sync::{Semaphore, watch};
 
 use crate::blocking::run_blocking;
 use crate::ingest::{self, Incoming, IngestContext, OnApplied, Submitted};
+use crate::key_manager::KeyManagerMsg;
 use crate::keys::KeyHandle;
 use crate::meta;
 use crate::routes::Routes;
@@ -126,8 +132,6 @@ pub struct SessionArgs {
     pub store_id: StoreId,
     /// This device.
     pub device_id: DeviceId,
-    /// The credential for the remote.
-    pub access: AccessKey,
     /// The operator's admission secret, if the remote needs one.
     pub admission: Option<String>,
     /// Keys for ingest.
@@ -467,16 +471,30 @@ impl SessionState {
             return;
         }
         let connector = self.args.connector.clone();
-        let hello = Message::Hello(Hello {
-            version: PROTOCOL_VERSION,
-            store: self.args.store_id,
-            access: self.args.access.clone(),
-            device: self.args.device_id,
-            admission: self.args.admission.clone(),
-        });
+        let keys = self.args.keys.current();
+        let (access, next) = (keys.access.clone(), keys.access_next.clone());
+        let (store, device) = (self.args.store_id, self.args.device_id);
+        let admission = self.args.admission.clone();
+        let hello = move |access| {
+            Message::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                store,
+                access,
+                device,
+                admission: admission.clone(),
+            })
+        };
+        let routes = self.args.routes.clone();
         let me = myself.clone();
         self.connecting = Some(tokio::spawn(async move {
-            let outcome = handshake(connector.as_ref(), hello).await;
+            let outcome = match access {
+                Some(access) => connect(connector.as_ref(), hello, access, next, &routes).await,
+                None => Err(SyncError::Refused {
+                    remote: connector.remote(),
+                    code: ErrorCode::Unauthorized,
+                    text: "this store does not encrypt, so it has no relay credential".into(),
+                }),
+            };
             let _ = me.cast(PeerMsg::Handshaken(Box::new(outcome)));
         }));
     }
@@ -969,6 +987,60 @@ async fn commit_meta(
         CallResult::Success(r) => r.map(|_| ()).map_err(|e| e.to_string()),
         _ => Err("the store is closing".into()),
     }
+}
+
+/// How long a connection attempt waits for the KeyManager to promote the
+/// relay token the remote took.
+const PROMOTE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Handshakes with `access`; when the remote refuses it and `next` is
+/// pending, with `next`, which the KeyManager then makes current (the
+/// relay was switched to it). A refusal of both reports the first.
+async fn connect(
+    connector: &dyn Connector,
+    hello: impl Fn(AccessKey) -> Message,
+    access: AccessKey,
+    next: Option<AccessKey>,
+    routes: &Routes,
+) -> Result<Handshake, SyncError> {
+    let refused = match handshake(connector, hello(access)).await {
+        Err(
+            refused @ SyncError::Refused {
+                code: ErrorCode::Unauthorized,
+                ..
+            },
+        ) => refused,
+        other => return other,
+    };
+    let Some(next) = next else {
+        return Err(refused);
+    };
+    let handshake = match handshake(connector, hello(next.clone())).await {
+        Ok(handshake) => handshake,
+        Err(SyncError::Refused {
+            code: ErrorCode::Unauthorized,
+            ..
+        }) => return Err(refused),
+        Err(other) => return Err(other),
+    };
+    tracing::info!(remote = %connector.remote(), "sync: the relay was switched to the store's new access token");
+    if let Some(km) = routes.key_manager() {
+        let promoted = km
+            .call(
+                |reply| KeyManagerMsg::PromoteAccess {
+                    access: next,
+                    reply,
+                },
+                Some(PROMOTE_TIMEOUT),
+            )
+            .await;
+        if !matches!(promoted, Ok(CallResult::Success(Ok(_)))) {
+            // The next connection tries the old token first again, then
+            // this one: nothing is lost but a round trip.
+            tracing::warn!("could not record the relay's new access token yet");
+        }
+    }
+    Ok(handshake)
 }
 
 /// Opens a conversation, says `hello` and waits for the `Welcome`, then

@@ -437,6 +437,27 @@ fn status_text(status: &Status, sync: Option<&SyncStatus>) -> String {
             );
         }
     }
+    if let Some(switch) = &status.relay_switch {
+        let who = if switch.by_this_device {
+            "this device switches it"
+        } else {
+            "the revoking device switches it"
+        };
+        let _ = writeln!(
+            out,
+            "relay:      access token switch pending (revocation, epoch {}); {who} once \
+             every member holds the new keys",
+            switch.epoch
+        );
+        if switch.by_this_device && !switch.waiting_for.is_empty() {
+            let _ = writeln!(
+                out,
+                "            waiting for: {} (members that stay offline past the grace \
+                 period must be paired again)",
+                switch.waiting_for.join(", ")
+            );
+        }
+    }
     if let Some(sync) = sync {
         sync::status_text(&mut out, sync);
     }

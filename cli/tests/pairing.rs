@@ -393,10 +393,12 @@ fn device_revoke_cuts_a_device_off_and_refuses_bad_ids() {
     let out = a.run("device revoke", &[&b_id]).expect(USAGE);
     assert!(out.stderr.contains("already revoked"), "{out:#?}");
 
-    // B reads nothing written after its revocation.
+    // B reads nothing written after its revocation. Its sync may already
+    // be refused: with no other member to wait for, A switches the relay
+    // to the new access token as soon as its key courier runs.
     a.put("notes/2", r#""after""#);
     a.run("sync", &[]).expect(OK);
-    b.run("sync", &[]).expect(OK);
+    let _ = b.run("sync", &[]);
     assert_eq!(b.run("get", &["notes/1"]).expect(OK).stdout, "\"before\"\n");
     let out = b.run("get", &["notes/2"]);
     assert!(out.stderr.contains("no record"), "{out:#?}");

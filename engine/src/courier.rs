@@ -14,24 +14,41 @@
 //!    retries the envelopes held for want of that key; an
 //!    acknowledgement is noted.
 //!
+//! 3. on the device that revoked another, switches the relay to the new
+//!    access token the revocation chose ([`crate::rekey`]), once every
+//!    remaining member has acknowledged the revocation's key (and with it
+//!    the token), or once [`SyncConfig::relay_switch_grace`] has passed
+//!    since the revocation. The revoked device never received the token:
+//!    from then on the relay refuses it.
+//!
 //! A round runs when the store opens, after a rotation, when the sync
 //! session parks envelopes (a sign that a key is on its way), and every
 //! [`ROUND_INTERVAL`]; so an offline member gets the key when it next
-//! connects.
+//! connects. While a switch waits for acknowledgements, rounds run sooner.
+//!
+//! The courier reads the store's credential from the keyring each time it
+//! connects, and, like the sync session, tries the pending token when the
+//! relay refuses the current one (another member switched it).
+//!
+//! [`SyncConfig::relay_switch_grace`]: crate::SyncConfig::relay_switch_grace
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use persist_actors::key_manager::{KeyManagerMsg, Taken};
+use persist_actors::key_manager::{KeyManagerMsg, RelaySwitch, Taken};
+use persist_actors::keys::KeyHandle;
 use persist_actors::peer_session::{Connector, PeerMsg, SyncState};
 use persist_actors::routes::Routes;
-use persist_core::protocol::AccessKey;
+use persist_core::env::Clock;
+use persist_core::protocol::{AccessKey, ErrorCode};
 use persist_core::{DeviceId, Epoch, StoreId};
+use ractor::ActorRef;
 use ractor::rpc::CallResult;
 use tokio::sync::{Notify, watch};
 
 use crate::pairing::{LinkError, Mailboxes, backoff};
+use crate::rekey::rekey;
 use crate::sync::Remote;
 
 /// How often the courier looks for parcels without being asked.
@@ -51,8 +68,13 @@ pub(crate) struct CourierArgs {
     pub(crate) remote: Remote,
     pub(crate) store: StoreId,
     pub(crate) device: DeviceId,
-    pub(crate) access: AccessKey,
+    /// The store's keys, for its relay credential.
+    pub(crate) keys: KeyHandle,
     pub(crate) routes: Routes,
+    /// Wall clock, for the grace of a relay switch.
+    pub(crate) clock: Arc<dyn Clock>,
+    /// See [`SyncConfig::relay_switch_grace`](crate::SyncConfig::relay_switch_grace).
+    pub(crate) relay_switch_grace: Duration,
     /// The sync session's state: envelopes parked for want of a key are
     /// the sign that a parcel is waiting.
     pub(crate) sync: watch::Receiver<SyncState>,
@@ -68,11 +90,14 @@ impl Courier {
             admission: args.remote.admission_secret(),
             store: args.store,
             device: args.device,
-            access: args.access,
+            keys: args.keys,
             routes: args.routes,
+            clock: args.clock,
+            grace_ms: u64::try_from(args.relay_switch_grace.as_millis()).unwrap_or(u64::MAX),
             posted: BTreeMap::new(),
             rounds: 0,
             link: None,
+            told_refused: None,
         };
         tokio::spawn(run.run(kick.clone(), stop.subscribe(), args.sync));
         Self { kick, stop }
@@ -110,14 +135,27 @@ struct Run {
     admission: Option<String>,
     store: StoreId,
     device: DeviceId,
-    access: AccessKey,
+    keys: KeyHandle,
     routes: Routes,
+    clock: Arc<dyn Clock>,
+    grace_ms: u64,
     /// Parcels posted while the store has been open: `(recipient, epoch)`
     /// and the round they were posted in.
     posted: BTreeMap<(DeviceId, Epoch), u64>,
     /// Rounds run so far.
     rounds: u64,
     link: Option<Mailboxes>,
+    /// The epoch whose relay switch the relay refused, once told.
+    told_refused: Option<Epoch>,
+}
+
+/// What a round found.
+enum Found {
+    /// Nothing to wait for.
+    Idle,
+    /// Envelopes parked for want of a key, or a relay switch waiting for
+    /// members' acknowledgements: look again soon.
+    Waiting,
 }
 
 impl Run {
@@ -138,9 +176,9 @@ impl Run {
                 return;
             }
             let wait = match self.round().await {
-                Ok(()) => {
+                Ok(found) => {
                     failures = 0;
-                    if sync.borrow().parked > 0 {
+                    if sync.borrow().parked > 0 || matches!(found, Found::Waiting) {
                         waiting_rounds += 1;
                         backoff(waiting_rounds).min(ROUND_INTERVAL)
                     } else {
@@ -166,28 +204,27 @@ impl Run {
         }
     }
 
-    async fn round(&mut self) -> Result<(), LinkError> {
+    async fn round(&mut self) -> Result<Found, LinkError> {
         let Some(km) = self.routes.key_manager() else {
-            return Ok(());
+            return Ok(Found::Idle);
         };
         let parcels = match km.call(KeyManagerMsg::Parcels, None).await {
             Ok(CallResult::Success(p)) => p,
-            _ => return Ok(()),
+            _ => return Ok(Found::Idle),
         };
         if self.link.is_none() {
-            self.link = Some(
-                Mailboxes::open(
-                    self.connector.as_ref(),
-                    self.store,
-                    self.access.clone(),
-                    self.device,
-                    self.admission.clone(),
-                )
-                .await?,
+            let link = open(
+                self.connector.as_ref(),
+                self.store,
+                self.device,
+                self.admission.clone(),
+                &self.keys,
+                &km,
             );
+            self.link = Some(link.await?);
         }
         let Some(link) = self.link.as_mut() else {
-            return Ok(());
+            return Ok(Found::Idle);
         };
         self.rounds += 1;
         for (to, epoch, parcel) in parcels {
@@ -227,7 +264,7 @@ impl Run {
                 }
                 // The key manager is restarting: leave the parcel for the
                 // next round.
-                _ => return Ok(()),
+                _ => return Ok(Found::Idle),
             }
         }
         if let Some(last) = items.last() {
@@ -237,6 +274,124 @@ impl Run {
             // A round retries the envelopes held for want of the key.
             let _ = session.call(PeerMsg::SyncNow, None).await;
         }
-        Ok(())
+        self.switch_relay(&km).await
+    }
+
+    /// Switches the relay to a revocation's new access token when this
+    /// device made the revocation and the members are ready (or the grace
+    /// is over).
+    async fn switch_relay(&mut self, km: &ActorRef<KeyManagerMsg>) -> Result<Found, LinkError> {
+        let switch = match km.call(KeyManagerMsg::RelaySwitch, None).await {
+            Ok(CallResult::Success(Some(switch))) => switch,
+            _ => return Ok(Found::Idle),
+        };
+        let RelaySwitch {
+            epoch,
+            by_this_device,
+            since_ms,
+            waiting_for,
+            from,
+            to,
+        } = switch;
+        if !by_this_device {
+            return Ok(Found::Idle);
+        }
+        if !waiting_for.is_empty() {
+            let due_ms = since_ms.saturating_add(self.grace_ms);
+            if self.clock.now_ms() < due_ms {
+                tracing::debug!(
+                    ?epoch,
+                    waiting = waiting_for.len(),
+                    "relay switch waits for members to acknowledge the new keys"
+                );
+                return Ok(Found::Waiting);
+            }
+            tracing::warn!(?epoch, members = ?waiting_for,
+                "switching the relay to the new access token although these members did not \
+                 acknowledge the new keys within the grace period: they must be paired again");
+        }
+        // The mailbox conversation holds the old credential, which the
+        // relay stops honouring.
+        self.link = None;
+        match rekey(
+            self.connector.as_ref(),
+            self.store,
+            from,
+            to.clone(),
+            self.device,
+            self.admission.clone(),
+        )
+        .await
+        {
+            Ok(()) => {
+                tracing::info!(
+                    ?epoch,
+                    "switched the relay to the store's new access token; \
+                    the revoked device's token no longer opens the store"
+                );
+                promote(km, to).await;
+                Ok(Found::Idle)
+            }
+            // Neither token opens the store (another revocation switched
+            // it), or the remote cannot switch (a serving device): retrying
+            // will not help, so say it once and carry on with the keys.
+            Err(LinkError::Refused(code, text)) => {
+                if self.told_refused != Some(epoch) {
+                    self.told_refused = Some(epoch);
+                    tracing::warn!(?epoch, ?code, %text,
+                        "the remote refused to switch to the store's new access token");
+                }
+                Ok(Found::Idle)
+            }
+            Err(down) => Err(down),
+        }
+    }
+}
+
+/// A conversation with the store's mailboxes, under its current relay
+/// credential or, when the relay refuses that and a revocation chose
+/// another, under that one (which then becomes current).
+async fn open(
+    connector: &dyn Connector,
+    store: StoreId,
+    device: DeviceId,
+    admission: Option<String>,
+    keys: &KeyHandle,
+    km: &ActorRef<KeyManagerMsg>,
+) -> Result<Mailboxes, LinkError> {
+    let keys = keys.current();
+    let Some(access) = keys.access.clone() else {
+        return Err(LinkError::Refused(
+            ErrorCode::Unauthorized,
+            "this store does not encrypt, so it has no relay credential".into(),
+        ));
+    };
+    let open = |access| Mailboxes::open(connector, store, access, device, admission.clone());
+    match (open(access).await, keys.access_next.clone()) {
+        (Err(LinkError::Refused(ErrorCode::Unauthorized, text)), Some(next)) => {
+            match open(next.clone()).await {
+                Ok(link) => {
+                    promote(km, next).await;
+                    Ok(link)
+                }
+                Err(LinkError::Refused(ErrorCode::Unauthorized, _)) => {
+                    Err(LinkError::Refused(ErrorCode::Unauthorized, text))
+                }
+                Err(other) => Err(other),
+            }
+        }
+        (outcome, _) => outcome,
+    }
+}
+
+/// Asks the KeyManager to make `access`, which the relay took, the
+/// store's current credential.
+async fn promote(km: &ActorRef<KeyManagerMsg>, access: AccessKey) {
+    let outcome = km
+        .call(|reply| KeyManagerMsg::PromoteAccess { access, reply }, None)
+        .await;
+    if !matches!(outcome, Ok(CallResult::Success(Ok(_)))) {
+        // Tried again at the next connection that finds the old one refused.
+        tracing::warn!("could not record the relay's new access token yet");
     }
 }

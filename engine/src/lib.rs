@@ -79,6 +79,7 @@ mod env;
 mod error;
 mod kek;
 mod pairing;
+mod rekey;
 mod serve;
 mod store;
 mod sync;
@@ -97,10 +98,10 @@ pub use persist_core::{DeviceId, InviteId, StoreId};
 pub use persist_storage::{Backend, MemoryBackend};
 pub use serve::{ServeError, ServeHandle};
 pub use store::{
-    Batch, Change, DB_FILE, EpochStatus, Lagged, RotationStatus, Status, Store, StoreInfo,
-    WATCH_BUFFER_MAX, WRITES_IN_FLIGHT_MAX,
+    Batch, Change, DB_FILE, EpochStatus, Lagged, RelaySwitchStatus, RotationStatus, Status, Store,
+    StoreInfo, WATCH_BUFFER_MAX, WRITES_IN_FLIGHT_MAX,
 };
 pub use sync::{
-    Conversation, DEFAULT_PORT, Dial, DialFuture, Remote, RemoteError, Strategy, SyncConfig,
-    SyncReport, SyncStatus,
+    Conversation, DEFAULT_PORT, Dial, DialFuture, RELAY_SWITCH_GRACE, Remote, RemoteError,
+    Strategy, SyncConfig, SyncReport, SyncStatus,
 };

@@ -81,6 +81,8 @@ struct Inner {
     responders: Option<Responders>,
     /// Carries epoch keys to and from the other members (with sync only).
     courier: Option<Courier>,
+    /// See [`SyncConfig::relay_switch_grace`] (with sync only).
+    relay_switch_grace: Option<Duration>,
 }
 
 impl std::fmt::Debug for Store {
@@ -149,6 +151,29 @@ pub struct Status {
     pub key_source: Option<String>,
     /// Background re-encryption after a rotation.
     pub rotation: RotationStatus,
+    /// The switch of the relay to the access token a revocation chose,
+    /// while it is pending.
+    pub relay_switch: Option<RelaySwitchStatus>,
+}
+
+/// A pending switch of the relay to a revocation's new access token (see
+/// [`SyncConfig::relay_switch_grace`]). Until it happens the relay still
+/// admits the revoked device, though it reads nothing new and what it
+/// writes is refused by every member.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct RelaySwitchStatus {
+    /// The revocation's epoch.
+    pub epoch: u32,
+    /// Whether this device made the revocation, and so switches the relay.
+    /// Another member takes the new token when it finds the relay switched.
+    pub by_this_device: bool,
+    /// The members (device ids) that have not acknowledged the
+    /// revocation's keys to this device since it opened.
+    pub waiting_for: Vec<String>,
+    /// When the switch happens at the latest (ms since the epoch), on the
+    /// revoking device with sync configured: acknowledged or not.
+    pub due_ms: Option<u64>,
 }
 
 /// Progress of the background re-encryption after a rotation.
@@ -404,16 +429,15 @@ impl Store {
             max_drift_ms,
             on_applied: watch_feed(changes.clone()),
         };
-        let access = keys.current().access.clone();
-        let session = match (&sync, &access) {
-            (None, _) => None,
-            (Some(_), _) if read_only => None,
-            (Some(_), None) => return Err(OpenError::SyncNeedsEncryption),
-            (Some(sync), Some(access)) => Some(SessionArgs {
+        let encrypted = keys.current().access.is_some();
+        let session = match &sync {
+            None => None,
+            Some(_) if read_only => None,
+            Some(_) if !encrypted => return Err(OpenError::SyncNeedsEncryption),
+            Some(sync) => Some(SessionArgs {
                 db: db.clone(),
                 store_id: boot.info.store_id,
                 device_id: boot.info.device_id,
-                access: access.clone(),
                 admission: sync.remote.admission_secret(),
                 keys: keys.clone(),
                 routes: routes.clone(),
@@ -438,8 +462,10 @@ impl Store {
                 remote: sync.remote.clone(),
                 store: session.store_id,
                 device: session.device_id,
-                access: session.access.clone(),
+                keys: keys.clone(),
                 routes: routes.clone(),
+                clock: session.clock.clone(),
+                relay_switch_grace: sync.relay_switch_grace,
                 sync: session.status.subscribe(),
             }),
             _ => None,
@@ -489,6 +515,7 @@ impl Store {
                 ingest,
                 responders,
                 courier,
+                relay_switch_grace: sync.as_ref().map(|s| s.relay_switch_grace),
             }),
         };
         if store.inner.sync.is_some() {
@@ -803,6 +830,35 @@ impl Store {
             rotation: RotationStatus::from(*self.inner.progress.borrow()),
             epochs,
             key_source: info.key_location.clone(),
+            relay_switch: self.relay_switch().await,
+        })
+    }
+
+    async fn relay_switch(&self) -> Option<RelaySwitchStatus> {
+        let km = self.inner.routes.key_manager()?;
+        let switch = match km
+            .call(
+                persist_actors::key_manager::KeyManagerMsg::RelaySwitch,
+                None,
+            )
+            .await
+        {
+            Ok(CallResult::Success(switch)) => switch?,
+            _ => return None,
+        };
+        let due_ms = match self.inner.relay_switch_grace {
+            Some(grace) if switch.by_this_device => Some(
+                switch
+                    .since_ms
+                    .saturating_add(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX)),
+            ),
+            _ => None,
+        };
+        Some(RelaySwitchStatus {
+            epoch: switch.epoch.0,
+            by_this_device: switch.by_this_device,
+            waiting_for: switch.waiting_for.iter().map(ToString::to_string).collect(),
+            due_ms,
         })
     }
 

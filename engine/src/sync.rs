@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use persist_actors::peer_session::{ConnectFuture, Connector, Link, SyncReport as Report};
 use persist_transport::{CertPin, FrameReceiver, FrameSender, Trust};
@@ -32,7 +33,18 @@ pub struct SyncConfig {
     pub remote: Remote,
     /// How concurrent writes to one path resolve.
     pub strategy: Strategy,
+    /// How long a device that revoked another waits for the remaining
+    /// members to acknowledge the new keys before it switches the relay to
+    /// the new access token anyway (default [`RELAY_SWITCH_GRACE`]). The
+    /// revoked device keeps the old token until the switch; a member that
+    /// had not connected by then holds only the old token too, and must be
+    /// paired again.
+    pub relay_switch_grace: Duration,
 }
+
+/// How long, by default, a revoker waits for members to acknowledge a
+/// revocation's keys before switching the relay to its new access token.
+pub const RELAY_SWITCH_GRACE: Duration = Duration::from_secs(14 * 24 * 60 * 60);
 
 impl SyncConfig {
     /// Sync with `remote`, last write wins.
@@ -40,7 +52,15 @@ impl SyncConfig {
         Self {
             remote,
             strategy: Strategy::LastWriteWins,
+            relay_switch_grace: RELAY_SWITCH_GRACE,
         }
+    }
+
+    /// Sets [`SyncConfig::relay_switch_grace`].
+    #[must_use]
+    pub fn relay_switch_grace(mut self, grace: Duration) -> Self {
+        self.relay_switch_grace = grace;
+        self
     }
 }
 

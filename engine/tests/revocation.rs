@@ -1,14 +1,18 @@
 //! Revoking a device through a relay node over QUIC: the revoked device,
 //! which keeps its old keys and database, reads nothing written after its
 //! revocation, and what it writes afterwards is refused by every member,
-//! including one that joins later.
+//! including one that joins later. Once every remaining member holds the
+//! new keys (or the grace period is over), the revoker switches the relay
+//! to a new access token the revoked device never saw, and the relay
+//! refuses it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
 use std::path::Path;
+use std::time::Duration;
 
-use persist::{KeyError, RevokeError, Store, SyncConfig};
+use persist::{KeyError, RelaySwitchStatus, RevokeError, Store, SyncConfig, SyncError};
 
 use common::devices::{SETTLE, device, relay, remote, until};
 
@@ -49,6 +53,15 @@ async fn epochs(store: &Store) -> Vec<u32> {
         .collect()
 }
 
+async fn relay_switch(store: &Store) -> Option<RelaySwitchStatus> {
+    store.status().await.unwrap().relay_switch
+}
+
+/// Whether `store`'s sync is refused by the relay.
+async fn refused(store: &Store) -> bool {
+    matches!(store.sync_now().await, Err(SyncError::Refused { .. }))
+}
+
 async fn revoked(store: &Store, device: persist::DeviceId) -> bool {
     store
         .crypto()
@@ -70,6 +83,12 @@ async fn a_revoked_device_reads_nothing_new_and_its_later_writes_are_refused() {
     let b = join(tmp.path(), &a, "b").await;
     let c = join(tmp.path(), &a, "c").await;
     let c_id = c.info().device_id;
+    // E is a member that is offline during the revocation: the relay
+    // keeps the old token until it comes back and takes the new keys.
+    let e = join(tmp.path(), &a, "e").await;
+    let e_id = e.info().device_id;
+    converge(&[&a, &e]).await;
+    e.close().await.unwrap();
     c.put("notes/from-c", "c, before its revocation")
         .await
         .unwrap();
@@ -109,6 +128,11 @@ async fn a_revoked_device_reads_nothing_new_and_its_later_writes_are_refused() {
         Err(KeyError::CannotRevoke(RevokeError::AlreadyRevoked(d))) if d == c_id
     ));
     assert!(revoked(&a, c_id).await);
+    let switch = relay_switch(&a).await.expect("a relay switch is pending");
+    assert_eq!(switch.epoch, new_epoch);
+    assert!(switch.by_this_device);
+    assert!(switch.due_ms.is_some());
+    assert!(switch.waiting_for.contains(&e_id.to_string()), "{switch:?}");
     a.put("notes/after", "written after c's revocation")
         .await
         .unwrap();
@@ -202,8 +226,62 @@ async fn a_revoked_device_reads_nothing_new_and_its_later_writes_are_refused() {
         Some("c overwrites after its revocation")
     );
 
+    // The switch waits for E alone: B and D hold the new keys.
+    until("the relay switch waits only for e", async || {
+        for s in [&d, &b, &a] {
+            let _ = s.sync_now().await;
+        }
+        relay_switch(&a)
+            .await
+            .is_some_and(|s| s.waiting_for == [e_id.to_string()])
+    })
+    .await;
+    assert!(
+        !refused(&c).await,
+        "the relay still admits c before the switch"
+    );
+
+    // E comes back, takes the keys and the token, and A switches the relay.
+    let e = Store::open(device(tmp.path(), "e").sync(SyncConfig::new(remote(&relay))))
+        .await
+        .unwrap();
+    until("a switches the relay", async || {
+        let _ = e.sync_now().await;
+        let _ = a.sync_now().await;
+        relay_switch(&a).await.is_none()
+    })
+    .await;
+    until("the relay refuses c", async || refused(&c).await).await;
+    match c.sync_now().await {
+        Err(SyncError::Refused { detail, .. }) => {
+            assert!(detail.contains("Unauthorized"), "{detail}");
+        }
+        other => panic!("c's sync should be refused, got {other:?}"),
+    }
+    // The members find the relay switched, take the new token, and sync on.
+    a.put("notes/after-switch", "only members read this")
+        .await
+        .unwrap();
+    c.put("notes/c-after-switch", "never leaves c")
+        .await
+        .unwrap();
+    for s in [&b, &d, &e] {
+        until("a member syncs after the switch", async || {
+            let _ = s.sync_now().await;
+            s.get::<String>("notes/after-switch")
+                .await
+                .unwrap()
+                .is_some()
+        })
+        .await;
+        assert!(relay_switch(s).await.is_none(), "took the new token");
+        assert_eq!(s.get::<String>("notes/c-after-switch").await.unwrap(), None);
+    }
+    assert!(c.sync_status().unwrap().pending_up > 0, "c cannot push");
+    assert_eq!(c.get::<String>("notes/after-switch").await.unwrap(), None);
+
     // A read-only store revokes nothing.
-    for s in [a, b, c, d] {
+    for s in [a, b, c, d, e] {
         s.close().await.unwrap();
     }
     let ro = Store::open(device(tmp.path(), "b").read_only())
@@ -213,4 +291,57 @@ async fn a_revoked_device_reads_nothing_new_and_its_later_writes_are_refused() {
         ro.crypto().revoke_device(me).await,
         Err(KeyError::ReadOnly)
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_offline_past_the_grace_period_is_cut_off_with_the_revoked_device() {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = relay(&tmp.path().join("relay")).await;
+    let sync = SyncConfig::new(remote(&relay)).relay_switch_grace(Duration::ZERO);
+    let a = Store::open(device(tmp.path(), "a").sync(sync))
+        .await
+        .unwrap();
+    a.put("notes/before", "before").await.unwrap();
+    let c = join(tmp.path(), &a, "c").await;
+    let e = join(tmp.path(), &a, "e").await;
+    converge(&[&a, &c, &e]).await;
+    e.close().await.unwrap();
+
+    let revocation = a.crypto().revoke_device(c.info().device_id).await.unwrap();
+    revocation.wait().await.unwrap();
+    // No grace: A switches without waiting for E's acknowledgement.
+    until("a switches the relay", async || {
+        let _ = a.sync_now().await;
+        relay_switch(&a).await.is_none()
+    })
+    .await;
+    until("the relay refuses c", async || refused(&c).await).await;
+    a.put("notes/after", "after").await.unwrap();
+    until("a syncs under the new token", async || {
+        a.sync_now().await.is_ok() && a.sync_status().unwrap().synced
+    })
+    .await;
+
+    // E never received the new token: the relay refuses it too, clearly,
+    // and it keeps what it had.
+    let e = Store::open(device(tmp.path(), "e").sync(SyncConfig::new(remote(&relay))))
+        .await
+        .unwrap();
+    until("the relay refuses e", async || refused(&e).await).await;
+    let status = e.sync_status().unwrap();
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .is_some_and(|t| t.contains("refused")),
+        "{status:?}"
+    );
+    assert_eq!(
+        e.get::<String>("notes/before").await.unwrap().as_deref(),
+        Some("before")
+    );
+    assert_eq!(e.get::<String>("notes/after").await.unwrap(), None);
+    for s in [a, c, e] {
+        s.close().await.unwrap();
+    }
 }
