@@ -251,6 +251,8 @@ pub struct Handshake {
     recv: RecvHalf,
     guard: Box<dyn Send + Sync>,
     welcome: Welcome,
+    /// The credential the remote admitted.
+    access: AccessKey,
 }
 
 /// The PeerSession actor.
@@ -261,6 +263,8 @@ struct Conn {
     generation: u64,
     _guard: Box<dyn Send + Sync>,
     reader: tokio::task::JoinHandle<()>,
+    /// The credential the remote admitted this connection with.
+    access: AccessKey,
     /// Frames this connection's reader may read ahead of the actor. Each
     /// connection has its own: a reader that ends or is aborted holding a
     /// permit takes it with it, and the next connection starts whole.
@@ -288,6 +292,10 @@ pub struct SessionState {
     generation: u64,
     attempts: u32,
     reconnect_scheduled: bool,
+    /// Whether the last connection ended because the relay's credential
+    /// changed under it and a new one was started at once; cleared by a
+    /// completed round. A second such end before that waits its backoff.
+    credential_retried: bool,
     push_cursor: u64,
     /// Pushes sent and not yet acknowledged, oldest first: (id, the change
     /// sequence number it reaches).
@@ -355,6 +363,7 @@ impl Actor for PeerSession {
             generation: 0,
             attempts: 0,
             reconnect_scheduled: false,
+            credential_retried: false,
             push_cursor,
             push_inflight: VecDeque::new(),
             next_push_id: 1,
@@ -412,8 +421,18 @@ impl Actor for PeerSession {
                     }
                     _ => false,
                 };
-                if current && let Err(error) = state.on_message(msg).await {
-                    state.disconnect(&myself, error);
+                match msg {
+                    // A frame of a connection that already ended.
+                    _ if !current => {}
+                    Message::Error {
+                        code: ErrorCode::Unauthorized,
+                        text,
+                    } => state.credential_changed(&myself, text),
+                    msg => {
+                        if let Err(error) = state.on_message(msg).await {
+                            state.disconnect(&myself, error);
+                        }
+                    }
                 }
             }
             PeerMsg::Closed { generation, error } => {
@@ -512,6 +531,7 @@ impl SessionState {
                 recv,
                 guard,
                 welcome,
+                access,
             }) => {
                 self.generation += 1;
                 let generation = self.generation;
@@ -525,6 +545,7 @@ impl SessionState {
                     generation,
                     _guard: guard,
                     reader,
+                    access,
                     frames,
                 });
                 tracing::info!(remote = %self.args.connector.remote(), head = welcome.head,
@@ -555,22 +576,56 @@ impl SessionState {
     }
 
     fn disconnect(&mut self, myself: &ActorRef<PeerMsg>, error: impl std::fmt::Display) {
-        if let Some(conn) = self.conn.take() {
-            conn.reader.abort();
-        }
         let error = error.to_string();
-        tracing::info!(remote = %self.args.connector.remote(), %error, "sync: disconnected");
-        self.push_inflight.clear();
-        self.pull_inflight = false;
-        self.args.status.send_modify(|s| {
-            s.connected = false;
-            s.last_error = Some(error.clone());
-        });
+        self.drop_conn(&error);
         self.fail_waiters(&SyncError::Unreachable {
             remote: self.args.connector.remote(),
             detail: error,
         });
         self.schedule_reconnect(myself);
+    }
+
+    /// The relay stopped honouring the credential this connection was
+    /// admitted with: a revocation switched the store to a new one. When
+    /// this device holds another credential (it switched meanwhile, or
+    /// holds the revocation's pending one), it reconnects at once and the
+    /// waiting `SyncNow` calls carry over; otherwise it was revoked, or
+    /// someone else changed the credential, and they fail as refused.
+    fn credential_changed(&mut self, myself: &ActorRef<PeerMsg>, text: String) {
+        let admitted = self.conn.as_ref().map(|c| c.access.clone());
+        let keys = self.args.keys.current();
+        let another = keys.access_next.is_some() || keys.access != admitted;
+        self.drop_conn(&text);
+        if another && !self.credential_retried {
+            self.credential_retried = true;
+            tracing::info!(remote = %self.args.connector.remote(),
+                "sync: the relay switched this store's access credential; reconnecting");
+            self.start_connect(myself);
+            return;
+        }
+        self.fail_waiters(&SyncError::Refused {
+            remote: self.args.connector.remote(),
+            code: ErrorCode::Unauthorized,
+            text,
+        });
+        self.schedule_reconnect(myself);
+    }
+
+    /// Closes the connection, if any, and says why in the status.
+    fn drop_conn(&mut self, error: &str) {
+        if let Some(conn) = self.conn.take() {
+            conn.reader.abort();
+        }
+        tracing::info!(remote = %self.args.connector.remote(), %error, "sync: disconnected");
+        self.push_inflight.clear();
+        self.pull_inflight = false;
+        // A round in flight is lost with the connection; the next one
+        // starts over, so that waiters carried over get a whole round.
+        self.rounds_started = self.rounds_done;
+        self.args.status.send_modify(|s| {
+            s.connected = false;
+            s.last_error = Some(error.to_owned());
+        });
     }
 
     fn schedule_reconnect(&mut self, myself: &ActorRef<PeerMsg>) {
@@ -756,6 +811,7 @@ impl SessionState {
                 if !more {
                     self.settle().await?;
                     self.rounds_done = self.rounds_started;
+                    self.credential_retried = false;
                     self.remote_head = self.remote_head.max(cursor);
                     self.retry_pending().await?;
                     self.pump().await;
@@ -1003,7 +1059,7 @@ async fn connect(
     next: Option<AccessKey>,
     routes: &Routes,
 ) -> Result<Handshake, SyncError> {
-    let refused = match handshake(connector, hello(access)).await {
+    let refused = match handshake(connector, &hello, access).await {
         Err(
             refused @ SyncError::Refused {
                 code: ErrorCode::Unauthorized,
@@ -1015,7 +1071,7 @@ async fn connect(
     let Some(next) = next else {
         return Err(refused);
     };
-    let handshake = match handshake(connector, hello(next.clone())).await {
+    let handshake = match handshake(connector, &hello, next.clone()).await {
         Ok(handshake) => handshake,
         Err(SyncError::Refused {
             code: ErrorCode::Unauthorized,
@@ -1045,7 +1101,11 @@ async fn connect(
 
 /// Opens a conversation, says `hello` and waits for the `Welcome`, then
 /// subscribes to the remote's head.
-async fn handshake(connector: &dyn Connector, hello: Message) -> Result<Handshake, SyncError> {
+async fn handshake(
+    connector: &dyn Connector,
+    hello: impl Fn(AccessKey) -> Message,
+    access: AccessKey,
+) -> Result<Handshake, SyncError> {
     let remote = connector.remote();
     let unreachable = |detail: String| SyncError::Unreachable {
         remote: remote.clone(),
@@ -1056,7 +1116,7 @@ async fn handshake(connector: &dyn Connector, hello: Message) -> Result<Handshak
         mut recv,
         guard,
     } = connector.connect().await.map_err(unreachable)?;
-    send.send(&hello)
+    send.send(&hello(access.clone()))
         .await
         .map_err(|e| unreachable(e.to_string()))?;
     let answer = tokio::time::timeout(HELLO_TIMEOUT, recv.recv())
@@ -1084,6 +1144,7 @@ async fn handshake(connector: &dyn Connector, hello: Message) -> Result<Handshak
         recv,
         guard,
         welcome,
+        access,
     })
 }
 

@@ -258,13 +258,21 @@ async fn a_revoked_device_reads_nothing_new_and_its_later_writes_are_refused() {
         }
         other => panic!("c's sync should be refused, got {other:?}"),
     }
-    // The members find the relay switched, take the new token, and sync on.
+    // The members find the relay switched, take the new token, and sync
+    // on. Their connections were admitted with the old token: the relay
+    // refuses their next request, and they reconnect with the new one
+    // within the same sync call.
     a.put("notes/after-switch", "only members read this")
         .await
         .unwrap();
     c.put("notes/c-after-switch", "never leaves c")
         .await
         .unwrap();
+    for s in [&a, &b, &d, &e] {
+        s.sync_now()
+            .await
+            .expect("a member's sync carries over the relay switch");
+    }
     for s in [&b, &d, &e] {
         until("a member syncs after the switch", async || {
             let _ = s.sync_now().await;
@@ -342,6 +350,61 @@ async fn a_member_offline_past_the_grace_period_is_cut_off_with_the_revoked_devi
     );
     assert_eq!(e.get::<String>("notes/after").await.unwrap(), None);
     for s in [a, c, e] {
+        s.close().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_admitted_with_the_old_token_carries_its_sync_over_the_switch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = relay(&tmp.path().join("relay")).await;
+    let a = Store::open(device(tmp.path(), "a").sync(SyncConfig::new(remote(&relay))))
+        .await
+        .unwrap();
+    a.put("notes/before", "before").await.unwrap();
+    let b = join(tmp.path(), &a, "b").await;
+    let c = join(tmp.path(), &a, "c").await;
+    converge(&[&a, &b, &c]).await;
+
+    // A revokes B and pushes the resealed records, all under the old
+    // token; the switch waits for C.
+    let revocation = a.crypto().revoke_device(b.info().device_id).await.unwrap();
+    let new_epoch = revocation.epoch();
+    revocation.wait().await.unwrap();
+    a.sync_now().await.unwrap();
+    assert!(relay_switch(&a).await.is_some());
+    // C takes the new keys and acknowledges them; A's key courier then
+    // switches the relay while A's sync connection, admitted with the old
+    // token, stays open and idle.
+    until("c takes the new keys", async || {
+        let _ = c.sync_now().await;
+        epochs(&c).await.contains(&new_epoch)
+    })
+    .await;
+    until("a switches the relay", async || {
+        relay_switch(&a).await.is_none()
+    })
+    .await;
+    assert!(
+        a.sync_status().unwrap().connected,
+        "a's connection from before the switch is still open"
+    );
+
+    // The relay refuses that connection's next request; A reconnects with
+    // the new token within the same call, and so does C.
+    a.put("notes/after", "after").await.unwrap();
+    a.sync_now()
+        .await
+        .expect("a's sync carries over its own relay switch");
+    until("c reads what a wrote after the switch", async || {
+        c.sync_now()
+            .await
+            .expect("c's sync carries over the relay switch");
+        c.get::<String>("notes/after").await.unwrap().is_some()
+    })
+    .await;
+    assert!(refused(&b).await, "the relay refuses b");
+    for s in [a, b, c] {
         s.close().await.unwrap();
     }
 }
