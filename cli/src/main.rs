@@ -326,14 +326,18 @@ enum DeviceCommand {
     /// never receives and re-encrypt every record under it, as `key rotate`
     /// does. It can read nothing written afterwards, and the other members
     /// refuse what it writes afterwards. They get the new key, and learn of
-    /// the revocation, the next time this store syncs. Final.
+    /// the revocation, the next time this store syncs. Once they all hold
+    /// it, this device switches the relay to a new access token and the
+    /// relay refuses the revoked device. Final.
     Revoke {
         #[command(flatten)]
         target: TargetArgs,
         /// The device id (32 hex digits).
         #[arg(value_name = "ID")]
         id: persist::DeviceId,
-        /// Re-encrypt every record now, with a progress bar.
+        /// Re-encrypt every record now, with a progress bar; then, with a
+        /// remote, sync and switch the relay to the new access token if
+        /// no other member must take the new key first.
         #[arg(long)]
         wait: bool,
     },

@@ -242,33 +242,106 @@ pub(crate) async fn list(target: Target, as_json: bool) -> anyhow::Result<String
 }
 
 /// `persist device revoke ID [--wait]`: revokes a member; with `--wait`,
-/// re-encrypts every record under the new epoch before exiting.
+/// re-encrypts every record under the new epoch before exiting and, when
+/// the store has a remote, syncs and sees the relay switch through as far
+/// as it can go now ([`relay_after_revocation`]).
 pub(crate) async fn revoke(
     target: Target,
     device: persist::DeviceId,
     wait: bool,
 ) -> anyhow::Result<String> {
-    let store = open_existing(&target, Access::Write).await?;
+    let remote = match remote::load(&target.dir)? {
+        Some(spec) if wait => Some(spec.remote(None)?),
+        _ => None,
+    };
+    let store = match remote {
+        Some(remote) => open_syncing(&target, remote).await?,
+        None => open_existing(&target, Access::Write).await?,
+    };
     let revocation = match store.crypto().revoke_device(device).await {
         Ok(r) => r,
         Err(error) => return finish(store, Err(error)).await,
     };
     let epoch = revocation.epoch();
-    let head = format!(
-        "revoked device {device}: new key epoch {epoch}, which it never receives; the other \
-         members get it, and learn of the revocation, the next time this store syncs \
-         (`persist sync`)"
-    );
+    let head = format!("revoked device {device}: new key epoch {epoch}, which it never receives");
     if !wait {
         commands::close(store).await?;
         return Ok(format!(
-            "{head}\nre-encryption continues the next time the store is opened read-write, \
-             or pass --wait\n"
+            "{head}; the other members get it, and learn of the revocation, the next time \
+             this store syncs (`persist sync`)\nre-encryption continues the next time the \
+             store is opened read-write, or pass --wait\n"
         ));
     }
-    let result = keys::wait_for_rotation(&store, revocation).await;
-    let (resealed, _) = finish(store, result).await?;
-    Ok(format!("{head}\n{resealed} records resealed\n"))
+    let resealed = match keys::wait_for_rotation(&store, revocation).await {
+        Ok((resealed, _)) => resealed,
+        Err(error) => return finish(store, Err(error)).await,
+    };
+    let relay = match store.sync_status() {
+        Some(_) => relay_after_revocation(&store).await,
+        None => "this store has no remote: the other members get the new key, and the relay \
+                 switches to a new access token, once it syncs (`persist remote set`, \
+                 `persist sync`)"
+            .to_owned(),
+    };
+    finish(store, Ok::<_, anyhow::Error>(())).await?;
+    Ok(format!("{head}\n{resealed} records resealed\n{relay}\n"))
+}
+
+/// How long `device revoke --wait` waits for the relay switch once
+/// nothing holds it back: one round of the key courier, which may have to
+/// reconnect.
+const RELAY_SWITCH_WAIT: Duration = Duration::from_secs(30);
+
+/// After a revocation's re-encryption: pushes the resealed records (the
+/// key parcels go out beside them), then waits for the relay to be
+/// switched to the revocation's access token unless members must
+/// acknowledge the new key first. Says where that stands; a remote that
+/// cannot be reached is said, not an error: the revocation itself is done,
+/// and the next `persist sync` carries on.
+async fn relay_after_revocation(store: &Store) -> String {
+    if let Err(error) = store.sync_now().await {
+        return format!(
+            "could not sync yet ({error}): the members get the new key, and the relay switches \
+             to a new access token, after the next `persist sync`"
+        );
+    }
+    let polls = RELAY_SWITCH_WAIT.as_millis() / sync::POLL.as_millis();
+    for _ in 0..polls {
+        let switch = match store.status().await {
+            Ok(status) => status.relay_switch,
+            Err(error) => return format!("cannot read the store's status: {error}"),
+        };
+        match switch {
+            None => {
+                return "switched the relay to a new access token: it refuses the revoked \
+                        device from now on"
+                    .to_owned();
+            }
+            Some(switch) if !switch.waiting_for.is_empty() => {
+                let by = switch
+                    .due_ms
+                    .map(|ms| format!(", or at {} whether they did or not", utc_time(ms)))
+                    .unwrap_or_default();
+                return format!(
+                    "the relay switches to a new access token, which the revoked device never \
+                     receives, once these members have synced and acknowledged the new key: \
+                     {}{by}; this device must sync after that (`persist sync`, or keep \
+                     `persist sync --watch` running)",
+                    switch.waiting_for.join(", ")
+                );
+            }
+            Some(_) => tokio::time::sleep(sync::POLL).await,
+        }
+    }
+    let why = store
+        .sync_status()
+        .and_then(|s| s.last_error)
+        .map(|e| format!(" ({e})"))
+        .unwrap_or_default();
+    format!(
+        "the relay has not switched to the new access token yet{why}; the next `persist sync` \
+         tries again"
+    )
 }
 
 /// Parses `--expires`: a duration of at most [`EXPIRY_MAX`].

@@ -381,10 +381,17 @@ fn device_revoke_cuts_a_device_off_and_refuses_bad_ids() {
         "{list}"
     );
 
+    // No other member must take the new key first: --wait sees the relay
+    // switched to the new access token.
     let out = a.run("device revoke", &[&b_id, "--wait"]).expect(OK);
     assert!(
         out.stdout
             .starts_with(&format!("revoked device {b_id}: new key epoch 2")),
+        "{out:#?}"
+    );
+    assert!(
+        out.stdout
+            .contains("switched the relay to a new access token"),
         "{out:#?}"
     );
     let list = a.run("device list", &[]).expect(OK).stdout;
@@ -393,13 +400,50 @@ fn device_revoke_cuts_a_device_off_and_refuses_bad_ids() {
     let out = a.run("device revoke", &[&b_id]).expect(USAGE);
     assert!(out.stderr.contains("already revoked"), "{out:#?}");
 
-    // B reads nothing written after its revocation. Its sync may already
-    // be refused: with no other member to wait for, A switches the relay
-    // to the new access token as soon as its key courier runs.
+    // The relay refuses B, which reads nothing written after its
+    // revocation; A syncs on under the new token.
     a.put("notes/2", r#""after""#);
     a.run("sync", &[]).expect(OK);
-    let _ = b.run("sync", &[]);
+    let out = b.run("sync", &[]).expect(REMOTE);
+    assert!(out.stderr.contains("Unauthorized"), "{out:#?}");
     assert_eq!(b.run("get", &["notes/1"]).expect(OK).stdout, "\"before\"\n");
     let out = b.run("get", &["notes/2"]);
     assert!(out.stderr.contains("no record"), "{out:#?}");
+}
+
+#[test]
+fn device_revoke_wait_names_the_members_the_relay_switch_waits_for() {
+    let relay = Relay::start();
+    let a = Sandbox::new();
+    a.run("init", &relay.args()).expect(OK);
+    a.put("notes/1", r#""before""#);
+    let mut joined = Vec::new();
+    for name in ["phone", "laptop"] {
+        let (inviter, code) = create_invite(&a, &[]);
+        let sb = Sandbox::new();
+        let id = device_id(&accept(&sb, &code, &["--name", name]).expect(OK));
+        assert_eq!(finished(inviter).0, OK);
+        joined.push((sb, id));
+    }
+    let [(b, b_id), (_c, c_id)] = <[_; 2]>::try_from(joined).ok().unwrap();
+    b.run("sync", &[]).expect(OK);
+
+    // C has not taken the new key: the relay keeps the old token for now,
+    // and --wait says whom it waits for instead of waiting.
+    let out = a.run("device revoke", &[&b_id, "--wait"]).expect(OK);
+    assert!(
+        out.stdout
+            .contains("once these members have synced and acknowledged the new key"),
+        "{out:#?}"
+    );
+    assert!(out.stdout.contains(&c_id), "{out:#?}");
+    assert!(!out.stdout.contains("switched the relay"), "{out:#?}");
+    let status = a.status();
+    assert_eq!(
+        status["relay_switch"]["by_this_device"],
+        json!(true),
+        "{status}"
+    );
+    b.run("sync", &[]).expect(OK);
+    assert_eq!(b.run("get", &["notes/1"]).expect(OK).stdout, "\"before\"\n");
 }
