@@ -7,6 +7,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
+use tokio::sync::watch;
+
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use persist_core::envelope::{self, Algorithm, Envelope, OpenError, SealContext};
 use persist_core::keyring::{Keyring, Revocation};
@@ -18,22 +20,37 @@ use persist_core::{DeviceId, Epoch, Locator, StoreId};
 /// The current [`KeySet`], swapped by KeyManager when keys change and read
 /// by the Sealer, the Rotator and the engine's readers.
 #[derive(Clone)]
-pub struct KeyHandle(Arc<RwLock<Arc<KeySet>>>);
+pub struct KeyHandle {
+    keys: Arc<RwLock<Arc<KeySet>>>,
+    /// Moves on (a counter) at every swap.
+    changes: Arc<watch::Sender<u64>>,
+}
 
 impl KeyHandle {
     /// A handle holding `keys`.
     pub fn new(keys: KeySet) -> Self {
-        Self(Arc::new(RwLock::new(Arc::new(keys))))
+        Self {
+            keys: Arc::new(RwLock::new(Arc::new(keys))),
+            changes: Arc::new(watch::channel(0).0),
+        }
     }
 
     /// The current keys.
     pub fn current(&self) -> Arc<KeySet> {
         // A poisoned lock still holds a whole Arc: the writer only swaps it.
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// A channel that moves on whenever the keys are swapped, for whoever
+    /// must re-check something derived from them (a device serving its
+    /// store re-checks its clients' credential).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     pub(crate) fn set(&self, keys: KeySet) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
+        *self.keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 

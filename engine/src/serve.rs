@@ -6,14 +6,21 @@
 //! as a pull from a relay is (signature, AEAD, pending, last write wins).
 //! Another device syncs with it by naming it as its remote, so two devices
 //! on a LAN sync without a relay. Only the store's own devices get in: a
-//! `Hello` must carry this store's id and access credential.
+//! `Hello` must carry this store's id and its current access credential.
+//! That credential follows this device's keyring: when a revocation
+//! switches the store to a new one (through the relay this device syncs
+//! with), the devices it serves that hold the old one are refused at their
+//! next request, and members reconnect with the new one. A device serving
+//! its store does not take `Rekey` itself: it keeps no mailboxes, so key
+//! parcels, and with them the new token, reach it only through a relay.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use persist_actors::ingest::{self, Incoming as Ingested, IngestContext};
-use persist_core::protocol::{AccessKey, LogEntry, MailboxItem};
+use persist_actors::keys::KeyHandle;
+use persist_core::protocol::{LogEntry, MailboxItem};
 use persist_core::{DeviceId, StoreId};
 use persist_relay::{RelayConfig, RelayHandle};
 use persist_storage::LocalDb;
@@ -83,7 +90,7 @@ pub(crate) struct ServeParts {
     pub(crate) dir: PathBuf,
     pub(crate) db: Arc<LocalDb>,
     pub(crate) store_id: StoreId,
-    pub(crate) access: AccessKey,
+    pub(crate) keys: KeyHandle,
     pub(crate) committed: Arc<watch::Sender<u64>>,
     pub(crate) ingest: IngestContext,
 }
@@ -96,7 +103,7 @@ pub(crate) async fn start(
     let backend = DeviceLog {
         db: parts.db,
         store_id: parts.store_id,
-        fingerprint: parts.access.fingerprint(),
+        keys: parts.keys,
         committed: parts.committed,
         ingest: parts.ingest,
     };
@@ -113,7 +120,8 @@ pub(crate) async fn start(
 struct DeviceLog {
     db: Arc<LocalDb>,
     store_id: StoreId,
-    fingerprint: [u8; 32],
+    /// Whose current relay credential admits a client.
+    keys: KeyHandle,
     committed: Arc<watch::Sender<u64>>,
     ingest: IngestContext,
 }
@@ -144,7 +152,12 @@ impl RelayBackend for DeviceLog {
         _may_create: bool,
     ) -> Result<StoreAccess, RelayError> {
         self.check(store)?;
-        if !bool::from(self.fingerprint.ct_eq(access_fingerprint)) {
+        let keys = self.keys.current();
+        let admitted = keys
+            .access
+            .as_ref()
+            .is_some_and(|access| bool::from(access.fingerprint().ct_eq(access_fingerprint)));
+        if !admitted {
             return Err(RelayError::Unauthorized);
         }
         Ok(StoreAccess {
@@ -258,6 +271,11 @@ impl RelayBackend for DeviceLog {
         _upto: u64,
     ) -> Result<(), RelayError> {
         Err(no_mailboxes())
+    }
+
+    /// Moves whenever the keys change, the relay credential among them.
+    fn access_changes(&self, _store: &StoreId) -> watch::Receiver<u64> {
+        self.keys.changes()
     }
 
     async fn stats(&self) -> Result<RelayStats, RelayError> {

@@ -606,13 +606,9 @@ impl Store {
         if self.inner.read_only {
             return Err(ServeError::ReadOnly);
         }
-        let access = self
-            .inner
-            .keys
-            .current()
-            .access
-            .clone()
-            .ok_or(ServeError::NotEncrypted)?;
+        if self.inner.keys.current().access.is_none() {
+            return Err(ServeError::NotEncrypted);
+        }
         // The devices it serves check its signatures against its announcement.
         self.announce().await.map_err(|e| ServeError::Start {
             addr: listen,
@@ -622,7 +618,7 @@ impl Store {
             dir: self.inner.info.path.clone(),
             db: self.inner.db.clone(),
             store_id: self.inner.info.store_id,
-            access,
+            keys: self.inner.keys.clone(),
             committed: self.inner.committed.clone(),
             ingest: self.inner.ingest.clone(),
         };

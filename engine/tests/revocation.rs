@@ -12,7 +12,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use persist::{KeyError, RelaySwitchStatus, RevokeError, Store, SyncConfig, SyncError};
+use persist::{KeyError, RelaySwitchStatus, Remote, RevokeError, Store, SyncConfig, SyncError};
 
 use common::devices::{SETTLE, device, relay, remote, until};
 
@@ -404,6 +404,72 @@ async fn a_connection_admitted_with_the_old_token_carries_its_sync_over_the_swit
     })
     .await;
     assert!(refused(&b).await, "the relay refuses b");
+    for s in [a, b, c] {
+        s.close().await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_serving_its_store_refuses_the_revoked_device_once_the_relay_switched() {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = relay(&tmp.path().join("relay")).await;
+    let a = Store::open(device(tmp.path(), "a").sync(SyncConfig::new(remote(&relay))))
+        .await
+        .unwrap();
+    a.put("notes/before", "before").await.unwrap();
+    let b = join(tmp.path(), &a, "b").await;
+    let c = join(tmp.path(), &a, "c").await;
+    let c_id = c.info().device_id;
+    converge(&[&a, &b, &c]).await;
+    // A also serves its store; C now syncs with A directly.
+    let served = a.serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let direct = Remote::pinned(&format!("quic://{}", served.addr()), &served.pin()).unwrap();
+    c.close().await.unwrap();
+    let c = Store::open(device(tmp.path(), "c").sync(SyncConfig::new(direct.clone())))
+        .await
+        .unwrap();
+    c.sync_now()
+        .await
+        .expect("a admits c before its revocation");
+
+    // A revokes C; B takes the new key and token through the relay; A
+    // switches the relay, and its own credential with it.
+    let revocation = a.crypto().revoke_device(c_id).await.unwrap();
+    revocation.wait().await.unwrap();
+    until("a switches the relay", async || {
+        let _ = b.sync_now().await;
+        let _ = a.sync_now().await;
+        relay_switch(&a).await.is_none()
+    })
+    .await;
+
+    // A, serving, now refuses C's old credential, on the connection C
+    // already holds and on a new one.
+    match c.sync_now().await {
+        Err(SyncError::Refused { detail, .. }) => {
+            assert!(detail.contains("Unauthorized"), "{detail}");
+        }
+        other => panic!("a should refuse c, got {other:?}"),
+    }
+    until("a refuses c again", async || refused(&c).await).await;
+
+    // B, a member, syncs with A directly under the new token.
+    until("b takes the new token", async || {
+        let _ = b.sync_now().await;
+        relay_switch(&b).await.is_none()
+    })
+    .await;
+    b.close().await.unwrap();
+    let b = Store::open(device(tmp.path(), "b").sync(SyncConfig::new(direct)))
+        .await
+        .unwrap();
+    a.put("notes/after", "after").await.unwrap();
+    b.sync_now().await.expect("a admits b, a member");
+    assert_eq!(
+        b.get::<String>("notes/after").await.unwrap().as_deref(),
+        Some("after")
+    );
+    served.stop().await;
     for s in [a, b, c] {
         s.close().await.unwrap();
     }

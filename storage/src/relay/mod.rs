@@ -379,7 +379,8 @@ pub trait RelayBackend: Send + Sync + 'static {
     ///
     /// Subscribe before admitting: a rekey committed after the check is then
     /// seen as a change. Cannot fail. The default never moves (its sender is
-    /// gone): right with the default [`RelayBackend::rekey`].
+    /// gone): right with the default [`RelayBackend::rekey`] when nothing
+    /// else changes the credential.
     fn access_changes(&self, store: &StoreId) -> tokio::sync::watch::Receiver<u64> {
         let _ = store;
         tokio::sync::watch::channel(0).1
