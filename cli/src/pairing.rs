@@ -287,17 +287,12 @@ pub(crate) async fn revoke(
     Ok(format!("{head}\n{resealed} records resealed\n{relay}\n"))
 }
 
-/// How long `device revoke --wait` waits for the relay switch once
-/// nothing holds it back: one round of the key courier, which may have to
-/// reconnect.
-const RELAY_SWITCH_WAIT: Duration = Duration::from_secs(30);
-
-/// After a revocation's re-encryption: pushes the resealed records (the
-/// key parcels go out beside them), then waits for the relay to be
-/// switched to the revocation's access token unless members must
-/// acknowledge the new key first. Says where that stands; a remote that
-/// cannot be reached is said, not an error: the revocation itself is done,
-/// and the next `persist sync` carries on.
+/// After a revocation's re-encryption: syncs, which pushes the resealed
+/// records and has the key courier run a round (the key parcels go out,
+/// and the relay is switched to the revocation's access token unless
+/// members must acknowledge the new key first). Says where that stands; a
+/// remote that cannot be reached is said, not an error: the revocation
+/// itself is done, and the next `persist sync` carries on.
 async fn relay_after_revocation(store: &Store) -> String {
     if let Err(error) = store.sync_now().await {
         return format!(
@@ -305,43 +300,39 @@ async fn relay_after_revocation(store: &Store) -> String {
              to a new access token, after the next `persist sync`"
         );
     }
-    let polls = RELAY_SWITCH_WAIT.as_millis() / sync::POLL.as_millis();
-    for _ in 0..polls {
-        let switch = match store.status().await {
-            Ok(status) => status.relay_switch,
-            Err(error) => return format!("cannot read the store's status: {error}"),
-        };
-        match switch {
-            None => {
-                return "switched the relay to a new access token: it refuses the revoked \
-                        device from now on"
-                    .to_owned();
-            }
-            Some(switch) if !switch.waiting_for.is_empty() => {
-                let by = switch
-                    .due_ms
-                    .map(|ms| format!(", or at {} whether they did or not", utc_time(ms)))
-                    .unwrap_or_default();
-                return format!(
-                    "the relay switches to a new access token, which the revoked device never \
-                     receives, once these members have synced and acknowledged the new key: \
-                     {}{by}; this device must sync after that (`persist sync`, or keep \
-                     `persist sync --watch` running)",
-                    switch.waiting_for.join(", ")
-                );
-            }
-            Some(_) => tokio::time::sleep(sync::POLL).await,
+    let switch = match store.status().await {
+        Ok(status) => status.relay_switch,
+        Err(error) => return format!("cannot read the store's status: {error}"),
+    };
+    match switch {
+        None => "switched the relay to a new access token: it refuses the revoked device from \
+                 now on"
+            .to_owned(),
+        Some(switch) if !switch.waiting_for.is_empty() => {
+            let by = switch
+                .due_ms
+                .map(|ms| format!(", or at {} whether they did or not", utc_time(ms)))
+                .unwrap_or_default();
+            format!(
+                "the relay switches to a new access token, which the revoked device never \
+                 receives, once these members have synced and acknowledged the new key: \
+                 {}{by}; this device must sync after that (`persist sync`, or keep `persist \
+                 sync --watch` running)",
+                switch.waiting_for.join(", ")
+            )
+        }
+        Some(_) => {
+            let why = store
+                .sync_status()
+                .and_then(|s| s.last_error)
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default();
+            format!(
+                "the relay has not switched to the new access token yet{why}; the next \
+                 `persist sync` tries again"
+            )
         }
     }
-    let why = store
-        .sync_status()
-        .and_then(|s| s.last_error)
-        .map(|e| format!(" ({e})"))
-        .unwrap_or_default();
-    format!(
-        "the relay has not switched to the new access token yet{why}; the next `persist sync` \
-         tries again"
-    )
 }
 
 /// Parses `--expires`: a duration of at most [`EXPIRY_MAX`].

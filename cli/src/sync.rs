@@ -32,7 +32,7 @@ use crate::json;
 use crate::remote::{self, AdmissionSecret};
 
 /// How often the progress spinner and `status` look at the session.
-pub(crate) const POLL: Duration = Duration::from_millis(50);
+const POLL: Duration = Duration::from_millis(50);
 
 /// How many polls (30 s) `sync` waits for the session's first connection
 /// attempt: longer than the engine's connect and `Hello` timeouts (10 s

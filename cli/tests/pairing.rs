@@ -412,7 +412,7 @@ fn device_revoke_cuts_a_device_off_and_refuses_bad_ids() {
 }
 
 #[test]
-fn device_revoke_wait_names_the_members_the_relay_switch_waits_for() {
+fn device_revoke_wait_names_whom_the_relay_switch_waits_for_and_their_syncs_release_it() {
     let relay = Relay::start();
     let a = Sandbox::new();
     a.run("init", &relay.args()).expect(OK);
@@ -425,7 +425,7 @@ fn device_revoke_wait_names_the_members_the_relay_switch_waits_for() {
         assert_eq!(finished(inviter).0, OK);
         joined.push((sb, id));
     }
-    let [(b, b_id), (_c, c_id)] = <[_; 2]>::try_from(joined).ok().unwrap();
+    let [(b, b_id), (c, c_id)] = <[_; 2]>::try_from(joined).ok().unwrap();
     b.run("sync", &[]).expect(OK);
 
     // C has not taken the new key: the relay keeps the old token for now,
@@ -444,6 +444,19 @@ fn device_revoke_wait_names_the_members_the_relay_switch_waits_for() {
         json!(true),
         "{status}"
     );
+    a.put("notes/2", r#""after""#);
+    a.run("sync", &[]).expect(OK);
     b.run("sync", &[]).expect(OK);
+
+    // C's sync takes the new key and acknowledges it; A's next sync sees
+    // that and switches the relay, which then refuses B.
+    c.run("sync", &[]).expect(OK);
+    a.run("sync", &[]).expect(OK);
+    assert_eq!(a.status()["relay_switch"], Value::Null);
+    let out = b.run("sync", &[]).expect(REMOTE);
+    assert!(out.stderr.contains("Unauthorized"), "{out:#?}");
     assert_eq!(b.run("get", &["notes/1"]).expect(OK).stdout, "\"before\"\n");
+    assert!(b.run("get", &["notes/2"]).stderr.contains("no record"));
+    c.run("sync", &[]).expect(OK);
+    assert_eq!(c.run("get", &["notes/2"]).expect(OK).stdout, "\"after\"\n");
 }

@@ -34,6 +34,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use persist_actors::key_manager::{KeyManagerMsg, RelaySwitch, Taken};
@@ -61,6 +62,13 @@ const REPOST_ROUNDS: u64 = 10;
 pub(crate) struct Courier {
     kick: Arc<Notify>,
     stop: watch::Sender<bool>,
+    rounds: Arc<Rounds>,
+}
+
+/// How many rounds have started, and how many ended (done or failed).
+struct Rounds {
+    started: AtomicU64,
+    ended: watch::Sender<u64>,
 }
 
 /// What the courier needs to reach the relay and the keys.
@@ -85,6 +93,10 @@ impl Courier {
     pub(crate) fn start(args: CourierArgs) -> Self {
         let kick = Arc::new(Notify::new());
         let stop = watch::channel(false).0;
+        let rounds = Arc::new(Rounds {
+            started: AtomicU64::new(0),
+            ended: watch::channel(0).0,
+        });
         let run = Run {
             connector: args.remote.connector(),
             admission: args.remote.admission_secret(),
@@ -99,13 +111,27 @@ impl Courier {
             link: None,
             told_refused: None,
         };
-        tokio::spawn(run.run(kick.clone(), stop.subscribe(), args.sync));
-        Self { kick, stop }
+        tokio::spawn(run.run(kick.clone(), stop.subscribe(), args.sync, rounds.clone()));
+        Self { kick, stop, rounds }
     }
 
     /// Asks for a round now (after a rotation).
     pub(crate) fn kick(&self) {
         self.kick.notify_one();
+    }
+
+    /// Asks for a round now and resolves once a round that began after
+    /// this call has ended, whether it reached the relay or not (or once
+    /// the courier has stopped).
+    pub(crate) fn round(&self) -> impl Future<Output = ()> + Send + 'static {
+        // A round counts itself started before it reads anything, so the
+        // next one to start sees everything done before this call.
+        let target = self.rounds.started.load(Ordering::SeqCst) + 1;
+        let mut ended = self.rounds.ended.subscribe();
+        self.kick.notify_one();
+        async move {
+            let _ = ended.wait_for(|n| *n >= target).await;
+        }
     }
 
     /// Stops the courier (the store is closing).
@@ -164,6 +190,7 @@ impl Run {
         kick: Arc<Notify>,
         mut stop: watch::Receiver<bool>,
         mut sync: watch::Receiver<SyncState>,
+        rounds: Arc<Rounds>,
     ) {
         let mut failures = 0u32;
         let mut parked = sync.borrow_and_update().parked;
@@ -175,7 +202,10 @@ impl Run {
             if *stop.borrow() || stop.has_changed().is_err() {
                 return;
             }
-            let wait = match self.round().await {
+            rounds.started.fetch_add(1, Ordering::SeqCst);
+            let outcome = self.round().await;
+            rounds.ended.send_modify(|n| *n += 1);
+            let wait = match outcome {
                 Ok(found) => {
                     failures = 0;
                     if sync.borrow().parked > 0 || matches!(found, Found::Waiting) {

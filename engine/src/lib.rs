@@ -98,8 +98,8 @@ pub use persist_core::{DeviceId, InviteId, StoreId};
 pub use persist_storage::{Backend, MemoryBackend};
 pub use serve::{ServeError, ServeHandle};
 pub use store::{
-    Batch, Change, DB_FILE, EpochStatus, Lagged, RelaySwitchStatus, RotationStatus, Status, Store,
-    StoreInfo, WATCH_BUFFER_MAX, WRITES_IN_FLIGHT_MAX,
+    Batch, COURIER_ROUND_WAIT, Change, DB_FILE, EpochStatus, Lagged, RelaySwitchStatus,
+    RotationStatus, Status, Store, StoreInfo, WATCH_BUFFER_MAX, WRITES_IN_FLIGHT_MAX,
 };
 pub use sync::{
     Conversation, DEFAULT_PORT, Dial, DialFuture, RELAY_SWITCH_GRACE, Remote, RemoteError,

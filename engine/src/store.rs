@@ -56,6 +56,11 @@ pub const WATCH_BUFFER_MAX: usize = 1024;
 /// Records read per page when listing.
 const LIST_PAGE_RECORDS: usize = 1024;
 
+/// How long [`Store::sync_now`] waits for the key courier's round after
+/// the sync itself: long enough for a relay switch's exchange, short
+/// enough that an unanswering relay does not hold the call.
+pub const COURIER_ROUND_WAIT: Duration = Duration::from_secs(30);
+
 /// An open store. Cheap to clone; all clones share one actor tree.
 #[derive(Clone)]
 pub struct Store {
@@ -578,19 +583,31 @@ impl Store {
 
     /// Pushes every local change and pulls every remote one, once, and
     /// says how many went each way. Sync also runs in the background; this
-    /// is for when the caller wants to know it is done. It also asks the
-    /// key courier for a round (key parcels to and from the other members).
+    /// is for when the caller wants to know it is done. It also has the key
+    /// courier run a round (key parcels to and from the other members, and
+    /// a pending relay switch) and waits for it, at most
+    /// [`COURIER_ROUND_WAIT`]; a round that fails is retried in the
+    /// background and does not fail the sync.
     pub async fn sync_now(&self) -> Result<SyncReport, SyncError> {
         if self.inner.sync.is_none() {
             return Err(SyncError::NotConfigured);
         }
         let session = self.inner.routes.peer_session().ok_or(SyncError::Closed)?;
-        // Key parcels and acknowledgements are exchanged too.
-        self.kick_courier();
+        // Key parcels and acknowledgements are exchanged too, in a round
+        // that runs beside the sync and is waited for after it (bounded:
+        // the round's own conversation with the relay may hang).
+        let keys_round = self.inner.courier.as_ref().map(Courier::round);
         let outcome = session
             .call(PeerMsg::SyncNow, None)
             .await
             .map_err(|_| SyncError::Closed)?;
+        if let Some(round) = keys_round
+            && tokio::time::timeout(COURIER_ROUND_WAIT, round)
+                .await
+                .is_err()
+        {
+            tracing::debug!("sync_now: the key courier's round is still running");
+        }
         match outcome {
             CallResult::Success(Ok(report)) => Ok(report.into()),
             CallResult::Success(Err(e)) => Err(map_sync_error(e)),
