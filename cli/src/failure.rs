@@ -403,6 +403,7 @@ fn key_op_exit(error: &KeyError) -> Exit {
         KeyError::ReadOnly
         | KeyError::NotEncrypted
         | KeyError::NoRelay
+        | KeyError::InviteLifetime { .. }
         | KeyError::CannotRevoke(_) => Exit::Usage,
         _ => Exit::Unexpected,
     }

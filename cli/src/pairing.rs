@@ -425,7 +425,7 @@ async fn wait_for_device(
     };
     let device = match joined {
         Ok(device) => device,
-        Err(persist::KeyError::Failed(_)) => {
+        Err(persist::KeyError::InviteExpired) => {
             return Err(CliError::InviteUnused { expired: until }.into());
         }
         Err(error) => return Err(error.into()),

@@ -266,6 +266,17 @@ fn bad_codes_and_options_exit_2_and_leave_nothing() {
         .expect(USAGE);
     assert!(out.stderr.contains("30m, 24h, 7d"), "{out:#?}");
 
+    // An invite nobody takes: the wait ends when it expires, exit 4.
+    let out = a.run("invite create", &["--expires", "1s"]);
+    let (waiting, error) = out.stderr.split_once('\n').unwrap_or_default();
+    assert!(
+        out.code == REMOTE
+            && waiting.starts_with("waiting for the new device")
+            && error.starts_with("error: the invite expired at")
+            && error.contains("no device joined"),
+        "{out:#?}"
+    );
+
     let out = a.run("invite create", &["--no-wait"]).expect(OK);
     let code = out.stdout.trim_end();
     assert!(code.starts_with(PREFIX) && !code.contains('\n'), "{out:#?}");

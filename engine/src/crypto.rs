@@ -190,10 +190,10 @@ impl Crypto<'_> {
         }
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
         if ttl_ms == 0 || ttl_ms > invite::TTL_MAX_MS {
-            return Err(KeyError::Failed(format!(
-                "an invite lasts from 1 ms to {} days, not {ttl:?}",
-                invite::TTL_MAX_MS / 86_400_000
-            )));
+            return Err(KeyError::InviteLifetime {
+                asked: ttl,
+                max_days: invite::TTL_MAX_MS / 86_400_000,
+            });
         }
         let responders = self.store.responders().ok_or(KeyError::NoRelay)?;
         let (relay, pin) = responders.relay();
@@ -216,8 +216,9 @@ impl Crypto<'_> {
     }
 
     /// Waits until a device joins with invite `id` (made by this store
-    /// while open) and returns the new device's id; `KeyError::Closed` if
-    /// the store closes first. The invite's expiry ends the wait too.
+    /// while open) and returns the new device's id; [`KeyError::Closed`]
+    /// if the store closes first, [`KeyError::InviteExpired`] once the
+    /// invite has expired unused.
     pub async fn invite_used(&self, invite: &InviteCode) -> Result<DeviceId, KeyError> {
         let responders = self.store.responders().ok_or(KeyError::NoRelay)?;
         let now_ms = self.store.now_ms();
@@ -225,7 +226,7 @@ impl Crypto<'_> {
         match tokio::time::timeout(left, responders.joined(invite.id)).await {
             Ok(Some(device)) => Ok(device),
             Ok(None) => Err(KeyError::Closed),
-            Err(_) => Err(KeyError::Failed("the invite expired unused".into())),
+            Err(_) => Err(KeyError::InviteExpired),
         }
     }
 

@@ -81,6 +81,17 @@ pub enum KeyError {
     /// The device cannot be revoked; nothing changed.
     #[error(transparent)]
     CannotRevoke(#[from] persist_core::keyring::RevokeError),
+    /// An invite's lifetime is out of range; no invite was made.
+    #[error("an invite lasts from 1 ms to {max_days} days, not {asked:?}")]
+    InviteLifetime {
+        /// The lifetime asked for.
+        asked: std::time::Duration,
+        /// The longest an invite lasts, in days.
+        max_days: u64,
+    },
+    /// The invite expired before any device joined with it.
+    #[error("the invite expired before any device joined with it")]
+    InviteExpired,
     /// The operation failed.
     #[error("{0}")]
     Failed(String),

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use persist::{
-    Entropy, InviteError, JoinError, OpenError, PairingError, Refusal, Store, SyncConfig,
+    Entropy, InviteError, JoinError, KeyError, OpenError, PairingError, Refusal, Store, SyncConfig,
 };
 use persist_relay::{Admission, RelayHandle};
 use persist_storage::relay::{MemoryRelay, RelayBackend};
@@ -114,6 +114,27 @@ async fn an_invite_works_once_and_bad_codes_write_nothing() {
         .unwrap();
     let invite = a.crypto().create_invite().await.unwrap();
     let code = invite.code().to_owned();
+
+    // Lifetimes out of range make no invite.
+    for ttl in [Duration::ZERO, Duration::from_secs(31 * 86_400)] {
+        assert!(
+            matches!(
+                a.crypto().create_invite_for(ttl).await,
+                Err(KeyError::InviteLifetime { asked, max_days: 30 }) if asked == ttl
+            ),
+            "{ttl:?}"
+        );
+    }
+    // Waiting on an invite nobody takes ends when it expires.
+    let short = a
+        .crypto()
+        .create_invite_for(Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert!(matches!(
+        a.crypto().invite_used(&short).await,
+        Err(KeyError::InviteExpired)
+    ));
 
     // Truncated and edited codes.
     let truncated = &code[..code.len() - 5];
