@@ -121,3 +121,19 @@ fn regression_seed_12_session_wedges_after_two_lost_connections() {
     let config = SimConfig::sync(12);
     harness::run(&config).unwrap_or_else(|f| panic!("{f}"));
 }
+
+#[test]
+fn a_revoked_device_given_the_new_keys_is_caught_reading_later_writes() {
+    assert_eq!(
+        violated(SyncFault::RevokedGetsKeys, 7),
+        checkers::REVOKED_READS_NOTHING_NEW
+    );
+}
+
+#[test]
+fn a_member_taking_a_revoked_devices_later_write_is_caught() {
+    assert_eq!(
+        violated(SyncFault::MemberAdoptsRevokedWrite, 7),
+        checkers::REVOKED_WRITES_REFUSED
+    );
+}
