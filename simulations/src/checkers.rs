@@ -581,6 +581,11 @@ mod tests {
     const MALLORY: DeviceId = DeviceId([2; 16]);
 
     fn opened(signer: DeviceId, epoch: u32, ms: u64, value: &str) -> Opened {
+        resealed(signer, signer, epoch, ms, value)
+    }
+
+    /// A copy of `origin`'s write, sealed and signed by `signer`.
+    fn resealed(signer: DeviceId, origin: DeviceId, epoch: u32, ms: u64, value: &str) -> Opened {
         Opened {
             locator: Locator([0; 32]),
             path: "a/0".into(),
@@ -588,7 +593,7 @@ mod tests {
             precedence: Precedence {
                 version: persist_core::lww::Version {
                     hlc: persist_core::hlc::Hlc { ms, counter: 0 },
-                    origin: signer,
+                    origin,
                 },
                 epoch: Epoch(epoch),
             },
@@ -614,17 +619,32 @@ mod tests {
             opened(MALLORY, 2, 1_001, "mallory, stamped after"),
             opened(MALLORY, 3, 900, "mallory, under the new epoch"),
             opened(ALICE, 3, 5_000, "alice, after"),
+            resealed(ALICE, MALLORY, 3, 900, "mallory, in time, resealed"),
+            resealed(ALICE, MALLORY, 3, 1_002, "mallory, later, resealed"),
+            resealed(MALLORY, ALICE, 2, 800, "alice, resealed by mallory"),
         ];
         let kept: Vec<_> = accepted(&all, Some(&r))
             .into_iter()
             .filter_map(|o| o.value)
             .collect();
-        assert_eq!(kept, ["mallory, in time", "alice, after"]);
-        assert_eq!(accepted(&all, None).len(), 4, "no revocation, no refusal");
+        assert_eq!(
+            kept,
+            [
+                "mallory, in time",
+                "alice, after",
+                "mallory, in time, resealed",
+                "alice, resealed by mallory"
+            ]
+        );
+        assert_eq!(accepted(&all, None).len(), 7, "no revocation, no refusal");
         let refused: Vec<_> = refused_values(&all, &r).into_iter().collect();
         assert_eq!(
             refused,
-            ["mallory, stamped after", "mallory, under the new epoch"]
+            [
+                "mallory, later, resealed",
+                "mallory, stamped after",
+                "mallory, under the new epoch"
+            ]
         );
     }
 
@@ -650,6 +670,41 @@ mod tests {
         let err = check_revoked_writes_refused(&r, &later, &dirty).unwrap_err();
         assert_eq!(err.invariant, REVOKED_WRITES_REFUSED);
         assert!(err.detail.contains("member 1"), "{err}");
+    }
+
+    #[test]
+    fn a_path_overtaken_at_the_relay_may_hold_any_accepted_value_and_nothing_else() {
+        let r = mallory_revoked();
+        let older = opened(ALICE, 3, 2_000, "alice, older");
+        let newest = opened(ALICE, 3, 3_000, "alice, newest");
+        let accepted_all = vec![older.clone(), newest.clone()];
+        // The relay keeps Mallory's later write in front of Alice's.
+        let relay = vec![opened(MALLORY, 2, 4_000, "mallory, later")];
+        let overtaken = overtaken(&relay, &accepted_all, &r);
+        assert_eq!(overtaken.len(), 1);
+        let reference = reference(&accepted_all);
+        let accepted_relay = accepted(&relay, Some(&r));
+        let holds = |v: &str| vec![(0, vec![("a/0".to_owned(), v.to_owned())])];
+        for ok in ["alice, older", "alice, newest"] {
+            assert!(
+                check_convergence(&reference, &holds(ok), &accepted_relay, &overtaken).is_ok(),
+                "{ok}"
+            );
+        }
+        assert!(check_convergence(&reference, &[(0, vec![])], &accepted_relay, &overtaken).is_ok());
+        let err = check_convergence(
+            &reference,
+            &holds("mallory, later"),
+            &accepted_relay,
+            &overtaken,
+        )
+        .unwrap_err();
+        assert_eq!(err.invariant, CONVERGENCE);
+        // Not overtaken, the same listings must match the reference.
+        let none = Overtaken::new();
+        let relay_ok = vec![newest];
+        assert!(check_convergence(&reference, &holds("alice, newest"), &relay_ok, &none).is_ok());
+        assert!(check_convergence(&reference, &holds("alice, older"), &relay_ok, &none).is_err());
     }
 
     fn postcard_bytes(msg: &Message) -> Vec<u8> {

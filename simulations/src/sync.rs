@@ -860,20 +860,17 @@ impl SyncWorkload {
         let relay_all = checkers::open_all(&keys, &relay_entries)?;
         let relay_opened = checkers::accepted(&relay_all, revoked.as_ref());
         if let Some(r) = &revoked {
-            self.checked(checkers::REVOKED_READS_NOTHING_NEW);
-            let listing = revoked_listing
-                .ok_or_else(|| engine("check", "the revoked device was not listed"))?;
-            checkers::check_revoked_reads_nothing_new(r, &self.written_after, &listing)?;
-            self.checked(checkers::REVOKED_WRITES_REFUSED);
             let mut later = checkers::refused_values(&all_opened, r);
             later.extend(self.revoked_later.iter().cloned());
-            checkers::check_revoked_writes_refused(r, &later, &listings)?;
             let refused = (all_opened.len() - opened.len()) as u64;
             let switched = zero_switched(cluster).await?;
             trace.note(format!(
-                "revoked d{}: later writes {} (on the wire {refused}), member writes it must \
-                 not read {}, relay switched {switched}",
+                "revoked d{} ends on epoch {} (the revocation's: {}): later writes {} (refused \
+                 on the wire {refused}), member writes it must not read {}, relay switched \
+                 {switched}",
                 r.device,
+                self.epochs[r.device],
+                r.epoch.0,
                 later.len(),
                 self.written_after.len()
             ));
@@ -885,6 +882,12 @@ impl SyncWorkload {
             if switched {
                 self.fired("relay_switched");
             }
+            self.checked(checkers::REVOKED_READS_NOTHING_NEW);
+            let listing = revoked_listing
+                .ok_or_else(|| engine("check", "the revoked device was not listed"))?;
+            checkers::check_revoked_reads_nothing_new(r, &self.written_after, &listing)?;
+            self.checked(checkers::REVOKED_WRITES_REFUSED);
+            checkers::check_revoked_writes_refused(r, &later, &listings)?;
         }
 
         // Convergence of the members to the reference, and no
@@ -1018,6 +1021,17 @@ impl SyncWorkload {
         d: usize,
         path: &str,
     ) -> Result<(), SyncRunError> {
+        if cluster.store(d).is_none() {
+            return Ok(());
+        }
+        // A member knows of the revocation once it holds the revocation's
+        // epoch (the revocation comes with the key): from then on it must
+        // refuse the revoked device's later writes. Sampled before the
+        // read, so the member knew when it read.
+        let member_knows = match self.revoked.clone() {
+            Some(r) if r.device != d => self.sample(cluster, d).await? >= r.epoch.0,
+            _ => false,
+        };
         let Some(store) = cluster.store(d) else {
             return Ok(());
         };
@@ -1050,8 +1064,9 @@ impl SyncWorkload {
             } else {
                 (
                     checkers::REVOKED_WRITES_REFUSED,
-                    self.revoked_later.contains(v),
-                    "the revoked device wrote after its revocation",
+                    member_knows && self.revoked_later.contains(v),
+                    "the revoked device wrote after its revocation, and this member \
+                     knows of the revocation",
                 )
             };
             self.checked(invariant);
