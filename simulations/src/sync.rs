@@ -32,8 +32,11 @@
 //! end-state checks compare only the remaining members, plus two
 //! invariants of their own: the revoked device never reads a value a
 //! member wrote under the revocation's epoch or later, and no member
-//! ever reads or holds a value the revoked device wrote after its
-//! revocation.
+//! that knows of the revocation reads, and none at the end holds, a value
+//! the revoked device wrote after its revocation. Unless the run lets the
+//! revocation race ([`SyncOptions::revocation_races`]), the revoked
+//! device is partitioned from the relay until every member knows of its
+//! revocation, and a member that does not know yet gets no key export.
 //!
 //! **Quiesce, then check.** Faults stop, every device boots, gets the
 //! newest keys (the revoked device excepted), and syncs until the
@@ -157,9 +160,9 @@ pub enum SyncFault {
     WithholdKeys,
     /// Device 0 reboots twice with the same randomness, writing after each.
     ReuseEntropy,
-    /// Device 0 revokes device 1 at the start and writes; then device 1 is
-    /// handed a fresh export of device 0's keys, the revocation's epoch
-    /// included.
+    /// Device 0 revokes device 1 at the start, device 1 is handed a fresh
+    /// export of device 0's keys (the revocation's epoch included), and
+    /// device 0 writes.
     RevokedGetsKeys,
     /// Device 0 revokes device 1 at the start; device 1 writes after its
     /// revocation; before the quiet phase device 0 writes that same value
@@ -558,12 +561,14 @@ impl SyncWorkload {
                 self.epochs[0] += 1;
             }
             Some(SyncFault::RevokedGetsKeys) => {
+                // Before device 0 switches the relay: an export made after
+                // the switch no longer matches device 1's relay token.
                 self.revoke(cluster, trace, 1).await?;
+                self.deliver_keys(cluster, trace, 1).await?;
                 self.put(cluster, trace, 0, SYNC_PATHS[3], None).await?;
                 self.sync(cluster, trace, 0)
                     .await?
                     .map_err(|e| engine("run", e))?;
-                self.deliver_keys(cluster, trace, 1).await?;
             }
             Some(SyncFault::MemberAdoptsRevokedWrite) => {
                 self.revoke(cluster, trace, 1).await?;

@@ -137,3 +137,23 @@ fn a_member_taking_a_revoked_devices_later_write_is_caught() {
         checkers::REVOKED_WRITES_REFUSED
     );
 }
+
+/// Seed 2 (at these steps) revokes a device mid-run; the revoked device
+/// pushes writes the members refuse, and device 0 switches the relay.
+#[test]
+fn a_revocation_mid_run_replays_and_cuts_the_revoked_device_off() {
+    let c = config(2);
+    let first = harness::run(&c).unwrap_or_else(|f| panic!("{f}"));
+    let again = harness::run(&c).unwrap_or_else(|f| panic!("{f}"));
+    assert_eq!(first.trace_hash, again.trace_hash);
+    let fired = |kind: &str| first.faults.get(kind).copied().unwrap_or_default();
+    assert_eq!(fired("revocation"), 1, "{:?}", first.faults);
+    assert_eq!(fired("relay_switched"), 1, "{:?}", first.faults);
+    assert!(fired("revoked_pushes_refused") > 0, "{:?}", first.faults);
+    for invariant in [
+        checkers::REVOKED_READS_NOTHING_NEW,
+        checkers::REVOKED_WRITES_REFUSED,
+    ] {
+        assert!(first.checks.contains_key(invariant), "{invariant}");
+    }
+}
