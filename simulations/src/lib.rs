@@ -56,9 +56,10 @@
 //! pulled the newest accepted one then keep different accepted values
 //! (such paths are checked for "an accepted value or nothing" and counted
 //! as `path_overtaken_by_revoked`); and by default the revoked device is
-//! kept from the relay, and members get no key export, until every member
-//! knows of the revocation, because two open bugs otherwise break the
-//! invariants (`run --revocation-races` lifts both to show them):
+//! kept from the relay until every member knows of the revocation, and a
+//! member that does not know of it yet gets no key export, because two
+//! open bugs otherwise break the invariants (`run --revocation-races`
+//! lifts both to show them):
 //!
 //! - a member that accepted the revoked device's later write before it
 //!   learned of the revocation keeps it, reseals it under the new epoch
