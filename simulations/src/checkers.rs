@@ -9,6 +9,12 @@
 //! (overwritten before they were pushed) are checked by their bound: the
 //! write that replaced them must carry a version at least as late as the
 //! writer's clock when it wrote.
+//!
+//! When the run revoked a device ([`RevokedDevice`]), the reference leaves
+//! out what that device signed after its revocation (every member must
+//! refuse it), convergence compares only the current members, and two
+//! more invariants hold: the revoked device reads nothing the members
+//! wrote after the revocation, and no member holds what it wrote later.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -18,7 +24,7 @@ use persist_core::keys::IndexKey;
 use persist_core::lww::Precedence;
 use persist_core::protocol::Message;
 use persist_core::record::is_system_path;
-use persist_core::{Epoch, Locator};
+use persist_core::{DeviceId, Epoch, Locator};
 
 use crate::net::TappedConn;
 
@@ -45,6 +51,8 @@ pub const INVARIANTS: &[&str] = &[
     HELD_BOUNDED,
     NO_PHANTOM_READ,
     LIVENESS,
+    REVOKED_READS_NOTHING_NEW,
+    REVOKED_WRITES_REFUSED,
 ];
 
 /// All devices hold the reference state once faults stop.
@@ -67,6 +75,12 @@ pub const HELD_BOUNDED: &str = "held_bounded";
 pub const NO_PHANTOM_READ: &str = "no_phantom_read";
 /// With faults off, a sync finishes in bounded simulated time.
 pub const LIVENESS: &str = "liveness";
+/// A revoked device never reads a value a member wrote after the member
+/// learned of the revocation (under the revocation's epoch or later).
+pub const REVOKED_READS_NOTHING_NEW: &str = "revoked_reads_nothing_new";
+/// What a revoked device writes stamped after its revocation is in no
+/// member's state.
+pub const REVOKED_WRITES_REFUSED: &str = "revoked_writes_refused";
 
 pub(crate) fn violation(invariant: &'static str, detail: impl Into<String>) -> Violation {
     Violation {
@@ -101,6 +115,55 @@ pub struct Opened {
     pub value: Option<String>,
     /// Its LWW precedence.
     pub precedence: Precedence,
+    /// The device that sealed and signed this copy.
+    pub signer: DeviceId,
+}
+
+/// A device the run revoked, as the checkers need it: what members refuse
+/// from it, and since when.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RevokedDevice {
+    /// Its index in the run.
+    pub device: usize,
+    /// Its id.
+    pub id: DeviceId,
+    /// The epoch the revocation started.
+    pub epoch: Epoch,
+    /// The revoker's clock when it revoked: the revocation is stamped
+    /// `(at_ms, u16::MAX)`, so a write of the revoked device is later
+    /// exactly when its HLC's milliseconds exceed this.
+    pub at_ms: u64,
+}
+
+impl RevokedDevice {
+    /// Whether every member must refuse `o`: a write the revoked device
+    /// stamped after its revocation (whoever resealed it since), or a copy
+    /// it signed under the revocation's epoch or later.
+    pub fn refuses(&self, o: &Opened) -> bool {
+        let later = o.precedence.version.hlc.ms > self.at_ms;
+        (o.precedence.version.origin == self.id && later)
+            || (o.signer == self.id && (later || o.precedence.epoch >= self.epoch))
+    }
+}
+
+/// The envelopes of `opened` that members accept: all of them, less what
+/// a revoked device signed after its revocation.
+pub fn accepted(opened: &[Opened], revoked: Option<&RevokedDevice>) -> Vec<Opened> {
+    opened
+        .iter()
+        .filter(|o| revoked.is_none_or(|r| !r.refuses(o)))
+        .cloned()
+        .collect()
+}
+
+/// The values members must refuse: those in `opened` that `revoked`
+/// signed after its revocation.
+pub fn refused_values(opened: &[Opened], revoked: &RevokedDevice) -> BTreeSet<String> {
+    opened
+        .iter()
+        .filter(|o| revoked.refuses(o))
+        .filter_map(|o| o.value.clone())
+        .collect()
 }
 
 /// The frames of one direction of a tapped connection, up to the first
@@ -179,6 +242,7 @@ pub fn open_all(
             path: record.path,
             value,
             precedence: env.header.precedence(),
+            signer: env.header.signer,
         });
     }
     Ok(out)
@@ -207,19 +271,71 @@ pub fn expected_listing(reference: &BTreeMap<String, Opened>) -> Vec<(String, St
         .collect()
 }
 
-/// Every device lists exactly the reference, and the relay keeps, per
-/// path, the reference's version.
+/// Paths overtaken at the relay by a revoked device: the newest envelope
+/// the relay keeps for them is one members refuse, each with the values
+/// members accepted for it from the wire.
+///
+/// The relay keeps one envelope per locator and cannot tell a revoked
+/// signer, so until it refuses the revoked device (the relay switch) a
+/// later write of that device replaces the members' newest one there. A
+/// member that had not pulled that one yet never gets it: on such a path
+/// members may hold different accepted values (README, "Not there yet":
+/// the new `K_index` closes this). Convergence asks of these paths only
+/// that every member holds an accepted value or nothing.
+pub type Overtaken = BTreeMap<String, BTreeSet<String>>;
+
+/// The paths `revoked` overtook at the relay (see [`Overtaken`]), from the
+/// relay's entries and the accepted envelopes seen on the wire.
+pub fn overtaken(relay: &[Opened], accepted: &[Opened], revoked: &RevokedDevice) -> Overtaken {
+    reference(relay)
+        .into_iter()
+        .filter(|(_, winner)| revoked.refuses(winner))
+        .map(|(path, _)| {
+            let values = accepted
+                .iter()
+                .filter(|o| o.path == path)
+                .filter_map(|o| o.value.clone())
+                .collect();
+            (path, values)
+        })
+        .collect()
+}
+
+/// Every member lists exactly the reference (on paths a revoked device
+/// overtook at the relay, an accepted value or nothing), and the relay
+/// keeps, per path not overtaken, the reference's version.
 pub fn check_convergence(
     reference: &BTreeMap<String, Opened>,
     listings: &[(usize, Vec<(String, String)>)],
     relay: &[Opened],
+    overtaken: &Overtaken,
 ) -> Result<(), Violation> {
-    let expected = expected_listing(reference);
-    for (device, listing) in listings {
-        if *listing != expected {
+    let expected: Vec<(String, String)> = expected_listing(reference)
+        .into_iter()
+        .filter(|(p, _)| !overtaken.contains_key(p))
+        .collect();
+    for (device, full) in listings {
+        let mut listing = Vec::with_capacity(full.len());
+        for (path, value) in full {
+            match overtaken.get(path) {
+                None => listing.push((path.clone(), value.clone())),
+                Some(values) if values.contains(value) => {}
+                Some(_) => {
+                    return Err(violation(
+                        CONVERGENCE,
+                        format!(
+                            "device {device} holds {path:?} = {:?}, which no member wrote \
+                             there (the revoked device overtook the path at the relay)",
+                            short(value)
+                        ),
+                    ));
+                }
+            }
+        }
+        if listing != expected {
             let first = expected
                 .iter()
-                .zip(listing)
+                .zip(&listing)
                 .find(|(e, o)| e != o)
                 .map(|(e, o)| format!("first difference: expected {e:?}, found {o:?}"))
                 .unwrap_or_else(|| "one listing is a prefix of the other".into());
@@ -234,7 +350,10 @@ pub fn check_convergence(
         }
     }
     let relay_ref = reference_versions(relay);
-    for (path, want) in reference {
+    for (path, want) in reference
+        .iter()
+        .filter(|(p, _)| !overtaken.contains_key(*p))
+    {
         match relay_ref.get(path) {
             Some(got) if got.version == want.precedence.version => {}
             got => {
@@ -300,6 +419,54 @@ pub fn check_acks(
                     ack.at_ms,
                     ack.step,
                     winner.map(|w| (w.value.as_deref().map(short), w.precedence.version.hlc)),
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The revoked device (listing `listing`) holds no value of `written_after`
+/// (what members wrote after they learned of its revocation).
+pub fn check_revoked_reads_nothing_new(
+    revoked: &RevokedDevice,
+    written_after: &BTreeSet<String>,
+    listing: &[(String, String)],
+) -> Result<(), Violation> {
+    match listing.iter().find(|(_, v)| written_after.contains(v)) {
+        None => Ok(()),
+        Some((path, v)) => Err(violation(
+            REVOKED_READS_NOTHING_NEW,
+            format!(
+                "revoked device {} reads {path:?} = {:?}, which a member wrote after the \
+                 revocation (epoch {}, at {} ms)",
+                revoked.device,
+                short(v),
+                revoked.epoch.0,
+                revoked.at_ms
+            ),
+        )),
+    }
+}
+
+/// No member's listing holds a value of `later` (what the revoked device
+/// wrote after its revocation).
+pub fn check_revoked_writes_refused(
+    revoked: &RevokedDevice,
+    later: &BTreeSet<String>,
+    members: &[(usize, Vec<(String, String)>)],
+) -> Result<(), Violation> {
+    for (device, listing) in members {
+        if let Some((path, v)) = listing.iter().find(|(_, v)| later.contains(v)) {
+            return Err(violation(
+                REVOKED_WRITES_REFUSED,
+                format!(
+                    "member {device} holds {path:?} = {:?}, which revoked device {} wrote \
+                     after its revocation (epoch {}, at {} ms)",
+                    short(v),
+                    revoked.device,
+                    revoked.epoch.0,
+                    revoked.at_ms
                 ),
             ));
         }
@@ -408,6 +575,136 @@ mod tests {
         bytes.extend(&payload);
         bytes.extend(&[0, 0, 0, 9, 1]);
         assert_eq!(frames(&bytes).unwrap().len(), 1);
+    }
+
+    const ALICE: DeviceId = DeviceId([1; 16]);
+    const MALLORY: DeviceId = DeviceId([2; 16]);
+
+    fn opened(signer: DeviceId, epoch: u32, ms: u64, value: &str) -> Opened {
+        resealed(signer, signer, epoch, ms, value)
+    }
+
+    /// A copy of `origin`'s write, sealed and signed by `signer`.
+    fn resealed(signer: DeviceId, origin: DeviceId, epoch: u32, ms: u64, value: &str) -> Opened {
+        Opened {
+            locator: Locator([0; 32]),
+            path: "a/0".into(),
+            value: Some(value.into()),
+            precedence: Precedence {
+                version: persist_core::lww::Version {
+                    hlc: persist_core::hlc::Hlc { ms, counter: 0 },
+                    origin,
+                },
+                epoch: Epoch(epoch),
+            },
+            signer,
+        }
+    }
+
+    /// Mallory revoked at 1000 ms, starting epoch 3.
+    fn mallory_revoked() -> RevokedDevice {
+        RevokedDevice {
+            device: 2,
+            id: MALLORY,
+            epoch: Epoch(3),
+            at_ms: 1_000,
+        }
+    }
+
+    #[test]
+    fn members_refuse_what_the_revoked_device_signs_later_and_only_that() {
+        let r = mallory_revoked();
+        let all = vec![
+            opened(MALLORY, 2, 1_000, "mallory, in time"),
+            opened(MALLORY, 2, 1_001, "mallory, stamped after"),
+            opened(MALLORY, 3, 900, "mallory, under the new epoch"),
+            opened(ALICE, 3, 5_000, "alice, after"),
+            resealed(ALICE, MALLORY, 3, 900, "mallory, in time, resealed"),
+            resealed(ALICE, MALLORY, 3, 1_002, "mallory, later, resealed"),
+            resealed(MALLORY, ALICE, 2, 800, "alice, resealed by mallory"),
+        ];
+        let kept: Vec<_> = accepted(&all, Some(&r))
+            .into_iter()
+            .filter_map(|o| o.value)
+            .collect();
+        assert_eq!(
+            kept,
+            [
+                "mallory, in time",
+                "alice, after",
+                "mallory, in time, resealed",
+                "alice, resealed by mallory"
+            ]
+        );
+        assert_eq!(accepted(&all, None).len(), 7, "no revocation, no refusal");
+        let refused: Vec<_> = refused_values(&all, &r).into_iter().collect();
+        assert_eq!(
+            refused,
+            [
+                "mallory, later, resealed",
+                "mallory, stamped after",
+                "mallory, under the new epoch"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_revoked_device_reading_a_later_member_write_is_caught() {
+        let r = mallory_revoked();
+        let after: BTreeSet<String> = ["alice, after".to_owned()].into();
+        let old = vec![("a/0".to_owned(), "alice, before".to_owned())];
+        assert!(check_revoked_reads_nothing_new(&r, &after, &old).is_ok());
+        let new = vec![("a/0".to_owned(), "alice, after".to_owned())];
+        let err = check_revoked_reads_nothing_new(&r, &after, &new).unwrap_err();
+        assert_eq!(err.invariant, REVOKED_READS_NOTHING_NEW);
+    }
+
+    #[test]
+    fn a_member_holding_a_later_revoked_write_is_caught() {
+        let r = mallory_revoked();
+        let later: BTreeSet<String> = ["mallory, later".to_owned()].into();
+        let clean = vec![(0, vec![("a/0".to_owned(), "alice".to_owned())])];
+        assert!(check_revoked_writes_refused(&r, &later, &clean).is_ok());
+        let mut dirty = clean.clone();
+        dirty.push((1, vec![("b/0".to_owned(), "mallory, later".to_owned())]));
+        let err = check_revoked_writes_refused(&r, &later, &dirty).unwrap_err();
+        assert_eq!(err.invariant, REVOKED_WRITES_REFUSED);
+        assert!(err.detail.contains("member 1"), "{err}");
+    }
+
+    #[test]
+    fn a_path_overtaken_at_the_relay_may_hold_any_accepted_value_and_nothing_else() {
+        let r = mallory_revoked();
+        let older = opened(ALICE, 3, 2_000, "alice, older");
+        let newest = opened(ALICE, 3, 3_000, "alice, newest");
+        let accepted_all = vec![older.clone(), newest.clone()];
+        // The relay keeps Mallory's later write in front of Alice's.
+        let relay = vec![opened(MALLORY, 2, 4_000, "mallory, later")];
+        let overtaken = overtaken(&relay, &accepted_all, &r);
+        assert_eq!(overtaken.len(), 1);
+        let reference = reference(&accepted_all);
+        let accepted_relay = accepted(&relay, Some(&r));
+        let holds = |v: &str| vec![(0, vec![("a/0".to_owned(), v.to_owned())])];
+        for ok in ["alice, older", "alice, newest"] {
+            assert!(
+                check_convergence(&reference, &holds(ok), &accepted_relay, &overtaken).is_ok(),
+                "{ok}"
+            );
+        }
+        assert!(check_convergence(&reference, &[(0, vec![])], &accepted_relay, &overtaken).is_ok());
+        let err = check_convergence(
+            &reference,
+            &holds("mallory, later"),
+            &accepted_relay,
+            &overtaken,
+        )
+        .unwrap_err();
+        assert_eq!(err.invariant, CONVERGENCE);
+        // Not overtaken, the same listings must match the reference.
+        let none = Overtaken::new();
+        let relay_ok = vec![newest];
+        assert!(check_convergence(&reference, &holds("alice, newest"), &relay_ok, &none).is_ok());
+        assert!(check_convergence(&reference, &holds("alice, older"), &relay_ok, &none).is_err());
     }
 
     fn postcard_bytes(msg: &Message) -> Vec<u8> {

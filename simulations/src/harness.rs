@@ -84,6 +84,9 @@ pub struct SimConfig {
     pub devices: usize,
     /// One device's clock runs beyond the drift limit (`sync` only).
     pub far_skew: bool,
+    /// Lets a run's revocation race the members' learning of it (`sync`
+    /// only; see [`SyncOptions::revocation_races`]).
+    pub revocation_races: bool,
     /// A deliberate break of a sync property (tests only).
     pub sync_fault: Option<SyncFault>,
     /// Keep a readable line per trace event (for `replay --trace`).
@@ -101,6 +104,7 @@ impl SimConfig {
             workload: WorkloadKind::Kv,
             devices: sync::DEVICES_DEFAULT,
             far_skew: false,
+            revocation_races: false,
             sync_fault: None,
             keep_trace: false,
         }
@@ -125,6 +129,13 @@ impl SimConfig {
     /// Runs one device's clock far ahead.
     pub fn far_skew(mut self, far: bool) -> Self {
         self.far_skew = far;
+        self
+    }
+
+    /// Lets the revocation race the members' learning of it (see
+    /// [`SyncOptions::revocation_races`]).
+    pub fn revocation_races(mut self, races: bool) -> Self {
+        self.revocation_races = races;
         self
     }
 
@@ -167,11 +178,16 @@ impl SimConfig {
             ),
             WorkloadKind::Sync => {
                 format!(
-                    "cargo run -p persist-sim -- run --workload sync --seed {} --steps {} --devices {}{}",
+                    "cargo run -p persist-sim -- run --workload sync --seed {} --steps {} --devices {}{}{}",
                     self.seed,
                     self.ops,
                     self.devices,
-                    if self.far_skew { " --far-skew" } else { "" }
+                    if self.far_skew { " --far-skew" } else { "" },
+                    if self.revocation_races {
+                        " --revocation-races"
+                    } else {
+                        ""
+                    }
                 )
             }
         };
@@ -402,6 +418,7 @@ async fn run_sync_on(
         devices: config.devices,
         steps: config.ops,
         far_skew: config.far_skew,
+        revocation_races: config.revocation_races,
         fault: config.sync_fault,
     };
     let skews = sync::skews(&opts);

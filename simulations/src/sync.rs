@@ -17,23 +17,47 @@
 //! restart, a partition or heal, the relay going down or up. Reads are
 //! checked at once (no phantom values); epochs and held counts are sampled.
 //!
-//! **Quiesce, then check.** Faults stop, every device boots, gets the
-//! newest keys, and syncs until all are synced and agree; then every
-//! invariant of [`crate::checkers`] runs.
+//! **Revocation.** In most runs (drawn from the seed, apart from the
+//! fault switches so that a run is the same up to that step with it or
+//! without it), device 0 revokes another member at a seeded step of the
+//! run phase (later if device 0 is down then, or does not know the
+//! member yet). The revoked device is the adversary: it keeps running
+//! with its old keys and database, writes, reads, syncs, crashes and
+//! reboots like the others, but never receives a key again. Device 0's
+//! key courier sends the revocation's key (with the relay's next access
+//! token) to the remaining members and, once they all acknowledge it,
+//! switches the relay to the new token, after which the relay refuses
+//! the revoked device. The reference leaves out what the revoked device
+//! signed after its revocation (stamped after it, by its HLC), and the
+//! end-state checks compare only the remaining members, plus two
+//! invariants of their own: the revoked device never reads a value a
+//! member wrote under the revocation's epoch or later, and no member
+//! that knows of the revocation reads, and none at the end holds, a value
+//! the revoked device wrote after its revocation. Unless the run lets the
+//! revocation race ([`SyncOptions::revocation_races`]), the revoked
+//! device is partitioned from the relay until every member knows of its
+//! revocation, and a member that does not know yet gets no key export.
 //!
-//! Rotations start only on device 0: two devices rotating independently
-//! would make two different keys of one epoch number, which Persist does
-//! not reconcile yet.
+//! **Quiesce, then check.** Faults stop, every device boots, gets the
+//! newest keys (the revoked device excepted), and syncs until the
+//! members are synced and agree; then every invariant of
+//! [`crate::checkers`] runs.
+//!
+//! Rotations and revocations start only on device 0: two devices
+//! rotating independently would make two different keys of one epoch
+//! number, which Persist does not reconcile yet.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use persist::{DeviceId, KeyError, RevokeError};
+use persist_core::Epoch;
 use persist_core::export::ExportedKeys;
 use persist_storage::relay::RelayBackend;
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 
-use crate::checkers::{self, AckWrite, Violation, violation};
+use crate::checkers::{self, AckWrite, RevokedDevice, Violation, violation};
 use crate::cluster::{Cluster, Keys, Shutdown};
 use crate::net::NetFaults;
 use crate::trace::{Event, Trace};
@@ -65,9 +89,10 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 /// anyway.
 const QUIESCE_ROUNDS_MAX: usize = 12;
 /// Held envelopes a device may have: one per path plus one announcement
-/// per device (the pending table is keyed by locator).
-fn held_bound(devices: usize) -> u64 {
-    (SYNC_PATHS.len() + devices) as u64
+/// per device and one record per revocation (the pending table is keyed
+/// by locator).
+fn held_bound(devices: usize, revocations: usize) -> u64 {
+    (SYNC_PATHS.len() + devices + revocations) as u64
 }
 
 /// Which fault classes a run switches on.
@@ -83,6 +108,38 @@ pub struct Switches {
     pub relay_restarts: bool,
     /// Key rotations on device 0, and key deliveries.
     pub rotations: bool,
+    /// Device 0 revokes another member during the run (drawn apart from
+    /// the others: see [`RevokePlan`]).
+    pub revocation: bool,
+}
+
+/// When a run's revocation happens, and of whom.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RevokePlan {
+    /// The first run-phase step at which device 0 tries to revoke.
+    pub at_step: usize,
+    /// The device it revokes (never 0).
+    pub victim: usize,
+}
+
+impl RevokePlan {
+    /// The plan of a run without a sabotage, from its own stream of the
+    /// seed (so drawing it changes none of the run's other choices), or
+    /// `None` in runs without a revocation (two in five).
+    pub fn draw(opts: &SyncOptions) -> Option<RevokePlan> {
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(crate::cluster::derive(opts.seed, "revocation", 0, 0));
+        if rng.next_u32() % 5 >= 3 || opts.devices < 2 {
+            return None;
+        }
+        let victim = 1 + (rng.next_u64() % (opts.devices as u64 - 1)) as usize;
+        // In the first three fifths of the run: time enough afterwards for
+        // the adversary to write and the relay switch to happen.
+        let first = opts.steps / 5;
+        let span = (opts.steps * 2 / 5).max(1) as u64;
+        let at_step = first + (rng.next_u64() % span) as usize;
+        Some(RevokePlan { at_step, victim })
+    }
 }
 
 /// A deliberate break of a property, to prove its checker fails. Never set
@@ -103,6 +160,24 @@ pub enum SyncFault {
     WithholdKeys,
     /// Device 0 reboots twice with the same randomness, writing after each.
     ReuseEntropy,
+    /// Device 0 revokes device 1 at the start, device 1 is handed a fresh
+    /// export of device 0's keys (the revocation's epoch included), and
+    /// device 0 writes.
+    RevokedGetsKeys,
+    /// Device 0 revokes device 1 at the start; device 1 writes after its
+    /// revocation; before the quiet phase device 0 writes that same value
+    /// under its own signature, so the members take it.
+    MemberAdoptsRevokedWrite,
+}
+
+impl SyncFault {
+    /// Whether the sabotage needs the start-of-run revocation of device 1.
+    fn revokes(self) -> bool {
+        matches!(
+            self,
+            SyncFault::RevokedGetsKeys | SyncFault::MemberAdoptsRevokedWrite
+        )
+    }
 }
 
 /// What the sync workload runs.
@@ -116,6 +191,18 @@ pub struct SyncOptions {
     pub steps: usize,
     /// One device runs far ahead of the others (beyond the drift limit).
     pub far_skew: bool,
+    /// Lets the revocation race the members' learning of it. Off, the
+    /// revoked device is partitioned from the relay from its revocation
+    /// until every remaining member knows of it, and a member that does
+    /// not know of it yet gets no key export (keys reach it through its
+    /// mailbox, with the revocation). On, neither holds, and two open
+    /// product bugs show: a member that accepted the revoked device's
+    /// later write before it learned of the revocation reseals it, and
+    /// the other members take the reseal (ingest checks the signer's
+    /// revocation, not the write's origin); and a member that takes the
+    /// revocation's key from an export (which carries no revocations)
+    /// passes it to the revoked device through its mailbox.
+    pub revocation_races: bool,
     /// A deliberate break (tests only).
     pub fault: Option<SyncFault>,
 }
@@ -165,6 +252,22 @@ pub struct SyncWorkload {
     written: BTreeMap<String, BTreeSet<String>>,
     /// The last current epoch seen per device.
     epochs: Vec<u32>,
+    /// Each device's id, once it booted.
+    ids: Vec<Option<DeviceId>>,
+    /// The revocation this run makes, if any, until it is made.
+    plan: Option<RevokePlan>,
+    /// The revocation made.
+    revoked: Option<RevokedDevice>,
+    /// Values members put once they held the revocation's epoch: the
+    /// revoked device must never read one.
+    written_after: BTreeSet<String>,
+    /// Values the revoked device put stamped after its revocation (its
+    /// clock, a lower bound of its HLC, past the revocation's): no member
+    /// may ever read or hold one.
+    revoked_later: BTreeSet<String>,
+    /// The revoked device is kept from the relay until every member knows
+    /// of its revocation (see [`SyncOptions::revocation_races`]).
+    isolated: bool,
     summary: SyncSummary,
 }
 
@@ -196,8 +299,19 @@ impl SyncWorkload {
     /// The workload of `opts`.
     pub fn new(opts: SyncOptions) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
+        let plan = match opts.fault {
+            None => RevokePlan::draw(&opts),
+            Some(f) if f.revokes() => Some(RevokePlan {
+                at_step: 0,
+                victim: 1,
+            }),
+            Some(_) => None,
+        };
         let switches = if opts.fault.is_some() {
-            Switches::default()
+            Switches {
+                revocation: plan.is_some(),
+                ..Switches::default()
+            }
         } else {
             Switches {
                 net: (rng.next_u32() % 4),
@@ -205,9 +319,11 @@ impl SyncWorkload {
                 partitions: rng.next_u32() % 2 == 0,
                 relay_restarts: rng.next_u32() % 3 == 0,
                 rotations: rng.next_u32() % 3 != 0,
+                revocation: plan.is_some(),
             }
         };
         let epochs = vec![0; opts.devices];
+        let ids = vec![None; opts.devices];
         Self {
             opts,
             rng,
@@ -215,6 +331,12 @@ impl SyncWorkload {
             acks: Vec::new(),
             written: BTreeMap::new(),
             epochs,
+            ids,
+            plan,
+            revoked: None,
+            written_after: BTreeSet::new(),
+            revoked_later: BTreeSet::new(),
+            isolated: false,
             summary: SyncSummary::default(),
         }
     }
@@ -222,6 +344,16 @@ impl SyncWorkload {
     /// The fault classes this run switched on.
     pub fn switches(&self) -> Switches {
         self.switches
+    }
+
+    /// The revocation this run made, once made.
+    pub fn revoked(&self) -> Option<&RevokedDevice> {
+        self.revoked.as_ref()
+    }
+
+    /// Whether device `d` is the revoked one.
+    fn is_revoked(&self, d: usize) -> bool {
+        self.revoked.as_ref().is_some_and(|r| r.device == d)
     }
 
     fn below(&mut self, n: u64) -> u64 {
@@ -297,6 +429,7 @@ impl SyncWorkload {
         }
         for d in 0..self.opts.devices {
             cluster.devices[d].keys_epoch = self.sample(cluster, d).await?;
+            self.ids[d] = cluster.store(d).map(|s| s.info().device_id);
         }
         for d in 0..self.opts.devices {
             let outcome = self.sync(cluster, trace, d).await?;
@@ -317,6 +450,12 @@ impl SyncWorkload {
         self.apply_fault_at_start(cluster, trace).await?;
         let n = self.opts.devices as u64;
         for step in 0..self.opts.steps {
+            if let Some(plan) = self.plan
+                && step >= plan.at_step
+            {
+                self.revoke(cluster, trace, plan.victim).await?;
+            }
+            self.end_isolation_if_known(cluster, trace).await?;
             let delay = self.delay_ms();
             self.advance(cluster, trace, delay).await;
             let d = self.below(n) as usize;
@@ -348,11 +487,17 @@ impl SyncWorkload {
                     }
                 }
                 75..79 if s.rotations => self.rotate(cluster, trace).await?,
-                79..83 if s.rotations && d != 0 => self.deliver_keys(cluster, trace, d).await?,
+                79..83 if s.rotations && d != 0 => {
+                    if self.may_export_to(cluster, trace, d).await? {
+                        self.deliver_keys(cluster, trace, d).await?;
+                    }
+                }
                 83..87 if s.crashes => self.reboot(cluster, trace, d, Shutdown::Crash).await?,
                 87..89 if s.crashes => self.reboot(cluster, trace, d, Shutdown::Clean).await?,
                 89..95 if s.partitions => {
-                    if cluster.net.is_partitioned(d) {
+                    if self.isolated && self.is_revoked(d) {
+                        trace.note(format!("d{d} stays isolated"));
+                    } else if cluster.net.is_partitioned(d) {
                         trace.note(format!("heal d{d}"));
                         cluster.net.heal(d);
                     } else {
@@ -415,6 +560,22 @@ impl SyncWorkload {
             Some(SyncFault::EpochRegress) => {
                 self.epochs[0] += 1;
             }
+            Some(SyncFault::RevokedGetsKeys) => {
+                // Before device 0 switches the relay: an export made after
+                // the switch no longer matches device 1's relay token.
+                self.revoke(cluster, trace, 1).await?;
+                self.deliver_keys(cluster, trace, 1).await?;
+                self.put(cluster, trace, 0, SYNC_PATHS[3], None).await?;
+                self.sync(cluster, trace, 0)
+                    .await?
+                    .map_err(|e| engine("run", e))?;
+            }
+            Some(SyncFault::MemberAdoptsRevokedWrite) => {
+                self.revoke(cluster, trace, 1).await?;
+                // Past any skew: device 1's clock is after the revocation.
+                self.advance(cluster, trace, 2 * SKEW_MS_MAX + 1).await;
+                self.put(cluster, trace, 1, SYNC_PATHS[4], None).await?;
+            }
             _ => {}
         }
         Ok(())
@@ -443,15 +604,30 @@ impl SyncWorkload {
             let ahead = FAR_SKEW_MS.1 + 60_000;
             self.advance(cluster, trace, ahead).await;
         }
-        let zero_epoch = self.sample(cluster, 0).await?;
-        for d in 1..self.opts.devices {
-            let withheld = self.opts.fault == Some(SyncFault::WithholdKeys) && d == 1;
-            if cluster.devices[d].keys_epoch < zero_epoch && !withheld {
-                self.deliver_keys(cluster, trace, d).await?;
-            }
+        if let Some(plan) = self.plan {
+            // Device 0 was down, or did not know the member, from the
+            // planned step to the end of the run.
+            self.revoke(cluster, trace, plan.victim).await?;
+        }
+        self.deliver_to_lagging(cluster, trace).await?;
+        if self.opts.fault == Some(SyncFault::MemberAdoptsRevokedWrite) {
+            self.adopt_revoked_write(cluster, trace).await?;
+        }
+        if self.isolated {
+            // `calm` healed every partition; the isolation holds on.
+            cluster
+                .net
+                .partition(self.revoked.as_ref().map_or(0, |r| r.device));
         }
         let mut agreed = false;
         for round in 0..QUIESCE_ROUNDS_MAX {
+            if self.revoked.is_some() {
+                // Members that did not know of the revocation learn of it
+                // through their mailboxes, then take exports as the
+                // others did.
+                self.deliver_to_lagging(cluster, trace).await?;
+                self.end_isolation_if_known(cluster, trace).await?;
+            }
             for d in 0..self.opts.devices {
                 if let Err(e) = self.sync(cluster, trace, d).await? {
                     trace.note(format!("quiesce round {round}: d{d} sync failed: {e}"));
@@ -470,7 +646,7 @@ impl SyncWorkload {
                 }
             }
             self.advance(cluster, trace, 1_000).await;
-            if self.all_quiet(cluster).await? {
+            if self.all_quiet(cluster, trace).await? {
                 agreed = true;
                 break;
             }
@@ -483,10 +659,40 @@ impl SyncWorkload {
         Ok(())
     }
 
-    /// Whether every device is synced, not rotating, and lists the same.
-    async fn all_quiet(&mut self, cluster: &Cluster) -> Result<bool, SyncRunError> {
+    /// Hands a fresh export of device 0 to every device whose keys the
+    /// workload last delivered before device 0's current epoch (and that
+    /// may take one: see [`Self::may_export_to`]).
+    async fn deliver_to_lagging(
+        &mut self,
+        cluster: &mut Cluster,
+        trace: &mut Trace,
+    ) -> Result<(), SyncRunError> {
+        let zero_epoch = self.sample(cluster, 0).await?;
+        for d in 1..self.opts.devices {
+            let withheld = self.opts.fault == Some(SyncFault::WithholdKeys) && d == 1;
+            if cluster.devices[d].keys_epoch < zero_epoch
+                && !withheld
+                && self.may_export_to(cluster, trace, d).await?
+            {
+                self.deliver_keys(cluster, trace, d).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether every member is synced, not rotating, and lists the same.
+    async fn all_quiet(
+        &mut self,
+        cluster: &Cluster,
+        trace: &mut Trace,
+    ) -> Result<bool, SyncRunError> {
         let mut first: Option<Vec<(String, String)>> = None;
+        let mut first_epoch: Option<u32> = None;
+        let mut quiet = true;
         for d in 0..self.opts.devices {
+            if self.is_revoked(d) {
+                continue;
+            }
             let store = cluster
                 .store(d)
                 .ok_or_else(|| engine("quiesce", format!("device {d} is down")))?;
@@ -495,8 +701,22 @@ impl SyncWorkload {
                 .status()
                 .await
                 .map_err(|e| engine("quiesce", format!("status of device {d}: {e}")))?;
-            if !synced || status.rotation.active {
-                return Ok(false);
+            let held = store.sync_status().map_or(0, |s| s.held);
+            // Keys may still be on their way through the mailboxes.
+            let behind = first_epoch.is_some_and(|e| e != status.current_epoch);
+            first_epoch.get_or_insert(status.current_epoch);
+            let old_records = status
+                .epochs
+                .iter()
+                .any(|e| e.epoch != status.current_epoch && e.records > 0);
+            if !synced || status.rotation.active || held > 0 || behind || old_records {
+                trace.note(format!(
+                    "d{d} not quiet: synced={synced} rotating={} held={held} epoch={} \
+                     old_records={old_records}",
+                    status.rotation.active, status.current_epoch
+                ));
+                quiet = false;
+                continue;
             }
             let listing = store
                 .list::<String>("")
@@ -504,11 +724,14 @@ impl SyncWorkload {
                 .map_err(|e| engine("quiesce", format!("list on device {d}: {e}")))?;
             match &first {
                 None => first = Some(listing),
-                Some(f) if *f != listing => return Ok(false),
+                Some(f) if *f != listing => {
+                    trace.note(format!("d{d} not quiet: lists otherwise"));
+                    quiet = false;
+                }
                 Some(_) => {}
             }
         }
-        Ok(true)
+        Ok(quiet)
     }
 
     /// Runs every checker on the end state.
@@ -566,11 +789,22 @@ impl SyncWorkload {
         // Epochs, rotation, held envelopes.
         let current = self.sample(cluster, 0).await?;
         let mut listings = Vec::new();
+        let mut revoked_listing = None;
         for d in 0..self.opts.devices {
             let epoch = self.sample(cluster, d).await?;
             let store = cluster
                 .store(d)
                 .ok_or_else(|| engine("check", format!("device {d} is down")))?;
+            if self.is_revoked(d) {
+                // It holds what it pulled for want of keys it never gets,
+                // and stays on its old epoch: only what it reads counts.
+                let listing = store
+                    .list::<String>("")
+                    .await
+                    .map_err(|e| engine("check", format!("list on device {d}: {e}")))?;
+                revoked_listing = Some(listing);
+                continue;
+            }
             let status = store
                 .status()
                 .await
@@ -623,14 +857,70 @@ impl SyncWorkload {
             listings.push((d, listing));
         }
 
-        // Convergence to the reference, and no acknowledged write lost.
-        let opened = checkers::open_all(&keys, &pushed)?;
-        let relay_opened = checkers::open_all(&keys, &relay_entries)?;
+        // What members accept: everything pushed, less what the revoked
+        // device signed after its revocation.
+        let revoked = self.revoked.clone();
+        let all_opened = checkers::open_all(&keys, &pushed)?;
+        let opened = checkers::accepted(&all_opened, revoked.as_ref());
+        let relay_all = checkers::open_all(&keys, &relay_entries)?;
+        let relay_opened = checkers::accepted(&relay_all, revoked.as_ref());
+        if let Some(r) = &revoked {
+            let mut later = checkers::refused_values(&all_opened, r);
+            later.extend(self.revoked_later.iter().cloned());
+            let refused = (all_opened.len() - opened.len()) as u64;
+            let switched = zero_switched(cluster).await?;
+            trace.note(format!(
+                "revoked d{} ends on epoch {} (the revocation's: {}): later writes {} (refused \
+                 on the wire {refused}), member writes it must not read {}, relay switched \
+                 {switched}",
+                r.device,
+                self.epochs[r.device],
+                r.epoch.0,
+                later.len(),
+                self.written_after.len()
+            ));
+            *self
+                .summary
+                .faults
+                .entry("revoked_pushes_refused".to_owned())
+                .or_default() += refused;
+            if switched {
+                self.fired("relay_switched");
+            }
+            self.checked(checkers::REVOKED_READS_NOTHING_NEW);
+            let listing = revoked_listing
+                .ok_or_else(|| engine("check", "the revoked device was not listed"))?;
+            checkers::check_revoked_reads_nothing_new(r, &self.written_after, &listing)?;
+            self.checked(checkers::REVOKED_WRITES_REFUSED);
+            checkers::check_revoked_writes_refused(r, &later, &listings)?;
+        }
+
+        // Convergence of the members to the reference, and no
+        // acknowledged write lost. A revoked device is promised neither:
+        // the relay may refuse it before it pushes what it acknowledged.
         let reference = checkers::reference(&opened);
+        let overtaken = match &revoked {
+            Some(r) => checkers::overtaken(&relay_all, &opened, r),
+            None => checkers::Overtaken::new(),
+        };
+        if !overtaken.is_empty() {
+            trace.note(format!("overtaken at the relay: {:?}", overtaken.keys()));
+            *self
+                .summary
+                .faults
+                .entry("path_overtaken_by_revoked".to_owned())
+                .or_default() += overtaken.len() as u64;
+        }
         self.checked(checkers::CONVERGENCE);
-        checkers::check_convergence(&reference, &listings, &relay_opened)?;
+        checkers::check_convergence(&reference, &listings, &relay_opened, &overtaken)?;
         self.checked(checkers::NO_LOST_WRITE);
-        checkers::check_acks(&self.acks, &opened, &reference)?;
+        let acks: Vec<AckWrite> = self
+            .acks
+            .iter()
+            .filter(|a| revoked.as_ref().is_none_or(|r| a.device != r.device))
+            .cloned()
+            .collect();
+        checkers::check_acks(&acks, &opened, &reference)?;
 
         let expected = checkers::expected_listing(&reference);
         let mut fields: Vec<&[u8]> = Vec::new();
@@ -673,6 +963,15 @@ impl SyncWorkload {
             return Ok(());
         };
         let at_ms = cluster.device_now_ms(d);
+        if let Some(r) = self.revoked.clone() {
+            if r.device == d {
+                if at_ms > r.at_ms {
+                    self.revoked_later.insert(value.clone());
+                }
+            } else if self.sample(cluster, d).await? >= r.epoch.0 {
+                self.written_after.insert(value.clone());
+            }
+        }
         trace.note(format!("d{d} put {path} {}", &value[CANARY_VALUE.len()..]));
         self.written
             .entry(path.to_owned())
@@ -727,6 +1026,17 @@ impl SyncWorkload {
         d: usize,
         path: &str,
     ) -> Result<(), SyncRunError> {
+        if cluster.store(d).is_none() {
+            return Ok(());
+        }
+        // A member knows of the revocation once it holds the revocation's
+        // epoch (the revocation comes with the key): from then on it must
+        // refuse the revoked device's later writes. Sampled before the
+        // read, so the member knew when it read.
+        let member_knows = match self.revoked.clone() {
+            Some(r) if r.device != d => self.sample(cluster, d).await? >= r.epoch.0,
+            _ => false,
+        };
         let Some(store) = cluster.store(d) else {
             return Ok(());
         };
@@ -748,6 +1058,30 @@ impl SyncWorkload {
                 format!("device {d} read {path:?} = {v:?}, which no device wrote there"),
             )
             .into());
+        }
+        if let (Some(r), Some(v)) = (&self.revoked, &seen) {
+            let (invariant, broken, whose) = if r.device == d {
+                (
+                    checkers::REVOKED_READS_NOTHING_NEW,
+                    self.written_after.contains(v),
+                    "a member wrote after the revocation",
+                )
+            } else {
+                (
+                    checkers::REVOKED_WRITES_REFUSED,
+                    member_knows && self.revoked_later.contains(v),
+                    "the revoked device wrote after its revocation, and this member \
+                     knows of the revocation",
+                )
+            };
+            self.checked(invariant);
+            if broken {
+                return Err(violation(
+                    invariant,
+                    format!("device {d} read {path:?} = {v:?}, which {whose}"),
+                )
+                .into());
+            }
         }
         Ok(())
     }
@@ -785,7 +1119,7 @@ impl SyncWorkload {
         };
         if let Some(status) = store.sync_status() {
             self.checked(checkers::HELD_BOUNDED);
-            let bound = held_bound(self.opts.devices);
+            let bound = held_bound(self.opts.devices, usize::from(self.revoked.is_some()));
             if status.held > bound {
                 return Err(violation(
                     checkers::HELD_BOUNDED,
@@ -823,6 +1157,137 @@ impl SyncWorkload {
         }
         self.epochs[d] = status.current_epoch;
         Ok(status.current_epoch)
+    }
+
+    /// Device 0 revokes `victim`, unless it is down or does not know
+    /// `victim` as a member yet (then a later step tries again).
+    async fn revoke(
+        &mut self,
+        cluster: &mut Cluster,
+        trace: &mut Trace,
+        victim: usize,
+    ) -> Result<(), SyncRunError> {
+        let Some(store) = cluster.store(0) else {
+            return Ok(());
+        };
+        let id = self.ids[victim].ok_or_else(|| engine("run", "the victim never booted"))?;
+        // The revocation is stamped with device 0's clock, which only the
+        // workload moves.
+        let at_ms = cluster.device_now_ms(0);
+        let rotation = match store.crypto().revoke_device(id).await {
+            Ok(rotation) => rotation,
+            Err(KeyError::CannotRevoke(RevokeError::UnknownDevice(_))) => {
+                trace.note(format!("d0 does not know d{victim} yet; revokes later"));
+                return Ok(());
+            }
+            Err(e) => return Err(engine("run", format!("d0 revokes d{victim}: {e}"))),
+        };
+        let epoch = rotation.epoch();
+        trace.note(format!("d0 revokes d{victim} at {at_ms} ms: epoch {epoch}"));
+        self.plan = None;
+        self.revoked = Some(RevokedDevice {
+            device: victim,
+            id,
+            epoch: Epoch(epoch),
+            at_ms,
+        });
+        if !self.opts.revocation_races {
+            trace.note(format!("d{victim} isolated until the members know"));
+            cluster.net.partition(victim);
+            self.isolated = true;
+        }
+        cluster.devices[0].keys_epoch = epoch;
+        self.fired("revocation");
+        self.sample(cluster, 0).await?;
+        Ok(())
+    }
+
+    /// Whether member `d` knows that the revoked device is revoked (false
+    /// while `d` is down).
+    async fn knows_revocation(&self, cluster: &Cluster, d: usize) -> Result<bool, SyncRunError> {
+        let (Some(r), Some(store)) = (&self.revoked, cluster.store(d)) else {
+            return Ok(false);
+        };
+        let devices = store
+            .crypto()
+            .devices()
+            .await
+            .map_err(|e| engine("run", format!("devices of device {d}: {e}")))?;
+        Ok(devices.iter().any(|m| m.id == r.id && m.revoked))
+    }
+
+    /// Ends the revoked device's isolation once every member knows of
+    /// the revocation.
+    async fn end_isolation_if_known(
+        &mut self,
+        cluster: &Cluster,
+        trace: &mut Trace,
+    ) -> Result<(), SyncRunError> {
+        let Some(victim) = self.revoked.as_ref().map(|r| r.device) else {
+            return Ok(());
+        };
+        if !self.isolated {
+            return Ok(());
+        }
+        for d in 0..self.opts.devices {
+            if d != victim && !self.knows_revocation(cluster, d).await? {
+                return Ok(());
+            }
+        }
+        trace.note(format!("every member knows; d{victim} rejoins the network"));
+        cluster.net.heal(victim);
+        self.isolated = false;
+        Ok(())
+    }
+
+    /// Whether device `d` may be handed a key export of device 0: never
+    /// the revoked device, and (unless the run lets the revocation race)
+    /// no member that does not know of the revocation yet, since an
+    /// export carries no revocations.
+    async fn may_export_to(
+        &mut self,
+        cluster: &Cluster,
+        trace: &mut Trace,
+        d: usize,
+    ) -> Result<bool, SyncRunError> {
+        if self.revoked.is_none() {
+            return Ok(true);
+        }
+        if self.is_revoked(d) {
+            trace.note(format!("no keys for revoked d{d}"));
+            return Ok(false);
+        }
+        if self.opts.revocation_races || self.knows_revocation(cluster, d).await? {
+            return Ok(true);
+        }
+        trace.note(format!("d{d} does not know of the revocation: no export"));
+        Ok(false)
+    }
+
+    /// The sabotage [`SyncFault::MemberAdoptsRevokedWrite`]: device 0
+    /// writes, under its own signature, a value the revoked device wrote
+    /// after its revocation.
+    async fn adopt_revoked_write(
+        &mut self,
+        cluster: &Cluster,
+        trace: &mut Trace,
+    ) -> Result<(), SyncRunError> {
+        let Some(value) = self.revoked_later.iter().next().cloned() else {
+            return Err(engine("quiesce", "the revoked device wrote nothing later"));
+        };
+        let store = cluster
+            .store(0)
+            .ok_or_else(|| engine("quiesce", "device 0 is down"))?;
+        let path = SYNC_PATHS[4];
+        trace.note(format!("d0 adopts the revoked device's {path}"));
+        self.written
+            .entry(path.to_owned())
+            .or_default()
+            .insert(value.clone());
+        store
+            .put(path, &value)
+            .await
+            .map_err(|e| engine("quiesce", format!("device 0 put {path:?}: {e}")))
     }
 
     async fn rotate(
@@ -902,6 +1367,19 @@ impl SyncWorkload {
         self.sample(cluster, d).await?;
         Ok(())
     }
+}
+
+/// Whether device 0 has no relay switch pending (it switched the relay to
+/// its revocation's token, or made none).
+async fn zero_switched(cluster: &Cluster) -> Result<bool, SyncRunError> {
+    let store = cluster
+        .store(0)
+        .ok_or_else(|| engine("check", "device 0 is down"))?;
+    let status = store
+        .status()
+        .await
+        .map_err(|e| engine("check", format!("status of device 0: {e}")))?;
+    Ok(status.relay_switch.is_none())
 }
 
 /// Every live entry the relay keeps for the run's store.
