@@ -250,8 +250,9 @@ pub enum Refusal {
     /// A member announcement that contradicts itself.
     #[error(transparent)]
     Announcement(#[from] AnnouncementError),
-    /// Signed by a revoked device after its revocation.
-    #[error("device {0} was revoked before it signed this envelope")]
+    /// Signed by a revoked device after its revocation, or a copy of a
+    /// write it made after its revocation.
+    #[error("device {0} was revoked before it made or signed this write")]
     Revoked(DeviceId),
 }
 
@@ -610,6 +611,17 @@ fn decide(
     {
         return refuse(Refusal::Revoked(header.signer));
     }
+    // A member's copy of a write the revoked device made after its
+    // revocation (resealed, or passed on by a member that took it before
+    // it knew) is refused as the write itself would be. What it wrote
+    // before stays valid under any epoch: members reseal it.
+    if known
+        .revoked
+        .get(&header.version.origin)
+        .is_some_and(|r| header.version.hlc > r.at)
+    {
+        return refuse(Refusal::Revoked(header.version.origin));
+    }
     if encrypted && !keys.has_epoch(header.epoch) {
         return Decision::Defer(PendingReason::UnknownEpoch(header.epoch));
     }
@@ -696,11 +708,17 @@ mod tests {
 
     impl Device {
         fn seal(&self, path: &str, value: &[u8], ms: u64) -> Incoming {
+            self.seal_from(self.ring.device_id(), path, value, ms)
+        }
+
+        /// Seals, with this device's key and signature, a write `origin`
+        /// made at `ms` (a reseal, when `origin` is another device).
+        fn seal_from(&self, origin: DeviceId, path: &str, value: &[u8], ms: u64) -> Incoming {
             let mut rng = SeededEntropy::from_u64(ms).stream("seal");
             let record = Record {
                 path: path.into(),
                 value: value.to_vec(),
-                origin: self.ring.device_id(),
+                origin,
                 hlc: Hlc { ms, counter: 0 },
             };
             let locator = self.ring.index_key.locator(&self.ring.store_id, path);
@@ -823,6 +841,22 @@ mod tests {
         let plan = super::plan(&known.keys(), vec![late], NOW, DRIFT);
         assert!(plan.writes.is_empty());
         assert_eq!(plan.refused.len(), 1);
+
+        // A member that resealed B's writes, under its own key and
+        // signature: the one from after the revocation is refused still,
+        // the one from before is taken.
+        let b_id = b_member.device_id;
+        let laundered = a.seal_from(b_id, "notes/after", b"b, after", NOW);
+        let resealed = a.seal_from(b_id, "notes/before", b"b, before", NOW - 10);
+        let plan = super::plan(&known.keys(), vec![laundered, resealed], NOW, DRIFT);
+        assert_eq!(plan.writes.len(), 1, "{plan:?}");
+        assert_eq!(
+            plan.refused
+                .iter()
+                .map(|(_, r)| r.clone())
+                .collect::<Vec<_>>(),
+            [Refusal::Revoked(b_id)]
+        );
     }
 
     #[test]
