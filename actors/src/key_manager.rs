@@ -801,6 +801,8 @@ impl KeyManagerState {
                                     announcement,
                                 },
                             )],
+                            // Learned from the parcel above.
+                            revocations: Vec::new(),
                         };
                         self.change(|ring, _| {
                             ring.merge_export(keys)
@@ -808,18 +810,6 @@ impl KeyManagerState {
                         })
                         .await?;
                         tracing::info!(?epoch, %sender, "received an epoch key from a member");
-                        if self.keyring.as_ref().is_some_and(|r| r.current == epoch) {
-                            // The new key is current here now: what this
-                            // device holds under older ones is resealed, as
-                            // after a rotation of its own.
-                            self.args.progress.send_modify(|p| {
-                                p.active = true;
-                                p.epoch = epoch;
-                            });
-                            if let Some(rotator) = self.args.routes.rotator() {
-                                let _ = rotator.cast(RotatorMsg::Start);
-                            }
-                        }
                         Some(epoch)
                     }
                 };

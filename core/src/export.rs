@@ -37,7 +37,7 @@ use sha2::{Digest, Sha256};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::ids::{Epoch, StoreId};
-use crate::keyring::{EpochEntry, EpochState, Keyring, NextRelayToken};
+use crate::keyring::{EpochEntry, EpochState, Keyring, NextRelayToken, Revocation, RevocationWire};
 use crate::keys::Secret32;
 
 /// Prefix of a passphrase-wrapped export.
@@ -124,6 +124,9 @@ pub struct ExportedKeys {
     pub current: Epoch,
     /// Every unpurged epoch.
     pub epochs: Vec<(Epoch, EpochEntry)>,
+    /// The store's revocations: the importing device never passes a key
+    /// on to a revoked device, and refuses what it signs afterwards.
+    pub revocations: Vec<Revocation>,
 }
 
 /// An export that cannot be read.
@@ -192,6 +195,7 @@ impl ExportedKeys {
                     )
                 })
                 .collect(),
+            revocations: ring.revoked.clone(),
         }
     }
 
@@ -318,6 +322,7 @@ impl ExportedKeys {
                     })
                 })
                 .collect(),
+            revocations: self.revocations.iter().map(RevocationWire::from).collect(),
         };
         Zeroizing::new(
             postcard::to_stdvec(&wire)
@@ -360,6 +365,7 @@ impl ExportedKeys {
             }),
             current,
             epochs,
+            revocations: wire.revocations.iter().map(Revocation::from).collect(),
         })
     }
 }
@@ -432,6 +438,7 @@ struct ExportWire {
     relay_token_next: Option<(u32, [u8; 32])>,
     current: u32,
     epochs: Vec<ExportEpoch>,
+    revocations: Vec<RevocationWire>,
 }
 
 #[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]

@@ -303,6 +303,27 @@ impl Keyring {
             invites: Vec::new(),
             revoked: Vec::new(),
         }
+        .with_revocations(&keys.revocations)
+    }
+
+    /// `self` after [`Keyring::adopt_revocations`].
+    fn with_revocations(mut self, revocations: &[Revocation]) -> Self {
+        self.adopt_revocations(revocations);
+        self
+    }
+
+    /// Records the revocations of an export that are new here, of members
+    /// known or not (an export is trusted as the keys are; the members are
+    /// learned later), up to [`REVOCATIONS_MAX`]. Returns those recorded.
+    pub fn adopt_revocations(&mut self, revocations: &[Revocation]) -> Vec<Revocation> {
+        let mut added = Vec::new();
+        for r in revocations {
+            if self.revocation(&r.device_id).is_none() && self.revoked.len() < REVOCATIONS_MAX {
+                self.revoked.push(*r);
+                added.push(*r);
+            }
+        }
+        added
     }
 
     /// Starts epoch `current + 1` with a fresh data key and makes it
@@ -368,6 +389,7 @@ impl Keyring {
         } else if !we_switched && let Some(next) = keys.relay_token_next {
             self.learn_relay_token(next);
         }
+        self.adopt_revocations(&keys.revocations);
         let mut merge = Merge::default();
         let newer = keys.current > self.current;
         for (epoch, mut entry) in keys.epochs {
@@ -765,7 +787,7 @@ struct KeyringWire {
 }
 
 #[derive(Serialize, Deserialize, Zeroize)]
-struct RevocationWire {
+pub(crate) struct RevocationWire {
     device_id: [u8; 16],
     by: [u8; 16],
     epoch: u32,
@@ -1021,7 +1043,25 @@ mod tests {
         let exported = crate::export::ExportedKeys::from_keyring(&a);
         assert!(exported.relay_token_next.as_ref().unwrap().token == next.token);
         let decoded = crate::export::ExportedKeys::decode(&exported.encode()).unwrap();
-        assert!(decoded.relay_token_next.unwrap().token == next.token);
+        assert!(decoded.relay_token_next.as_ref().unwrap().token == next.token);
+
+        // The revocation travels too: a device made from the export, or
+        // holding the store already (b, which never knew the revoked
+        // device as a member), knows of it and never keys that device.
+        assert_eq!(decoded.revocations, [revocation]);
+        let imported = Keyring::from_export(ring(7).device, decoded, "imported", Hlc::default());
+        assert_eq!(imported.revocation(&other.device_id), Some(&revocation));
+        let mut merged = Keyring::from_export(
+            ring(8).device,
+            crate::export::ExportedKeys::from_keyring(&b),
+            "merged",
+            Hlc::default(),
+        );
+        assert!(merged.revocation(&other.device_id).is_none());
+        merged
+            .merge_export(crate::export::ExportedKeys::from_keyring(&a))
+            .unwrap();
+        assert_eq!(merged.revocation(&other.device_id), Some(&revocation));
 
         // Learned once; an older revocation's token never replaces it.
         assert!(b.learn_relay_token(next.duplicate()));

@@ -57,17 +57,15 @@
 //! (such paths are checked for "an accepted value or nothing" and counted
 //! as `path_overtaken_by_revoked`); and by default the revoked device is
 //! kept from the relay until every member knows of the revocation, and a
-//! member that does not know of it yet gets no key export, because two
-//! open bugs otherwise break the invariants (`run --revocation-races`
-//! lifts both to show them):
-//!
-//! - a member that accepted the revoked device's later write before it
-//!   learned of the revocation keeps it, reseals it under the new epoch
-//!   with its own signature, and the other members take the reseal
-//!   (ingest checks the signer's revocation, not the write's origin);
-//! - a key export carries no revocations, so a member that takes the
-//!   revocation's epoch from an export does not know of it, and its key
-//!   courier posts the new keys (and relay token) to the revoked device.
+//! member that does not know of it yet gets no key export. With
+//! `run --revocation-races` neither holds, and an open bug shows: a
+//! member that accepted the revoked device's later write before it
+//! learned of the revocation keeps it (the other members refuse its copies
+//! of it: ingest checks the write's origin as well as the signer, since
+//! seed 21 showed the revoker taking such a reseal). Seed 19 showed a
+//! member that took the revocation's epoch from a key export, which then
+//! carried no revocations, posting the new keys to the revoked device;
+//! exports carry the revocations now, and the seed is a regression test.
 //!
 //! # Bugs the simulations found
 //!

@@ -66,7 +66,7 @@ struct RunArgs {
     /// Let the revocation race the members' learning of it: the revoked
     /// device is not kept from the relay until every member knows of its
     /// revocation, and members that do not know yet still get keys by
-    /// export (sync). Off by default: two open product bugs make such
+    /// export (sync). Off by default: an open product bug makes such
     /// runs fail (README, "Simulations").
     #[arg(long)]
     revocation_races: bool,

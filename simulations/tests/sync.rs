@@ -172,13 +172,12 @@ fn bug_seed_21_a_reseal_launders_a_revoked_devices_later_write() {
     harness::run(&config).unwrap_or_else(|f| panic!("{f}"));
 }
 
-/// Open product bug, found with `--revocation-races` (seed 19): device 2
-/// took the revocation's epoch from a key export, which carries no
-/// revocations, so its key courier posted the new keys to revoked device
-/// 1, which ends on the current epoch and reads what members wrote after
-/// its revocation. Remove the `ignore` once exports carry revocations.
+/// Regression (seed 19, `--revocation-races`): device 2 took the
+/// revocation's epoch from a key export, which carried no revocations, so
+/// its key courier posted the new keys to revoked device 1, which then
+/// read what members wrote after its revocation. Exports now carry the
+/// store's revocations.
 #[test]
-#[ignore = "open product bug: a member that imports an export re-keys the revoked device"]
 fn bug_seed_19_an_export_import_hands_the_revoked_device_the_new_keys() {
     let config = SimConfig::sync(19).revocation_races(true);
     harness::run(&config).unwrap_or_else(|f| panic!("{f}"));
