@@ -112,9 +112,12 @@ fn send(
 #[tokio::test(flavor = "multi_thread")]
 async fn concurrent_writes_share_commits() {
     let f = fixture().await;
-    let receivers: Vec<_> = (0..200u64)
-        .map(|i| send(&f, vec![sealed(&f, &format!("p/{i}"), b"v", 1_000 + i, i)]))
+    // Sealed first, then queued back to back: sealing inside the loop
+    // spread the queueing out over the commits it was meant to overlap.
+    let writes: Vec<_> = (0..200u64)
+        .map(|i| sealed(&f, &format!("p/{i}"), b"v", 1_000 + i, i))
         .collect();
+    let receivers: Vec<_> = writes.into_iter().map(|w| send(&f, vec![w])).collect();
     let mut commits = std::collections::BTreeSet::new();
     for rx in receivers {
         let report = rx.await.unwrap().unwrap();
