@@ -618,7 +618,7 @@ fn decide(
     if known
         .revoked
         .get(&header.version.origin)
-        .is_some_and(|r| header.version.hlc > r.at)
+        .is_some_and(|r| r.disowns(header.version.hlc))
     {
         return refuse(Refusal::Revoked(header.version.origin));
     }

@@ -42,6 +42,7 @@ use tokio::sync::watch;
 use zeroize::Zeroizing;
 
 use crate::blocking::run_blocking;
+use crate::forget;
 use crate::keys::{KeyHandle, KeySet};
 use crate::meta;
 use crate::rotator::{RotationProgress, RotatorMsg};
@@ -86,6 +87,10 @@ pub struct Export {
 
 /// Messages to the KeyManager.
 pub enum KeyManagerMsg {
+    /// Every actor of the store is up (sent by the supervisor of a
+    /// writable store): finish what an earlier run left undone, such as a
+    /// sweep for revoked writes.
+    Opened,
     /// The epochs and their states.
     Describe(RpcReplyPort<Vec<(Epoch, EpochState)>>),
     /// Start a new epoch and make it current; answers with its number.
@@ -312,6 +317,9 @@ pub struct KeyManagerState {
     rng: RngStream,
     /// Epoch acknowledgements received, by epoch.
     acks: BTreeMap<Epoch, BTreeSet<DeviceId>>,
+    /// How many of the keyring's revocations the database has been swept
+    /// for (see [`forget`](crate::forget)).
+    swept: u64,
 }
 
 impl Actor for KeyManager {
@@ -329,11 +337,13 @@ impl Actor for KeyManager {
             args.keys.set(KeySet::from_keyring(ring));
         }
         let rng = args.entropy.stream("key-manager");
+        let swept = forget::swept(&args.db)?;
         Ok(KeyManagerState {
             args,
             keyring,
             rng,
             acks: BTreeMap::new(),
+            swept,
         })
     }
 
@@ -346,6 +356,7 @@ impl Actor for KeyManager {
         // Replies go to callers that may have given up waiting; a closed
         // reply port is not an error here.
         match msg {
+            KeyManagerMsg::Opened => state.forget_revoked().await,
             KeyManagerMsg::Describe(reply) => {
                 let epochs = state
                     .keyring
@@ -903,7 +914,39 @@ impl KeyManagerState {
             return Err(KeyError::Storage(e.to_string()));
         }
         self.args.keys.set(KeySet::from_keyring(ring));
+        self.forget_revoked().await;
         Ok(out)
+    }
+
+    /// Removes what revoked devices wrote after their revocation, if the
+    /// keyring knows revocations the database has not been swept for. A
+    /// failure is logged: reads hide such writes anyway, and the next open
+    /// sweeps again.
+    async fn forget_revoked(&mut self) {
+        let Some(ring) = self.keyring.as_ref() else {
+            return;
+        };
+        let known = ring.revoked.len() as u64;
+        if known <= self.swept {
+            return;
+        }
+        let revoked = ring.revoked.clone();
+        match forget::forget_revoked_writes(&self.args.db, &self.args.routes, &revoked).await {
+            Ok(forgotten) => {
+                self.swept = known;
+                if forgotten > 0 {
+                    tracing::info!(
+                        forgotten,
+                        "forgot writes that revoked devices made after their revocation"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "could not forget what revoked devices wrote after their revocation; \
+                 reads hide it, and the store sweeps again when it next opens"
+            ),
+        }
     }
 
     fn export(

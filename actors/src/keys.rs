@@ -11,6 +11,7 @@ use tokio::sync::watch;
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use persist_core::envelope::{self, Algorithm, Envelope, OpenError, SealContext};
+use persist_core::hlc::Hlc;
 use persist_core::keyring::{Keyring, Revocation};
 use persist_core::keys::{IndexKey, Secret32, plain_locator};
 use persist_core::protocol::AccessKey;
@@ -146,6 +147,13 @@ impl KeySet {
         self.crypto
             .as_ref()
             .is_some_and(|c| c.epochs.contains_key(&epoch))
+    }
+
+    /// Whether a write `origin` stamped `hlc` came after `origin`'s
+    /// revocation: such a write is refused on ingest, hidden from reads,
+    /// and forgotten where it was taken before the revocation was known.
+    pub fn revoked_write(&self, origin: &DeviceId, hlc: Hlc) -> bool {
+        self.revoked.get(origin).is_some_and(|r| r.disowns(hlc))
     }
 
     /// The verifying key of member `device`, if known.

@@ -20,6 +20,7 @@
 //! code on a paused, single-threaded runtime.
 
 mod blocking;
+mod forget;
 pub mod ingest;
 pub mod key_manager;
 pub mod keys;

@@ -15,6 +15,9 @@ pub const NAME: &str = "name";
 pub const HLC: &str = "hlc";
 /// The Sealer's last sequence number.
 pub const SEQ: &str = "seq";
+/// How many of the keyring's revocations the records were swept for
+/// (u64 BE); see `forget`.
+pub const REVOCATIONS_SWEPT: &str = "revocations_swept";
 /// The Rotator's cursor: the last locator resealed in the current pass.
 pub const ROTATION_CURSOR: &str = "rotation_cursor";
 /// The remote the sync cursors belong to (UTF-8, as the connector names it).

@@ -24,11 +24,11 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use persist_core::Locator;
 use persist_core::envelope::Envelope;
 use persist_core::hlc::Hlc;
 use persist_core::lww::{self, Precedence};
 use persist_core::record::PathError;
+use persist_core::{DeviceId, Locator};
 use persist_storage::{LocalDb, Row, StorageError};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::watch;
@@ -62,6 +62,21 @@ pub struct SealedWrite {
     /// Compare-and-swap: apply only if the stored row has exactly this
     /// precedence (a rotation reseal must not replace a newer write).
     pub expect: Option<Precedence>,
+}
+
+/// A record to forget: the row at `locator`, if the write it holds was
+/// made by `origin` after `after`. Such a write was taken from a device
+/// before this one learned of that device's revocation at `after`; members
+/// that knew refused it. The condition is checked against the row the
+/// commit sees, so a newer write that replaced it since is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Forget {
+    /// Where the row is.
+    pub locator: Locator,
+    /// The revoked device.
+    pub origin: DeviceId,
+    /// Its revocation's stamp: writes it stamped later are forgotten.
+    pub after: Hlc,
 }
 
 /// High-water marks persisted with a commit.
@@ -98,6 +113,8 @@ pub struct CommitReport {
     pub applied: Vec<AppliedChange>,
     /// Writes that lost to a newer version already stored.
     pub superseded: usize,
+    /// Rows removed by [`WriterMsg::Forget`].
+    pub forgotten: usize,
     /// Which of this writer's commits made the batch durable; batches that
     /// shared one group commit share this number.
     pub commit: u64,
@@ -156,6 +173,17 @@ pub enum WriterMsg {
         /// Answered after the commit.
         reply: RpcReplyPort<Result<CommitReport, WriteError>>,
     },
+    /// Remove the rows `forget` names that still hold what it describes,
+    /// and set `meta` (background priority). A removal is logged as a
+    /// purge's is: a remote pulling this device's log finds no row there.
+    Forget {
+        /// The rows to check and remove.
+        forget: Vec<Forget>,
+        /// Meta entries to set or remove with them.
+        meta: Vec<(&'static str, Option<Vec<u8>>)>,
+        /// Answered after the commit.
+        reply: RpcReplyPort<Result<CommitReport, WriteError>>,
+    },
     /// Commit what is queued (sent by the writer to itself).
     Flush,
 }
@@ -200,6 +228,7 @@ pub struct StorageWriter;
 struct Pending {
     writes: Vec<SealedWrite>,
     parks: Vec<Park>,
+    forget: Vec<Forget>,
     marks: Marks,
     meta: Vec<(&'static str, Option<Vec<u8>>)>,
     reply: RpcReplyPort<Result<CommitReport, WriteError>>,
@@ -252,6 +281,7 @@ impl Actor for StorageWriter {
                 let pending = Pending {
                     writes,
                     parks: Vec::new(),
+                    forget: Vec::new(),
                     marks,
                     meta,
                     reply,
@@ -267,6 +297,22 @@ impl Actor for StorageWriter {
                 let pending = Pending {
                     writes,
                     parks,
+                    forget: Vec::new(),
+                    marks: Marks::default(),
+                    meta,
+                    reply,
+                };
+                state.enqueue(&myself, pending, Priority::Background)?;
+            }
+            WriterMsg::Forget {
+                forget,
+                meta,
+                reply,
+            } => {
+                let pending = Pending {
+                    writes: Vec::new(),
+                    parks: Vec::new(),
+                    forget,
                     marks: Marks::default(),
                     meta,
                     reply,
@@ -376,7 +422,7 @@ fn take_batches(
     room: usize,
 ) {
     while let Some(front) = queue.front() {
-        let n = front.writes.len();
+        let n = front.writes.len() + front.forget.len();
         if *taken > 0 && *taken + n > room {
             break;
         }
@@ -422,6 +468,25 @@ fn commit(db: &LocalDb, batch: &mut [Pending]) -> Result<(Vec<CommitReport>, u64
                     path: w.path,
                     value: (!w.row.tombstone).then_some(w.value),
                 });
+            }
+            for f in p.forget.drain(..) {
+                let row = match records.get(&f.locator) {
+                    Ok(row) => row,
+                    // A damaged row says nothing about whose it is.
+                    Err(StorageError::CorruptRow { .. }) => None,
+                    Err(e) => return Err(e.into()),
+                };
+                let disowned = row
+                    .and_then(|row| {
+                        Envelope::parse(&row.envelope)
+                            .ok()
+                            .map(|e| e.header.version)
+                    })
+                    .is_some_and(|v| v.origin == f.origin && v.hlc > f.after);
+                if disowned {
+                    records.remove(&f.locator)?;
+                    report.forgotten += 1;
+                }
             }
             reports.push(report);
         }

@@ -24,7 +24,7 @@ use persist_storage::LocalDb;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use tokio::sync::watch;
 
-use crate::key_manager::{KeyManager, KeyManagerArgs};
+use crate::key_manager::{KeyManager, KeyManagerArgs, KeyManagerMsg};
 use crate::keys::KeyHandle;
 use crate::peer_session::{PeerSession, SessionArgs};
 use crate::rotator::{RotationProgress, Rotator, RotatorArgs};
@@ -123,6 +123,11 @@ impl Actor for StoreSupervisor {
                 continue;
             }
             state.start(myself.get_cell(), child).await?;
+        }
+        if !state.args.read_only
+            && let Some(km) = state.args.routes.key_manager()
+        {
+            km.cast(KeyManagerMsg::Opened)?;
         }
         Ok(state)
     }

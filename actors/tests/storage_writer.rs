@@ -7,7 +7,8 @@
 use std::sync::Arc;
 
 use persist_actors::storage_writer::{
-    CommitReport, Marks, Priority, SealedWrite, StorageWriter, WriteError, WriterArgs, WriterMsg,
+    CommitReport, Forget, Marks, Priority, SealedWrite, StorageWriter, WriteError, WriterArgs,
+    WriterMsg,
 };
 use persist_core::env::{Entropy, SeededEntropy};
 use persist_core::envelope::{self, Flags, SealContext};
@@ -196,4 +197,90 @@ async fn compare_and_swap_loses_to_a_newer_write() {
         send(&f, vec![reseal]).await.unwrap().unwrap().applied.len(),
         1
     );
+}
+
+fn forget(f: &Fixture, forget: Vec<Forget>) -> OneshotReceiver<Result<CommitReport, WriteError>> {
+    let (tx, rx) = oneshot();
+    f.writer
+        .cast(WriterMsg::Forget {
+            forget,
+            meta: Vec::new(),
+            reply: tx.into(),
+        })
+        .unwrap();
+    rx
+}
+
+/// A forget removes a row only while it holds a write its device made
+/// after the given stamp: not an earlier write of that device, not
+/// another device's, and not a newer write that replaced the one named.
+#[tokio::test(flavor = "multi_thread")]
+async fn forget_removes_only_what_the_device_wrote_after_the_stamp() {
+    let f = fixture().await;
+    let me = f.ring.device_id();
+    let before = sealed(&f, "before", b"v", 1_000, 1);
+    let after = sealed(&f, "after", b"v", 3_000, 2);
+    let replaced = sealed(&f, "replaced", b"v", 3_000, 3);
+    let locators = [before.locator, after.locator, replaced.locator];
+    send(&f, vec![before, after, replaced])
+        .await
+        .unwrap()
+        .unwrap();
+    let at = Hlc {
+        ms: 2_000,
+        counter: 0,
+    };
+    // "replaced" gets a newer write before the forget lands: by another
+    // device, which the forget must keep.
+    let other = persist_core::DeviceId([7; 16]);
+    let mut newer = sealed(&f, "replaced", b"w", 4_000, 4);
+    newer.row.envelope = {
+        let record = Record {
+            path: "replaced".into(),
+            value: b"w".to_vec(),
+            origin: other,
+            hlc: Hlc {
+                ms: 4_000,
+                counter: 0,
+            },
+        };
+        let ctx = SealContext {
+            store_id: f.ring.store_id,
+            epoch: f.ring.current,
+            data_key: f.ring.current_key(),
+            signing_key: f.ring.device.signing_key(),
+            signer: me,
+        };
+        let mut rng = SeededEntropy::from_u64(5).stream("seal");
+        envelope::seal(&ctx, &locators[2], &record, Flags::default(), 5, &mut rng).unwrap()
+    };
+    send(&f, vec![newer]).await.unwrap().unwrap();
+
+    let named = |locator, origin| Forget {
+        locator,
+        origin,
+        after: at,
+    };
+    let report = forget(
+        &f,
+        vec![
+            named(locators[0], me),
+            named(locators[1], other),
+            named(locators[2], me),
+        ],
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(report.forgotten, 0, "nothing named matches its row");
+    let report = forget(&f, vec![named(locators[1], me), named(locators[1], me)])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(report.forgotten, 1);
+    let txn = f.db.begin_read().unwrap();
+    assert!(txn.record(&locators[0]).unwrap().is_some());
+    assert!(txn.record(&locators[1]).unwrap().is_none());
+    assert!(txn.record(&locators[2]).unwrap().is_some());
+    assert_eq!(txn.live_count().unwrap(), 2);
 }

@@ -118,6 +118,13 @@ impl Revocation {
     pub fn refuses(&self, epoch: Epoch, hlc: Hlc) -> bool {
         epoch >= self.epoch || hlc > self.at
     }
+
+    /// Whether a write its device stamped `hlc` (whoever sealed the copy:
+    /// members reseal and pass writes on, keeping their stamp) was made
+    /// after this revocation, so no member may keep it.
+    pub fn disowns(&self, hlc: Hlc) -> bool {
+        hlc > self.at
+    }
 }
 
 /// The relay token a revocation chose, before the relay is switched to it

@@ -729,6 +729,11 @@ impl Store {
                     what: path.to_owned(),
                     detail: e.to_string(),
                 })?;
+        // Taken before this device learned of its writer's revocation; the
+        // KeyManager forgets it, and until then it is not there.
+        if keys.revoked_write(&record.origin, record.hlc) {
+            return Ok(None);
+        }
         decode_value(path, &record.value).map(Some)
     }
 
@@ -759,7 +764,10 @@ impl Store {
                     what: format!("locator {locator}"),
                     detail: e.to_string(),
                 })?;
-                if record.path.starts_with(prefix) && !is_system_path(&record.path) {
+                if record.path.starts_with(prefix)
+                    && !is_system_path(&record.path)
+                    && !keys.revoked_write(&record.origin, record.hlc)
+                {
                     let value = decode_value(&record.path, &record.value)?;
                     out.push((record.path, value));
                 }

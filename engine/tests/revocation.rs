@@ -474,3 +474,76 @@ async fn a_device_serving_its_store_refuses_the_revoked_device_once_the_relay_sw
         s.close().await.unwrap();
     }
 }
+
+/// A member that takes the revoked device's later write before it learns
+/// of the revocation hides it as soon as it learns, and removes it from
+/// its database: it is neither read, listed nor counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_forgets_a_revoked_devices_later_write_it_took_before_it_knew() {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = relay(&tmp.path().join("relay")).await;
+    let a = Store::open(device(tmp.path(), "a").sync(SyncConfig::new(remote(&relay))))
+        .await
+        .unwrap();
+    a.put("notes/shared", "before").await.unwrap();
+    let c = join(tmp.path(), &a, "c").await;
+    let m = join(tmp.path(), &a, "m").await;
+    converge(&[&a, &c, &m]).await;
+    let c_id = c.info().device_id;
+
+    // A revokes C while it cannot reach the relay, so no member hears of
+    // it; C then writes, and M takes C's writes.
+    a.close().await.unwrap();
+    let a = Store::open(device(tmp.path(), "a")).await.unwrap();
+    a.crypto()
+        .revoke_device(c_id)
+        .await
+        .expect("revokes c")
+        .wait()
+        .await
+        .unwrap();
+    c.put("notes/shared", "c overwrites after its revocation")
+        .await
+        .unwrap();
+    c.put("notes/c-after", "c writes after its revocation")
+        .await
+        .unwrap();
+    converge(&[&c, &m]).await;
+    until("m takes c's later writes", async || {
+        m.get::<String>("notes/c-after").await.unwrap().is_some()
+    })
+    .await;
+    assert!(!revoked(&m, c_id).await);
+    assert_eq!(m.status().await.unwrap().records, 2);
+
+    // A comes back: M takes the new key with the revocation, and forgets
+    // both of C's later writes.
+    a.close().await.unwrap();
+    let a = Store::open(device(tmp.path(), "a").sync(SyncConfig::new(remote(&relay))))
+        .await
+        .unwrap();
+    until("m learns of c's revocation", async || {
+        let _ = a.sync_now().await;
+        let _ = m.sync_now().await;
+        revoked(&m, c_id).await
+    })
+    .await;
+    assert_eq!(m.get::<String>("notes/c-after").await.unwrap(), None);
+    assert_ne!(
+        m.get::<String>("notes/shared").await.unwrap().as_deref(),
+        Some("c overwrites after its revocation")
+    );
+    assert!(m.list::<String>("").await.unwrap().is_empty());
+    until("m removes c's later writes", async || {
+        m.status().await.unwrap().records == 0
+    })
+    .await;
+    // Reopened, M holds none of it still.
+    m.close().await.unwrap();
+    let m = Store::open(device(tmp.path(), "m")).await.unwrap();
+    assert_eq!(m.status().await.unwrap().records, 0);
+    assert_eq!(m.get::<String>("notes/c-after").await.unwrap(), None);
+    for s in [a, c, m] {
+        s.close().await.unwrap();
+    }
+}

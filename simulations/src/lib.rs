@@ -58,11 +58,12 @@
 //! as `path_overtaken_by_revoked`); and by default the revoked device is
 //! kept from the relay until every member knows of the revocation, and a
 //! member that does not know of it yet gets no key export. With
-//! `run --revocation-races` neither holds, and an open bug shows: a
-//! member that accepted the revoked device's later write before it
-//! learned of the revocation keeps it (the other members refuse its copies
-//! of it: ingest checks the write's origin as well as the signer, since
-//! seed 21 showed the revoker taking such a reseal). Seed 19 showed a
+//! `run --revocation-races` neither holds. Seed 21 then showed a member
+//! that accepted the revoked device's later write before it learned of
+//! the revocation keeping it, and the revoker taking that member's reseal
+//! of it. Ingest now checks the write's origin as well as the signer, and
+//! a member hides and then removes such a write once it learns of the
+//! revocation; the seed is a regression test. Seed 19 showed a
 //! member that took the revocation's epoch from a key export, which then
 //! carried no revocations, posting the new keys to the revoked device;
 //! exports carry the revocations now, and the seed is a regression test.

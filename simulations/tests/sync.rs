@@ -158,15 +158,14 @@ fn a_revocation_mid_run_replays_and_cuts_the_revoked_device_off() {
     }
 }
 
-/// Open product bug, found with `--revocation-races` (seed 21): device 2,
-/// not yet knowing of device 1's revocation, took device 1's later writes
-/// and keeps them once it learns. (It also resealed them under the
-/// revocation's epoch with its own signature and device 0 took the
-/// reseals; ingest now checks the write's origin too, so members that
-/// know refuse such copies.) Remove the `ignore` once a member drops what
-/// it took from a device before learning of its revocation.
+/// Regression (seed 21, `--revocation-races`): device 2, not yet knowing
+/// of device 1's revocation, took device 1's later writes and kept them
+/// once it learned; it also resealed them under the revocation's epoch
+/// with its own signature, and device 0 took the reseals. Ingest now
+/// checks a write's origin as well as its signer, reads hide what a
+/// revoked device wrote after its revocation, and the KeyManager removes
+/// such writes from the database when it learns of the revocation.
 #[test]
-#[ignore = "open product bug: a member keeps a revoked device's later write it took before it knew"]
 fn bug_seed_21_a_reseal_launders_a_revoked_devices_later_write() {
     let config = SimConfig::sync(21).revocation_races(true);
     harness::run(&config).unwrap_or_else(|f| panic!("{f}"));
