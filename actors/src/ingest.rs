@@ -33,21 +33,22 @@ use persist_core::envelope::{
 };
 use persist_core::hlc::Hlc;
 use persist_core::keyring::{Member, Revocation};
-use persist_core::lww::Precedence;
+use persist_core::lww::{self, Precedence};
 use persist_core::membership::{self, AnnouncementError};
 use persist_core::record::Record;
 use persist_core::{DeviceId, Epoch, Locator, StoreId};
-use persist_storage::Row;
+use persist_storage::{LocalDb, Row};
 
 use std::sync::Arc;
 
 use persist_core::env::Clock;
 use ractor::rpc::CallResult;
 
+use crate::blocking::run_blocking;
 use crate::key_manager::KeyManagerMsg;
 use crate::keys::{KeyHandle, KeySet, OpenRecordError};
 use crate::routes::Routes;
-use crate::sealer::SealerMsg;
+use crate::sealer::{SealerMsg, WriteOp};
 use crate::storage_writer::{
     AppliedChange, CommitReport, Park, SealedWrite, WriteError, WriterMsg,
 };
@@ -58,6 +59,9 @@ pub type OnApplied = Arc<dyn Fn(Vec<AppliedChange>) + Send + Sync>;
 /// What applying a batch needs besides the batch.
 #[derive(Clone)]
 pub struct IngestContext {
+    /// The store's database (read to restate what a revoked device's
+    /// refused write overtook, see [`Submitted::finish`]).
+    pub db: Arc<LocalDb>,
     /// The store's keys (read at each batch).
     pub keys: KeyHandle,
     /// The KeyManager, Sealer and StorageWriter.
@@ -100,6 +104,7 @@ pub async fn apply(
 pub struct Prepared {
     writes: Vec<SealedWrite>,
     parks: Vec<Park>,
+    overtakers: Vec<(Locator, Precedence)>,
     held: u64,
     refused: u64,
 }
@@ -148,6 +153,7 @@ pub async fn prepare(ctx: &IngestContext, batch: Vec<Incoming>) -> Result<Prepar
         refused: plan.refused.len() as u64,
         writes: plan.writes,
         parks: plan.parks,
+        overtakers: plan.overtakers,
     })
 }
 
@@ -170,6 +176,7 @@ pub fn submit(
         .map_err(|_| "the store is closing".to_string())?;
     Ok(Submitted {
         outcome,
+        overtakers: prepared.overtakers,
         held: prepared.held,
         refused: prepared.refused,
     })
@@ -178,12 +185,15 @@ pub fn submit(
 /// A batch the StorageWriter is committing.
 pub struct Submitted {
     outcome: ractor::concurrency::OneshotReceiver<Result<CommitReport, WriteError>>,
+    overtakers: Vec<(Locator, Precedence)>,
     held: u64,
     refused: u64,
 }
 
 impl Submitted {
-    /// Waits for the commit and reports what changed to the watchers.
+    /// Waits for the commit and reports what changed to the watchers; then
+    /// restates what refused writes of revoked devices overtook (see
+    /// [`restate_overtaken`]).
     pub async fn finish(self, ctx: &IngestContext) -> Result<Applied, String> {
         let report = match self.outcome.await {
             Ok(r) => r.map_err(|e| e.to_string())?,
@@ -200,7 +210,88 @@ impl Submitted {
         if !report.applied.is_empty() {
             (ctx.on_applied)(report.applied);
         }
+        if !self.overtakers.is_empty() {
+            restate_overtaken(ctx, &self.overtakers).await?;
+        }
         Ok(applied)
+    }
+}
+
+/// Writes again, stamped after the refused write, each record of this
+/// device that a revoked device's refused write outranks.
+///
+/// A remote keeps one version per locator, the highest, and cannot tell a
+/// revoked signer: such a write, pushed after the revocation, takes the
+/// place of the members' version there, and a member that had not pulled
+/// that version yet never gets it (and drops the refused write it may have
+/// taken before it knew, see [`forget`](crate::forget)). Restating the
+/// record as a new write of this device makes the members' value the
+/// highest version again everywhere. A member that holds nothing at the
+/// locator, or a newer version, restates nothing; each member that holds an
+/// older one restates it once, and those copies settle by last-write-wins.
+/// A refused write stamped further ahead than the drift allows is not
+/// outranked (the clock never jumps there).
+async fn restate_overtaken(
+    ctx: &IngestContext,
+    overtakers: &[(Locator, Precedence)],
+) -> Result<(), String> {
+    let keys = ctx.keys.current();
+    let db = ctx.db.clone();
+    let ops = run_blocking(|| {
+        let txn = db.begin_read().map_err(|e| e.to_string())?;
+        let mut ops = Vec::new();
+        for (locator, refused) in overtakers {
+            let Ok(Some(row)) = txn.record(locator) else {
+                continue;
+            };
+            let Ok(envelope) = Envelope::parse(&row.envelope) else {
+                continue;
+            };
+            if !lww::wins(*refused, envelope.header.precedence()) {
+                continue;
+            }
+            let Ok(record) = keys.open(locator, &row.envelope) else {
+                continue;
+            };
+            if keys.revoked_write(&record.origin, record.hlc) {
+                continue;
+            }
+            ops.push(if row.tombstone {
+                WriteOp::Delete { path: record.path }
+            } else {
+                WriteOp::Put {
+                    path: record.path,
+                    value: record.value,
+                }
+            });
+        }
+        Ok::<_, String>(ops)
+    })?;
+    if ops.is_empty() {
+        return Ok(());
+    }
+    let sealer = ctx.routes.sealer().ok_or("the store is closing")?;
+    let newest = overtakers.iter().map(|(_, p)| p.version.hlc).max();
+    if let Some(newest) = newest {
+        sealer
+            .cast(SealerMsg::Observe(newest))
+            .map_err(|_| "the store is closing".to_string())?;
+    }
+    let count = ops.len();
+    match sealer
+        .call(|reply| SealerMsg::Seal { ops, reply }, None)
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        CallResult::Success(Ok(_)) => {
+            tracing::info!(
+                count,
+                "sync: wrote again records a revoked device's refused writes overtook"
+            );
+            Ok(())
+        }
+        CallResult::Success(Err(e)) => Err(e.to_string()),
+        _ => Err("the store is closing".into()),
     }
 }
 
@@ -271,6 +362,10 @@ pub struct Plan {
     pub pending: Vec<(Locator, PendingReason)>,
     /// Envelopes refused, with why.
     pub refused: Vec<(Locator, Refusal)>,
+    /// Refused writes of revoked devices, stamped no further ahead than
+    /// the drift allows: where they outrank this device's record, it is
+    /// written again after the commit (see [`Submitted::finish`]).
+    pub overtakers: Vec<(Locator, Precedence)>,
     /// The newest stamp among the writes, for the Sealer to observe.
     pub newest: Option<Hlc>,
 }
@@ -511,6 +606,11 @@ fn plan_checked(
                             locator: item.locator,
                             precedence,
                         });
+                    }
+                    if let (Refusal::Revoked(_), Some(precedence)) = (&refusal, precedence)
+                        && precedence.version.hlc.ms <= now_ms.saturating_add(max_drift_ms)
+                    {
+                        plan.overtakers.push((item.locator, precedence));
                     }
                     plan.refused.push((item.locator, refusal));
                 }
@@ -840,9 +940,24 @@ mod tests {
         let mut known = c;
         known.ring.learn_revocations(&[revocation]);
         let late = b.seal("notes/late", b"b, later still", NOW);
+        let late_locator = late.locator;
         let plan = super::plan(&known.keys(), vec![late], NOW, DRIFT);
         assert!(plan.writes.is_empty());
         assert_eq!(plan.refused.len(), 1);
+        // Refused, it is kept as an overtaker (what it outranks here is
+        // written again after the commit), unless stamped beyond the drift,
+        // which no local stamp may follow.
+        assert_eq!(
+            plan.overtakers
+                .iter()
+                .map(|(l, p)| (*l, p.version.origin))
+                .collect::<Vec<_>>(),
+            [(late_locator, b_member.device_id)]
+        );
+        let ahead = b.seal("notes/ahead", b"b, far ahead", NOW + DRIFT + 1);
+        let plan = super::plan(&known.keys(), vec![ahead], NOW, DRIFT);
+        assert_eq!(plan.refused.len(), 1);
+        assert!(plan.overtakers.is_empty(), "{plan:?}");
 
         // A member that resealed B's writes, under its own key and
         // signature: the one from after the revocation is refused still,

@@ -913,6 +913,7 @@ impl SessionState {
 
     fn ingest_context(&self) -> IngestContext {
         IngestContext {
+            db: self.args.db.clone(),
             keys: self.args.keys.clone(),
             routes: self.args.routes.clone(),
             clock: self.args.clock.clone(),

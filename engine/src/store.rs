@@ -428,6 +428,7 @@ impl Store {
         let max_drift_ms = u64::try_from(max_clock_drift.as_millis()).unwrap_or(u64::MAX);
         let keys = KeyHandle::new(boot.keys);
         let ingest = IngestContext {
+            db: db.clone(),
             keys: keys.clone(),
             routes: routes.clone(),
             clock: env.clock.clone(),

@@ -278,10 +278,13 @@ pub fn expected_listing(reference: &BTreeMap<String, Opened>) -> Vec<(String, St
 /// The relay keeps one envelope per locator and cannot tell a revoked
 /// signer, so until it refuses the revoked device (the relay switch) a
 /// later write of that device replaces the members' newest one there. A
-/// member that had not pulled that one yet never gets it: on such a path
-/// members may hold different accepted values (README, "Not there yet":
-/// the new `K_index` closes this). Convergence asks of these paths only
-/// that every member holds an accepted value or nothing.
+/// member holding an older value restates it when it refuses that write,
+/// which puts an accepted value back in front; but a member that crashes
+/// between the two, or whose value was the one it replaced, leaves the
+/// path overtaken, and a member that had not pulled the value yet never
+/// gets it (README, "Not there yet": the new `K_index` closes this).
+/// Convergence asks of these paths only that every member holds an
+/// accepted value or nothing.
 pub type Overtaken = BTreeMap<String, BTreeSet<String>>;
 
 /// The paths `revoked` overtook at the relay (see [`Overtaken`]), from the
