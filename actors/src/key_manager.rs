@@ -315,7 +315,8 @@ pub struct KeyManagerState {
     args: KeyManagerArgs,
     keyring: Option<Keyring>,
     rng: RngStream,
-    /// Epoch acknowledgements received, by epoch.
+    /// Epoch acknowledgements received, by epoch; kept in the database
+    /// ([`meta::EPOCH_ACKS`]), since the relay forgets them once taken.
     acks: BTreeMap<Epoch, BTreeSet<DeviceId>>,
     /// How many of the keyring's revocations the database has been swept
     /// for (see [`forget`](crate::forget)).
@@ -336,13 +337,14 @@ impl Actor for KeyManager {
         if let Some(ring) = &keyring {
             args.keys.set(KeySet::from_keyring(ring));
         }
+        let acks = load_acks(&args)?;
         let rng = args.entropy.stream("key-manager");
         let swept = forget::swept(&args.db)?;
         Ok(KeyManagerState {
             args,
             keyring,
             rng,
-            acks: BTreeMap::new(),
+            acks,
             swept,
         })
     }
@@ -756,8 +758,9 @@ impl KeyManagerState {
                 announcement,
             } => {
                 let ours = ring.epochs.get(&epoch).map(|e| e.announcement);
-                if ours == Some(announcement) {
-                    self.acks.entry(epoch).or_default().insert(sender);
+                if ours == Some(announcement) && self.acks.entry(epoch).or_default().insert(sender)
+                {
+                    self.save_acks().await;
                 }
                 Ok(Taken::default())
             }
@@ -881,6 +884,25 @@ impl KeyManagerState {
         })
     }
 
+    /// Keeps the acknowledgements durably, for the epochs that still have
+    /// a key and the devices still members. A failure costs only time: the
+    /// member acknowledges again after the key courier posts the key again.
+    async fn save_acks(&mut self) {
+        if let Some(ring) = &self.keyring {
+            self.acks
+                .retain(|e, _| ring.epochs.get(e).is_some_and(|entry| entry.key.is_some()));
+            for devices in self.acks.values_mut() {
+                devices.retain(|d| ring.members.iter().any(|m| m.device_id == *d));
+            }
+        }
+        let bytes = encode_acks(&self.acks);
+        if let Err(e) = commit_meta(&self.args.routes, vec![(meta::EPOCH_ACKS, Some(bytes))]).await
+        {
+            tracing::warn!(error = %e, "could not keep a key acknowledgement; the member \
+                acknowledges again when the key is posted again");
+        }
+    }
+
     /// Purges retired epochs, re-checking that none holds a record.
     async fn purge(&mut self) -> Result<Vec<Epoch>, KeyError> {
         let counts = self.epoch_counts()?;
@@ -988,6 +1010,50 @@ fn route(open: &persist_core::invite::OpenInvite) -> InviteRoute {
     }
 }
 
+/// The acknowledgements kept by [`KeyManagerState::save_acks`]. Damaged
+/// ones are dropped with a warning: members acknowledge again when the key
+/// courier posts the key again.
+fn load_acks(
+    args: &KeyManagerArgs,
+) -> Result<BTreeMap<Epoch, BTreeSet<DeviceId>>, ActorProcessingErr> {
+    let Some(bytes) = args.db.begin_read()?.meta(meta::EPOCH_ACKS)? else {
+        return Ok(BTreeMap::new());
+    };
+    Ok(decode_acks(&bytes).unwrap_or_else(|| {
+        tracing::warn!("dropped this device's record of key acknowledgements: it is damaged");
+        BTreeMap::new()
+    }))
+}
+
+/// One acknowledgement on disk: epoch (u32 BE), then the device id.
+const ACK_BYTES: usize = 4 + 16;
+
+fn encode_acks(acks: &BTreeMap<Epoch, BTreeSet<DeviceId>>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (epoch, devices) in acks {
+        for device in devices {
+            out.extend_from_slice(&epoch.0.to_be_bytes());
+            out.extend_from_slice(&device.0);
+        }
+    }
+    out
+}
+
+fn decode_acks(bytes: &[u8]) -> Option<BTreeMap<Epoch, BTreeSet<DeviceId>>> {
+    if !bytes.len().is_multiple_of(ACK_BYTES) {
+        return None;
+    }
+    let mut acks: BTreeMap<Epoch, BTreeSet<DeviceId>> = BTreeMap::new();
+    for pair in bytes.chunks_exact(ACK_BYTES) {
+        let (epoch, device) = pair.split_at(4);
+        let epoch = Epoch(u32::from_be_bytes(epoch.try_into().ok()?));
+        acks.entry(epoch)
+            .or_default()
+            .insert(DeviceId(device.try_into().ok()?));
+    }
+    Some(acks)
+}
+
 fn load_keyring(args: &KeyManagerArgs) -> Result<Option<Keyring>, ActorProcessingErr> {
     let Some(kek) = &args.kek else {
         return Ok(None);
@@ -1021,5 +1087,23 @@ pub(crate) async fn commit_meta(
     match outcome {
         CallResult::Success(r) => r.map(|_| ()),
         _ => Err(WriteError::Unavailable),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acknowledgements_round_trip_and_damage_is_refused() {
+        let mut acks: BTreeMap<Epoch, BTreeSet<DeviceId>> = BTreeMap::new();
+        acks.entry(Epoch(2)).or_default().insert(DeviceId([1; 16]));
+        acks.entry(Epoch(2)).or_default().insert(DeviceId([2; 16]));
+        acks.entry(Epoch(7)).or_default().insert(DeviceId([1; 16]));
+        let bytes = encode_acks(&acks);
+        assert_eq!(bytes.len(), 3 * ACK_BYTES);
+        assert_eq!(decode_acks(&bytes), Some(acks));
+        assert_eq!(decode_acks(&bytes[..bytes.len() - 1]), None);
+        assert_eq!(decode_acks(&[]), Some(BTreeMap::new()));
     }
 }

@@ -9,6 +9,10 @@ pub const DEVICE_ID: &str = "device_id";
 pub const ENCRYPTED: &str = "encrypted";
 /// The keyring sealed under the KEK.
 pub const KEYRING: &str = "keyring";
+/// The epoch keys other members acknowledged to this device: (epoch u32
+/// BE ‖ device id) pairs, clear (device ids and epoch numbers are in every
+/// envelope header anyway).
+pub const EPOCH_ACKS: &str = "epoch_acks";
 /// This device's name (UTF-8).
 pub const NAME: &str = "name";
 /// The Sealer's HLC high-water mark.

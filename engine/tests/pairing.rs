@@ -354,6 +354,17 @@ async fn a_member_offline_during_a_rotation_gets_the_key_when_it_returns() {
         a.get::<String>("from-b").await.unwrap().as_deref(),
         Some("after the rotation")
     );
+    // A keeps the acknowledgement, which the relay no longer holds: after
+    // a reopen without sync, nothing could have brought it again.
+    a.close().await.unwrap();
+    let a = Store::open(device(tmp.path(), "a")).await.unwrap();
+    let acked = a.status().await.unwrap().epochs;
+    assert!(
+        acked
+            .iter()
+            .any(|e| e.epoch == new_epoch && e.acknowledged_by == [b_id.to_string()]),
+        "{acked:?}"
+    );
     a.close().await.unwrap();
     b.close().await.unwrap();
     relay.shutdown().await;
