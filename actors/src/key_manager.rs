@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use persist_core::Epoch;
 use persist_core::StoreId;
-use persist_core::env::{Entropy, RngStream};
+use persist_core::env::{Clock, Entropy, RngStream};
 use persist_core::export::{ExportedKeys, KdfParams, generate_passphrase};
 use persist_core::hlc::Hlc;
 use persist_core::invite::{self, Host, Invite, Joining, Opened};
@@ -198,9 +198,10 @@ pub enum KeyManagerMsg {
         /// The acknowledgement to send, and to whom.
         reply: RpcReplyPort<Result<Taken, KeyError>>,
     },
-    /// Which members acknowledged which epochs to this device (since it
-    /// opened).
+    /// Which members acknowledged which epochs to this device.
     Acks(RpcReplyPort<BTreeMap<Epoch, BTreeSet<DeviceId>>>),
+    /// What the retirement of each rotating epoch waits for.
+    RetireWaits(RpcReplyPort<BTreeMap<Epoch, RetireWait>>),
     /// Where the switch of the relay to a revocation's new token stands:
     /// `None` when none is pending.
     RelaySwitch(RpcReplyPort<Option<RelaySwitch>>),
@@ -305,6 +306,23 @@ pub struct KeyManagerArgs {
     /// Rotation progress: marked active as soon as a rotation is durable,
     /// so that a waiter never sees the state from before it.
     pub progress: Arc<watch::Sender<RotationProgress>>,
+    /// The wall clock: when an epoch became current, for the grace period.
+    pub clock: Arc<dyn Clock>,
+    /// How long an old epoch waits for every member to acknowledge a newer
+    /// one before it retires anyway, in ms (see [`RetireWait`]).
+    pub retire_grace_ms: u64,
+}
+
+/// Why a rotating epoch, whose records are all resealed, has not retired:
+/// members that may still write under it. It retires once each of them
+/// has acknowledged a newer epoch's key, or at `due_ms` (the grace period
+/// after the next epoch became current on this device) without them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RetireWait {
+    /// The members that have acknowledged no newer epoch yet.
+    pub waiting_for: Vec<DeviceId>,
+    /// When the grace period ends (wall clock, ms), if known.
+    pub due_ms: Option<u64>,
 }
 
 /// The KeyManager actor.
@@ -318,6 +336,9 @@ pub struct KeyManagerState {
     /// Epoch acknowledgements received, by epoch; kept in the database
     /// ([`meta::EPOCH_ACKS`]), since the relay forgets them once taken.
     acks: BTreeMap<Epoch, BTreeSet<DeviceId>>,
+    /// When each epoch became current on this device (wall clock, ms);
+    /// kept in the database ([`meta::EPOCH_SINCE`]) with the keyring.
+    since: BTreeMap<Epoch, u64>,
     /// How many of the keyring's revocations the database has been swept
     /// for (see [`forget`](crate::forget)).
     swept: u64,
@@ -338,6 +359,7 @@ impl Actor for KeyManager {
             args.keys.set(KeySet::from_keyring(ring));
         }
         let acks = load_acks(&args)?;
+        let since = load_since(&args)?;
         let rng = args.entropy.stream("key-manager");
         let swept = forget::swept(&args.db)?;
         Ok(KeyManagerState {
@@ -345,6 +367,7 @@ impl Actor for KeyManager {
             keyring,
             rng,
             acks,
+            since,
             swept,
         })
     }
@@ -476,6 +499,9 @@ impl Actor for KeyManager {
                 let _ = reply.send(state.redeem_invite(id, joining, now_ms).await);
             }
             KeyManagerMsg::Parcels(reply) => {
+                // Asked once per key courier round: also when a grace
+                // period may have ended.
+                state.retire_if_due().await;
                 let _ = reply.send(state.parcels());
             }
             KeyManagerMsg::TakeParcel { bytes, reply } => {
@@ -483,6 +509,9 @@ impl Actor for KeyManager {
             }
             KeyManagerMsg::Acks(reply) => {
                 let _ = reply.send(state.acks.clone());
+            }
+            KeyManagerMsg::RetireWaits(reply) => {
+                let _ = reply.send(state.retire_waits());
             }
             KeyManagerMsg::RelaySwitch(reply) => {
                 let _ = reply.send(state.relay_switch());
@@ -542,7 +571,15 @@ impl KeyManagerState {
             .await
             .map_err(|e| KeyError::Storage(e.to_string()))?;
         let counts = self.epoch_counts()?;
-        let unused = |e: Epoch| e < finished && counts.get(&e).copied().unwrap_or(0) == 0;
+        let waits = self.retire_waits();
+        let now = self.args.clock.now_ms();
+        let unused = |e: Epoch| {
+            e < finished
+                && counts.get(&e).copied().unwrap_or(0) == 0
+                && waits
+                    .get(&e)
+                    .is_none_or(|w| w.waiting_for.is_empty() || w.due_ms.is_some_and(|d| now >= d))
+        };
         let any = self.keyring.as_ref().is_some_and(|r| {
             r.epochs
                 .iter()
@@ -761,6 +798,7 @@ impl KeyManagerState {
                 if ours == Some(announcement) && self.acks.entry(epoch).or_default().insert(sender)
                 {
                     self.save_acks().await;
+                    self.retire_if_due().await;
                 }
                 Ok(Taken::default())
             }
@@ -884,6 +922,101 @@ impl KeyManagerState {
         })
     }
 
+    /// What each rotating epoch's retirement waits for (see
+    /// [`RetireWait`]); an epoch with nothing to wait for is left out.
+    ///
+    /// A member that holds no newer epoch may still write under an old
+    /// one, and a key once purged is gone: so an old epoch retires only
+    /// once every other member (not revoked) has acknowledged a newer
+    /// epoch's key, or after the grace period.
+    fn retire_waits(&self) -> BTreeMap<Epoch, RetireWait> {
+        let Some(ring) = self.keyring.as_ref() else {
+            return BTreeMap::new();
+        };
+        let me = ring.device_id();
+        let mut out = BTreeMap::new();
+        for (epoch, entry) in &ring.epochs {
+            if entry.state != EpochState::Rotating {
+                continue;
+            }
+            let waiting_for: Vec<DeviceId> = ring
+                .members
+                .iter()
+                .map(|m| m.device_id)
+                .filter(|d| *d != me && ring.revocation(d).is_none())
+                .filter(|d| {
+                    !self
+                        .acks
+                        .range(Epoch(epoch.0.saturating_add(1))..)
+                        .any(|(_, by)| by.contains(d))
+                })
+                .collect();
+            if waiting_for.is_empty() {
+                continue;
+            }
+            let next = ring.epochs.range(Epoch(epoch.0.saturating_add(1))..).next();
+            let due_ms = next
+                .and_then(|(n, _)| self.since.get(n))
+                .map(|s| s.saturating_add(self.args.retire_grace_ms));
+            out.insert(
+                *epoch,
+                RetireWait {
+                    waiting_for,
+                    due_ms,
+                },
+            );
+        }
+        out
+    }
+
+    /// Retires what an acknowledgement or the end of a grace period let
+    /// retire: rotating epochs that hold no record and whose wait is over,
+    /// while no rotation pass runs (a pass asks for retirement itself when
+    /// it ends, and records under an old epoch wait for the next pass).
+    async fn retire_if_due(&mut self) {
+        if self.args.progress.borrow().active {
+            return;
+        }
+        let Some(ring) = self.keyring.as_ref() else {
+            return;
+        };
+        let current = ring.current;
+        let rotating: Vec<Epoch> = ring
+            .epochs
+            .iter()
+            .filter(|(e, entry)| entry.state == EpochState::Rotating && **e < current)
+            .map(|(e, _)| *e)
+            .collect();
+        if rotating.is_empty() {
+            return;
+        }
+        let counts = match self.epoch_counts() {
+            Ok(counts) => counts,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not read the epochs' record counts");
+                return;
+            }
+        };
+        let waits = self.retire_waits();
+        let now = self.args.clock.now_ms();
+        let due = rotating.iter().any(|e| {
+            counts.get(e).copied().unwrap_or(0) == 0
+                && waits
+                    .get(e)
+                    .is_none_or(|w| w.due_ms.is_some_and(|d| now >= d))
+        });
+        if !due {
+            return;
+        }
+        match self.retire(current).await {
+            Ok(retired) if !retired.is_empty() => {
+                tracing::info!(?retired, "retired epochs every member has moved past");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not retire old epochs; retrying later"),
+        }
+    }
+
     /// Keeps the acknowledgements durably, for the epochs that still have
     /// a key and the devices still members. A failure costs only time: the
     /// member acknowledges again after the key courier posts the key again.
@@ -928,9 +1061,17 @@ impl KeyManagerState {
         let (Some(ring), Some(kek)) = (self.keyring.as_mut(), self.args.kek.as_ref()) else {
             return Err(KeyError::NotEncrypted);
         };
+        let current_before = ring.current;
         let out = f(ring, &mut self.rng)?;
         let sealed = ring.seal(kek, &mut self.rng);
-        if let Err(e) = commit_meta(&self.args.routes, vec![(meta::KEYRING, Some(sealed))]).await {
+        let mut meta = vec![(meta::KEYRING, Some(sealed))];
+        if ring.current != current_before {
+            self.since.insert(ring.current, self.args.clock.now_ms());
+            self.since
+                .retain(|e, _| ring.epochs.get(e).is_some_and(|entry| entry.key.is_some()));
+            meta.push((meta::EPOCH_SINCE, Some(encode_since(&self.since))));
+        }
+        if let Err(e) = commit_meta(&self.args.routes, meta).await {
             self.keyring =
                 load_keyring(&self.args).map_err(|e| KeyError::Storage(e.to_string()))?;
             return Err(KeyError::Storage(e.to_string()));
@@ -1023,6 +1164,46 @@ fn load_acks(
         tracing::warn!("dropped this device's record of key acknowledgements: it is damaged");
         BTreeMap::new()
     }))
+}
+
+/// When each epoch became current here, kept by [`KeyManagerState::change`].
+/// A damaged record is dropped: an epoch without one waits for every
+/// member's acknowledgement, with no grace period.
+fn load_since(args: &KeyManagerArgs) -> Result<BTreeMap<Epoch, u64>, ActorProcessingErr> {
+    let Some(bytes) = args.db.begin_read()?.meta(meta::EPOCH_SINCE)? else {
+        return Ok(BTreeMap::new());
+    };
+    Ok(decode_since(&bytes).unwrap_or_else(|| {
+        tracing::warn!("dropped this device's record of when its epochs began: it is damaged");
+        BTreeMap::new()
+    }))
+}
+
+/// One epoch's start on disk: epoch (u32 BE), then ms (u64 BE).
+const SINCE_BYTES: usize = 4 + 8;
+
+fn encode_since(since: &BTreeMap<Epoch, u64>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(since.len() * SINCE_BYTES);
+    for (epoch, ms) in since {
+        out.extend_from_slice(&epoch.0.to_be_bytes());
+        out.extend_from_slice(&ms.to_be_bytes());
+    }
+    out
+}
+
+fn decode_since(bytes: &[u8]) -> Option<BTreeMap<Epoch, u64>> {
+    if !bytes.len().is_multiple_of(SINCE_BYTES) {
+        return None;
+    }
+    let mut since = BTreeMap::new();
+    for pair in bytes.chunks_exact(SINCE_BYTES) {
+        let (epoch, ms) = pair.split_at(4);
+        since.insert(
+            Epoch(u32::from_be_bytes(epoch.try_into().ok()?)),
+            u64::from_be_bytes(ms.try_into().ok()?),
+        );
+    }
+    Some(since)
 }
 
 /// One acknowledgement on disk: epoch (u32 BE), then the device id.

@@ -19,6 +19,9 @@ pub const NAME: &str = "name";
 pub const HLC: &str = "hlc";
 /// The Sealer's last sequence number.
 pub const SEQ: &str = "seq";
+/// When each epoch became current on this device: (epoch u32 BE, ms u64
+/// BE) pairs, for the grace period of old epochs' retirement.
+pub const EPOCH_SINCE: &str = "epoch_since";
 /// How many of the keyring's revocations the records were swept for
 /// (u64 BE); see `forget`.
 pub const REVOCATIONS_SWEPT: &str = "revocations_swept";

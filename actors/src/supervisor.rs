@@ -65,6 +65,9 @@ pub struct StoreArgs {
     pub committed: Arc<watch::Sender<u64>>,
     /// How to sync, for a store that does.
     pub sync: Option<SessionArgs>,
+    /// How long an old epoch waits for members' acknowledgements before
+    /// it retires anyway, in ms.
+    pub retire_grace_ms: u64,
 }
 
 /// Messages to the supervisor.
@@ -228,6 +231,8 @@ impl SupervisorState {
                     routes: a.routes.clone(),
                     entropy: a.env.entropy.clone(),
                     progress: a.progress.clone(),
+                    clock: a.env.clock.clone(),
+                    retire_grace_ms: a.retire_grace_ms,
                 };
                 let (r, _) = Actor::spawn_linked(None, KeyManager, args, supervisor).await?;
                 a.routes.set_key_manager(Some(r));

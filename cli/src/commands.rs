@@ -408,6 +408,16 @@ fn status_text(status: &Status, sync: Option<&SyncStatus>) -> String {
             "  epoch {:>4}  {:<9} {} records",
             epoch.epoch, epoch.state, epoch.records
         );
+        if !epoch.retire_waits_for.is_empty() {
+            let due = epoch.retire_due_ms.map_or(String::new(), |ms| {
+                format!(", or without them at {}", crate::pairing::utc_time(ms))
+            });
+            let _ = writeln!(
+                out,
+                "              retires once these members hold a newer key{due}: {}",
+                epoch.retire_waits_for.join(", ")
+            );
+        }
     }
     let rotation = &status.rotation;
     if rotation.active {

@@ -374,11 +374,17 @@ fn rotate_wait_reseals_every_record_and_purge_deletes_the_old_key() {
     assert_eq!(status["current_epoch"], json!(2), "{status}");
     assert_eq!(
         epoch(&status, 1),
-        &json!({"epoch": 1, "state": "retired", "records": 0, "acknowledged_by": []})
+        &json!({
+            "epoch": 1, "state": "retired", "records": 0, "acknowledged_by": [],
+            "retire_waits_for": [], "retire_due_ms": null
+        })
     );
     assert_eq!(
         epoch(&status, 2),
-        &json!({"epoch": 2, "state": "current", "records": 500, "acknowledged_by": []})
+        &json!({
+            "epoch": 2, "state": "current", "records": 500, "acknowledged_by": [],
+            "retire_waits_for": [], "retire_due_ms": null
+        })
     );
     assert_eq!(
         status["rotation"]["active"],

@@ -455,6 +455,17 @@ fn device_revoke_wait_names_whom_the_relay_switch_waits_for_and_their_syncs_rele
         json!(true),
         "{status}"
     );
+    // Nor does the old epoch retire, though no record of A's uses it: C
+    // may still write under it.
+    let old = &status["epochs"][0];
+    assert_eq!(old["state"], json!("rotating"), "{status}");
+    assert_eq!(old["retire_waits_for"], json!([c_id]), "{status}");
+    let text = a.run("status", &[]).expect(OK).stdout;
+    assert!(
+        text.contains("retires once these members hold a newer key, or without them at")
+            && text.contains(&c_id),
+        "{text}"
+    );
     a.put("notes/2", r#""after""#);
     a.run("sync", &[]).expect(OK);
     b.run("sync", &[]).expect(OK);
@@ -463,7 +474,9 @@ fn device_revoke_wait_names_whom_the_relay_switch_waits_for_and_their_syncs_rele
     // that and switches the relay, which then refuses B.
     c.run("sync", &[]).expect(OK);
     a.run("sync", &[]).expect(OK);
-    assert_eq!(a.status()["relay_switch"], Value::Null);
+    let status = a.status();
+    assert_eq!(status["relay_switch"], Value::Null);
+    assert_eq!(status["epochs"][0]["state"], json!("retired"), "{status}");
     let out = b.run("sync", &[]).expect(REMOTE);
     assert!(out.stderr.contains("Unauthorized"), "{out:#?}");
     assert_eq!(b.run("get", &["notes/1"]).expect(OK).stdout, "\"before\"\n");

@@ -102,6 +102,6 @@ pub use store::{
     RotationStatus, Status, Store, StoreInfo, WATCH_BUFFER_MAX, WRITES_IN_FLIGHT_MAX,
 };
 pub use sync::{
-    Conversation, DEFAULT_PORT, Dial, DialFuture, RELAY_SWITCH_GRACE, Remote, RemoteError,
-    Strategy, SyncConfig, SyncReport, SyncStatus,
+    Conversation, DEFAULT_PORT, Dial, DialFuture, RELAY_SWITCH_GRACE, RETIRE_GRACE, Remote,
+    RemoteError, Strategy, SyncConfig, SyncReport, SyncStatus,
 };

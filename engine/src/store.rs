@@ -214,9 +214,15 @@ pub struct EpochStatus {
     /// Records sealed under it.
     pub records: u64,
     /// The other members that acknowledged holding its key to this device
-    /// (device ids, since the store opened): key parcels go out until each
-    /// member has.
+    /// (device ids): key parcels go out until each member has.
     pub acknowledged_by: Vec<String>,
+    /// For a rotating epoch none of this device's records uses any more:
+    /// the members whose acknowledgement of a newer epoch its retirement
+    /// waits for (device ids; empty otherwise).
+    pub retire_waits_for: Vec<String>,
+    /// When it retires without them (ms since the Unix epoch), if known
+    /// (see [`SyncConfig::retire_grace`](crate::SyncConfig::retire_grace)).
+    pub retire_due_ms: Option<u64>,
 }
 
 /// A change seen by [`Store::watch`].
@@ -492,6 +498,12 @@ impl Store {
             read_only,
             committed: committed.clone(),
             sync: session,
+            retire_grace_ms: u64::try_from(
+                sync.as_ref()
+                    .map_or(crate::sync::RETIRE_GRACE, |s| s.retire_grace)
+                    .as_millis(),
+            )
+            .unwrap_or(u64::MAX),
         };
         let (supervisor, supervisor_done) = Actor::spawn(None, StoreSupervisor, args)
             .await
@@ -821,17 +833,25 @@ impl Store {
         let counts = txn.epoch_counts().map_err(storage_read_error)?;
         let states = self.epoch_states().await;
         let acks = self.epoch_acks().await;
+        let waits = self.retire_waits().await;
         let info = &self.inner.info;
         let mut epochs: Vec<EpochStatus> = states
             .iter()
-            .map(|(e, s)| EpochStatus {
-                epoch: e.0,
-                state: state_name(*s),
-                records: counts.get(e).copied().unwrap_or(0),
-                acknowledged_by: acks
-                    .get(e)
-                    .map(|a| a.iter().map(ToString::to_string).collect())
-                    .unwrap_or_default(),
+            .map(|(e, s)| {
+                let wait = waits.get(e);
+                EpochStatus {
+                    epoch: e.0,
+                    state: state_name(*s),
+                    records: counts.get(e).copied().unwrap_or(0),
+                    acknowledged_by: acks
+                        .get(e)
+                        .map(|a| a.iter().map(ToString::to_string).collect())
+                        .unwrap_or_default(),
+                    retire_waits_for: wait
+                        .map(|w| w.waiting_for.iter().map(ToString::to_string).collect())
+                        .unwrap_or_default(),
+                    retire_due_ms: wait.and_then(|w| w.due_ms),
+                }
             })
             .collect();
         if !info.encrypted {
@@ -840,6 +860,8 @@ impl Store {
                 state: "plain",
                 records: counts.get(&Epoch(0)).copied().unwrap_or(0),
                 acknowledged_by: Vec::new(),
+                retire_waits_for: Vec::new(),
+                retire_due_ms: None,
             });
         }
         Ok(Status {
@@ -943,6 +965,24 @@ impl Store {
             .await
         {
             Ok(CallResult::Success(acks)) => acks,
+            _ => Default::default(),
+        }
+    }
+
+    async fn retire_waits(
+        &self,
+    ) -> std::collections::BTreeMap<Epoch, persist_actors::key_manager::RetireWait> {
+        let Some(km) = self.inner.routes.key_manager() else {
+            return Default::default();
+        };
+        match km
+            .call(
+                persist_actors::key_manager::KeyManagerMsg::RetireWaits,
+                None,
+            )
+            .await
+        {
+            Ok(CallResult::Success(waits)) => waits,
             _ => Default::default(),
         }
     }

@@ -40,7 +40,18 @@ pub struct SyncConfig {
     /// had not connected by then holds only the old token too, and must be
     /// paired again.
     pub relay_switch_grace: Duration,
+    /// How long an old epoch, once none of this device's records uses it,
+    /// waits for every other member to acknowledge a newer epoch's key
+    /// before it retires anyway (default [`RETIRE_GRACE`]). Until then a
+    /// member that missed the newer key may still write under the old one;
+    /// a retired key can be purged, and what is sealed under a purged key
+    /// is unreadable.
+    pub retire_grace: Duration,
 }
+
+/// How long, by default, an old epoch waits for members to acknowledge a
+/// newer one before it retires.
+pub const RETIRE_GRACE: Duration = Duration::from_secs(14 * 24 * 60 * 60);
 
 /// How long, by default, a revoker waits for members to acknowledge a
 /// revocation's keys before switching the relay to its new access token.
@@ -53,7 +64,15 @@ impl SyncConfig {
             remote,
             strategy: Strategy::LastWriteWins,
             relay_switch_grace: RELAY_SWITCH_GRACE,
+            retire_grace: RETIRE_GRACE,
         }
+    }
+
+    /// Sets [`SyncConfig::retire_grace`].
+    #[must_use]
+    pub fn retire_grace(mut self, grace: Duration) -> Self {
+        self.retire_grace = grace;
+        self
     }
 
     /// Sets [`SyncConfig::relay_switch_grace`].

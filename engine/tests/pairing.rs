@@ -292,6 +292,18 @@ async fn a_joiner_waits_for_an_offline_inviter_or_times_out() {
     relay.shutdown().await;
 }
 
+/// The status of the epoch before `current` on `store`.
+async fn old_epoch(store: &Store, current: u32) -> persist::EpochStatus {
+    store
+        .status()
+        .await
+        .unwrap()
+        .epochs
+        .into_iter()
+        .find(|e| e.epoch + 1 == current)
+        .expect("the epoch before the rotation")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_offline_during_a_rotation_gets_the_key_when_it_returns() {
     let tmp = tempfile::tempdir().unwrap();
@@ -314,6 +326,16 @@ async fn a_member_offline_during_a_rotation_gets_the_key_when_it_returns() {
     let rotation = a.crypto().rotate_key().await.unwrap();
     let new_epoch = rotation.epoch();
     rotation.wait().await.unwrap();
+    // Every record of A's is resealed, but the old epoch does not retire
+    // while B, which may still write under it, has not taken the new key.
+    let old = old_epoch(&a, new_epoch).await;
+    assert_eq!((old.state, old.records), ("rotating", 0), "{old:?}");
+    assert_eq!(old.retire_waits_for, [b_id.to_string()]);
+    assert!(old.retire_due_ms.is_some(), "{old:?}");
+    assert!(matches!(
+        a.crypto().purge_retired_keys().await.as_deref(),
+        Ok([])
+    ));
     a.put("after", "written under the new epoch").await.unwrap();
     a.sync_now().await.unwrap();
 
@@ -347,6 +369,10 @@ async fn a_member_offline_during_a_rotation_gets_the_key_when_it_returns() {
             .any(|e| e.epoch == new_epoch && e.acknowledged_by.contains(&b_id.to_string()))
     })
     .await;
+    // With it, the old epoch retires.
+    let old = old_epoch(&a, new_epoch).await;
+    assert_eq!(old.state, "retired", "{old:?}");
+    assert!(old.retire_waits_for.is_empty(), "{old:?}");
     // And B's new writes are readable on A.
     b.put("from-b", "after the rotation").await.unwrap();
     converge(&[&b, &a]).await;
@@ -650,4 +676,31 @@ async fn a_relay_that_replays_or_substitutes_handshake_messages_gets_nothing() {
         a.close().await.unwrap();
         relay.shutdown().await;
     }
+}
+
+/// Past the grace period, an old epoch retires without the acknowledgement
+/// of a member that stays away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_epoch_retires_without_an_absent_member_after_the_grace_period() {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = relay(&tmp.path().join("relay")).await;
+    let sync = SyncConfig::new(remote(&relay)).retire_grace(std::time::Duration::ZERO);
+    let a = Store::open(device(tmp.path(), "a").sync(sync))
+        .await
+        .unwrap();
+    a.put("before", "v").await.unwrap();
+    let invite = a.crypto().create_invite().await.unwrap();
+    let b = Store::open(device(tmp.path(), "b").invite(invite.code()))
+        .await
+        .unwrap();
+    converge(&[&a, &b]).await;
+    b.close().await.unwrap();
+
+    let rotation = a.crypto().rotate_key().await.unwrap();
+    let new_epoch = rotation.epoch();
+    rotation.wait().await.unwrap();
+    let old = old_epoch(&a, new_epoch).await;
+    assert_eq!((old.state, old.records), ("retired", 0), "{old:?}");
+    a.close().await.unwrap();
+    relay.shutdown().await;
 }
