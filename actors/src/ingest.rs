@@ -33,9 +33,9 @@ use persist_core::envelope::{
 };
 use persist_core::hlc::Hlc;
 use persist_core::keyring::{Member, Revocation};
-use persist_core::lww::{self, Precedence};
+use persist_core::lww::{self, Precedence, Version};
 use persist_core::membership::{self, AnnouncementError};
-use persist_core::record::Record;
+use persist_core::record::{Record, is_system_path};
 use persist_core::{DeviceId, Epoch, Locator, StoreId};
 use persist_storage::{LocalDb, Row};
 
@@ -50,7 +50,7 @@ use crate::keys::{KeyHandle, KeySet, OpenRecordError};
 use crate::routes::Routes;
 use crate::sealer::{SealerMsg, WriteOp};
 use crate::storage_writer::{
-    AppliedChange, CommitReport, Park, SealedWrite, WriteError, WriterMsg,
+    AppliedChange, CommitReport, Forget, Park, SealedWrite, WriteError, WriterMsg,
 };
 
 /// Called with the changes an ingest applied, for the store's watchers.
@@ -105,6 +105,7 @@ pub struct Prepared {
     writes: Vec<SealedWrite>,
     parks: Vec<Park>,
     overtakers: Vec<(Locator, Precedence)>,
+    versions: Vec<(Locator, Version)>,
     held: u64,
     refused: u64,
 }
@@ -151,6 +152,14 @@ pub async fn prepare(ctx: &IngestContext, batch: Vec<Incoming>) -> Result<Prepar
     Ok(Prepared {
         held: plan.pending.len() as u64,
         refused: plan.refused.len() as u64,
+        versions: plan
+            .writes
+            .iter()
+            .filter_map(|w| {
+                let header = Envelope::parse(&w.row.envelope).ok()?.header;
+                Some((w.locator, header.version))
+            })
+            .collect(),
         writes: plan.writes,
         parks: plan.parks,
         overtakers: plan.overtakers,
@@ -177,6 +186,7 @@ pub fn submit(
     Ok(Submitted {
         outcome,
         overtakers: prepared.overtakers,
+        versions: prepared.versions,
         held: prepared.held,
         refused: prepared.refused,
     })
@@ -186,6 +196,8 @@ pub fn submit(
 pub struct Submitted {
     outcome: ractor::concurrency::OneshotReceiver<Result<CommitReport, WriteError>>,
     overtakers: Vec<(Locator, Precedence)>,
+    /// The version of each write handed to the writer.
+    versions: Vec<(Locator, Version)>,
     held: u64,
     refused: u64,
 }
@@ -210,10 +222,56 @@ impl Submitted {
         if !report.applied.is_empty() {
             (ctx.on_applied)(report.applied);
         }
+        forget_disowned(ctx, &self.versions).await?;
         if !self.overtakers.is_empty() {
             restate_overtaken(ctx, &self.overtakers).await?;
         }
         Ok(applied)
+    }
+}
+
+/// Forgets the writes of a committed batch that a revocation learned since
+/// it was planned disowns: one carried earlier in the same batch as the
+/// revocation's record, or in a batch planned before the revocation was
+/// known. The KeyManager's sweep, which ran when it learned, may have come
+/// before their commit.
+async fn forget_disowned(
+    ctx: &IngestContext,
+    versions: &[(Locator, Version)],
+) -> Result<(), String> {
+    let keys = ctx.keys.current();
+    if keys.revoked.is_empty() {
+        return Ok(());
+    }
+    let forget: Vec<Forget> = versions
+        .iter()
+        .filter_map(|(locator, v)| {
+            let r = keys.revoked.get(&v.origin).filter(|r| r.disowns(v.hlc))?;
+            Some(Forget {
+                locator: *locator,
+                origin: v.origin,
+                after: r.at,
+            })
+        })
+        .collect();
+    if forget.is_empty() {
+        return Ok(());
+    }
+    let writer = ctx.routes.writer().ok_or("the store is closing")?;
+    match writer
+        .call(
+            |reply| WriterMsg::Forget {
+                forget,
+                meta: Vec::new(),
+                reply,
+            },
+            None,
+        )
+        .await
+        .map_err(|e| e.to_string())?
+    {
+        CallResult::Success(report) => report.map(|_| ()).map_err(|e| e.to_string()),
+        _ => Err("the store is closing".into()),
     }
 }
 
@@ -253,16 +311,15 @@ async fn restate_overtaken(
             let Ok(record) = keys.open(locator, &row.envelope) else {
                 continue;
             };
-            if keys.revoked_write(&record.origin, record.hlc) {
+            // A member announcement or revocation record must stay its
+            // author's: a copy restated under this device's name is refused.
+            if keys.revoked_write(&record.origin, record.hlc) || is_system_path(&record.path) {
                 continue;
             }
-            ops.push(if row.tombstone {
-                WriteOp::Delete { path: record.path }
-            } else {
-                WriteOp::Put {
-                    path: record.path,
-                    value: record.value,
-                }
+            ops.push(WriteOp::Restate {
+                path: record.path,
+                value: (!row.tombstone).then_some(record.value),
+                over: envelope.header.precedence(),
             });
         }
         Ok::<_, String>(ops)
@@ -607,9 +664,17 @@ fn plan_checked(
                             precedence,
                         });
                     }
-                    if let (Refusal::Revoked(_), Some(precedence)) = (&refusal, precedence)
-                        && precedence.version.hlc.ms <= now_ms.saturating_add(max_drift_ms)
-                    {
+                    plan.refused.push((item.locator, refusal));
+                }
+                Decision::Overtaker(refusal, precedence) => {
+                    if item.from_pending {
+                        plan.parks.push(Park::Release {
+                            locator: item.locator,
+                            precedence,
+                        });
+                    }
+                    let known = plan.overtakers.iter().any(|(l, _)| *l == item.locator);
+                    if !known && precedence.version.hlc.ms <= now_ms.saturating_add(max_drift_ms) {
                         plan.overtakers.push((item.locator, precedence));
                     }
                     plan.refused.push((item.locator, refusal));
@@ -643,6 +708,9 @@ enum Decision {
     },
     Defer(PendingReason),
     Refuse(Refusal, Option<Precedence>),
+    /// Refused, and signed by a member: a revoked device's write, which
+    /// may have taken its locator's place at the remote.
+    Overtaker(Refusal, Precedence),
 }
 
 fn park(plan: &mut Plan, item: Incoming, reason: PendingReason) {
@@ -704,12 +772,19 @@ fn decide(
             return refuse(Refusal::BadSignature(header.signer));
         }
     }
+    // A revoked device's refused write can take a locator's place at the
+    // remote (see `restate_overtaken`); only one whose signature verified
+    // under a member's key counts, or a remote could forge them at will.
+    let overtaker = |refusal| Decision::Overtaker(refusal, precedence);
     if known
         .revoked
         .get(&header.signer)
         .is_some_and(|r| r.refuses(header.epoch, header.version.hlc))
     {
-        return refuse(Refusal::Revoked(header.signer));
+        return match signer_key {
+            Some(_) if encrypted => overtaker(Refusal::Revoked(header.signer)),
+            _ => refuse(Refusal::Revoked(header.signer)),
+        };
     }
     // A member's copy of a write the revoked device made after its
     // revocation (resealed, or passed on by a member that took it before
@@ -720,7 +795,10 @@ fn decide(
         .get(&header.version.origin)
         .is_some_and(|r| r.disowns(header.version.hlc))
     {
-        return refuse(Refusal::Revoked(header.version.origin));
+        return match signer_key {
+            Some(_) if encrypted => overtaker(Refusal::Revoked(header.version.origin)),
+            _ => refuse(Refusal::Revoked(header.version.origin)),
+        };
     }
     if encrypted && !keys.has_epoch(header.epoch) {
         return Decision::Defer(PendingReason::UnknownEpoch(header.epoch));
@@ -965,6 +1043,23 @@ mod tests {
         let b_id = b_member.device_id;
         let laundered = a.seal_from(b_id, "notes/after", b"b, after", NOW);
         let resealed = a.seal_from(b_id, "notes/before", b"b, before", NOW - 10);
+        // A device no member knows, passing off a write as B's later one:
+        // refused, and not taken as an overtaker (its signature is not
+        // checked, so a remote could forge any number of them).
+        let stranger = Device {
+            ring: Keyring::from_export(
+                DeviceIdentity::generate(&mut rng),
+                ExportedKeys::from_keyring(&a.ring),
+                "stranger",
+                Hlc::default(),
+            ),
+        };
+        let forged = stranger.seal_from(b_id, "notes/forged", b"forged", NOW);
+        let plan = super::plan(&known.keys(), vec![forged], NOW, DRIFT);
+        assert!(plan.writes.is_empty(), "{plan:?}");
+        assert_eq!(plan.refused.len(), 1, "{plan:?}");
+        assert!(plan.overtakers.is_empty(), "{plan:?}");
+
         let plan = super::plan(&known.keys(), vec![laundered, resealed], NOW, DRIFT);
         assert_eq!(plan.writes.len(), 1, "{plan:?}");
         assert_eq!(

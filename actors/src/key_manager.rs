@@ -4,14 +4,17 @@
 //! publishes the store's [`KeySet`] (data keys and index key, never the
 //! KEK) through a [`KeyHandle`], and performs the key lifecycle: rotation
 //! (a new epoch, current for new writes, made durable in one commit before
-//! it is used), retirement of epochs the Rotator has emptied, purging of
-//! retired keys, and exports.
+//! it is used), retirement of epochs the Rotator has emptied once every
+//! member holds a newer key (or after a grace period), purging of retired
+//! keys, exports, and the sweep that forgets what revoked devices wrote
+//! after their revocation (see [`forget`](crate::forget)).
 //!
-//! **Messages.** [`KeyManagerMsg`]: `Describe`, `Rotate`, `RotationDone`,
-//! `PurgeRetired`, `AddMembers`, `OwnMember`, `Members`, `Export`,
-//! revocation (`Revoke`, `LearnRevocations`, `Revocations`, and the
-//! switch of the relay to a new token: `RelaySwitch`, `PromoteAccess`),
-//! the key parcels of rotation (`Parcels`, `TakeParcel`, `Acks`), and the
+//! **Messages.** [`KeyManagerMsg`]: `Opened`, `Describe`, `Rotate`,
+//! `RotationDone`, `PurgeRetired`, `AddMembers`, `OwnMember`, `Members`,
+//! `Export`, revocation (`Revoke`, `LearnRevocations`, `Revocations`, and
+//! the switch of the relay to a new token: `RelaySwitch`,
+//! `PromoteAccess`), the key parcels of rotation (`Parcels`, `TakeParcel`,
+//! `Acks`, `RetireWaits`), and the
 //! inviter's side of pairing: `CreateInvite`, `OpenInvites`,
 //! `AnswerInvite`, `RedeemInvite`. The Noise handshake runs here, beside the
 //! keys it uses, and only its session (never a key) leaves.
@@ -313,8 +316,8 @@ pub struct KeyManagerArgs {
     pub retire_grace_ms: u64,
 }
 
-/// Why a rotating epoch, whose records are all resealed, has not retired:
-/// members that may still write under it. It retires once each of them
+/// What a rotating epoch's retirement waits for besides its records being
+/// resealed: members that may still write under it. It retires once each of them
 /// has acknowledged a newer epoch's key, or at `due_ms` (the grace period
 /// after the next epoch became current on this device) without them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -359,7 +362,14 @@ impl Actor for KeyManager {
             args.keys.set(KeySet::from_keyring(ring));
         }
         let acks = load_acks(&args)?;
-        let since = load_since(&args)?;
+        let mut since = load_since(&args)?;
+        // A current epoch with no start on record (its record was damaged,
+        // or it came before there was one) starts its grace period now.
+        if let Some(ring) = &keyring {
+            since
+                .entry(ring.current)
+                .or_insert_with(|| args.clock.now_ms());
+        }
         let rng = args.entropy.stream("key-manager");
         let swept = forget::swept(&args.db)?;
         Ok(KeyManagerState {
@@ -954,9 +964,13 @@ impl KeyManagerState {
             if waiting_for.is_empty() {
                 continue;
             }
-            let next = ring.epochs.range(Epoch(epoch.0.saturating_add(1))..).next();
-            let due_ms = next
-                .and_then(|(n, _)| self.since.get(n))
+            // From when the first newer epoch this device holds became
+            // current here (a newer epoch can arrive before the next one).
+            let due_ms = self
+                .since
+                .range(Epoch(epoch.0.saturating_add(1))..)
+                .map(|(_, ms)| *ms)
+                .min()
                 .map(|s| s.saturating_add(self.args.retire_grace_ms));
             out.insert(
                 *epoch,

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use persist_core::env::{Clock, Entropy, RngStream};
 use persist_core::envelope::{self, Flags, SealError};
 use persist_core::hlc::{Hlc, HlcState};
+use persist_core::lww::Precedence;
 use persist_core::record::Record;
 use persist_storage::Row;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
@@ -43,6 +44,19 @@ pub enum WriteOp {
     Delete {
         /// The record path.
         path: String,
+    },
+    /// Write `value` (or a tombstone, for `None`) at `path` again as a new
+    /// write of this device, only if the record there still has exactly
+    /// the precedence `over` (so a write made since is never replaced).
+    /// Sync uses it to put a value back in front of a revoked device's
+    /// refused write.
+    Restate {
+        /// The record path.
+        path: String,
+        /// The encoded value, or `None` for a delete.
+        value: Option<Vec<u8>>,
+        /// The precedence of the record read at `path`.
+        over: Precedence,
     },
 }
 
@@ -185,6 +199,8 @@ struct Prepared {
     record: Record,
     locator: persist_core::Locator,
     tombstone: bool,
+    /// Apply only over a record of exactly this precedence.
+    expect: Option<Precedence>,
     seq: u64,
     seed: [u8; 16],
     nonce: [u8; 12],
@@ -201,9 +217,13 @@ impl SealerState {
         let keys: Arc<KeySet> = self.keys.current();
         let mut prepared = Vec::with_capacity(ops.len());
         for op in ops {
-            let (path, value, tombstone) = match op {
-                WriteOp::Put { path, value } => (path, value, false),
-                WriteOp::Delete { path } => (path, Vec::new(), true),
+            let (path, value, tombstone, expect) = match op {
+                WriteOp::Put { path, value } => (path, value, false, None),
+                WriteOp::Delete { path } => (path, Vec::new(), true, None),
+                WriteOp::Restate { path, value, over } => match value {
+                    Some(value) => (path, value, false, Some(over)),
+                    None => (path, Vec::new(), true, Some(over)),
+                },
             };
             let hlc = self.hlc.tick(self.clock.now_ms());
             self.seq += 1;
@@ -223,6 +243,7 @@ impl SealerState {
                 },
                 locator,
                 tombstone,
+                expect,
                 seq: self.seq,
                 seed,
                 nonce,
@@ -280,7 +301,7 @@ fn seal_prepared(keys: &KeySet, prepared: Vec<Prepared>) -> Result<Vec<SealedWri
                 tombstone: p.tombstone,
                 envelope,
             },
-            expect: None,
+            expect: p.expect,
         });
     }
     Ok(out)

@@ -216,9 +216,9 @@ pub struct EpochStatus {
     /// The other members that acknowledged holding its key to this device
     /// (device ids): key parcels go out until each member has.
     pub acknowledged_by: Vec<String>,
-    /// For a rotating epoch none of this device's records uses any more:
-    /// the members whose acknowledgement of a newer epoch its retirement
-    /// waits for (device ids; empty otherwise).
+    /// For a rotating epoch: the members whose acknowledgement of a newer
+    /// epoch its retirement waits for, besides its records being resealed
+    /// (device ids; empty otherwise).
     pub retire_waits_for: Vec<String>,
     /// When it retires without them (ms since the Unix epoch), if known
     /// (see [`SyncConfig::retire_grace`](crate::SyncConfig::retire_grace)).
