@@ -66,8 +66,10 @@ struct RunArgs {
     /// Let the revocation race the members' learning of it: the revoked
     /// device is not kept from the relay until every member knows of its
     /// revocation, and members that do not know yet still get keys by
-    /// export (sync). Off by default: an open product bug makes such
-    /// runs fail (README, "Simulations").
+    /// export (sync). Off by default, so that a run's checks see the
+    /// revocation's steady state; CI sweeps with it too, and paths the
+    /// revoked device overtook at the relay are then checked more loosely
+    /// (README, "Simulations").
     #[arg(long)]
     revocation_races: bool,
     /// Where the store keeps its database (kv).
