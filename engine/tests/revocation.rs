@@ -15,6 +15,7 @@ use std::time::Duration;
 use persist::{KeyError, RelaySwitchStatus, Remote, RevokeError, Store, SyncConfig, SyncError};
 
 use common::devices::{SETTLE, device, relay, remote, until};
+use persist_relay::RelayHandle;
 
 /// Syncs every store until all are synced (nothing pending either way).
 async fn converge(stores: &[&Store]) {
@@ -40,6 +41,31 @@ async fn join(tmp: &Path, inviter: &Store, name: &str) -> Store {
         .expect("the inviter sees the join")
         .unwrap();
     joined
+}
+
+/// A relay node, device A syncing through it with `path` = `value`
+/// written, and a member per name joined by A's invites, all synced.
+async fn a_and_members<const N: usize>(
+    tmp: &Path,
+    (path, value): (&str, &str),
+    names: [&str; N],
+) -> (RelayHandle, Store, [Store; N]) {
+    let relay = relay(&tmp.join("relay")).await;
+    let a = Store::open(device(tmp, "a").sync(SyncConfig::new(remote(&relay))))
+        .await
+        .unwrap();
+    a.put(path, value).await.unwrap();
+    let mut members = Vec::with_capacity(N);
+    for name in names {
+        members.push(join(tmp, &a, name).await);
+    }
+    let mut all = vec![&a];
+    all.extend(members.iter());
+    converge(&all).await;
+    let Ok(members) = <[Store; N]>::try_from(members) else {
+        unreachable!("one member per name");
+    };
+    (relay, a, members)
 }
 
 async fn epochs(store: &Store) -> Vec<u32> {
@@ -358,14 +384,8 @@ async fn a_member_offline_past_the_grace_period_is_cut_off_with_the_revoked_devi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_admitted_with_the_old_token_carries_its_sync_over_the_switch() {
     let tmp = tempfile::tempdir().unwrap();
-    let relay = relay(&tmp.path().join("relay")).await;
-    let a = Store::open(device(tmp.path(), "a").sync(SyncConfig::new(remote(&relay))))
-        .await
-        .unwrap();
-    a.put("notes/before", "before").await.unwrap();
-    let b = join(tmp.path(), &a, "b").await;
-    let c = join(tmp.path(), &a, "c").await;
-    converge(&[&a, &b, &c]).await;
+    let (_relay, a, [b, c]) =
+        a_and_members(tmp.path(), ("notes/before", "before"), ["b", "c"]).await;
 
     // A revokes B and pushes the resealed records, all under the old
     // token; the switch waits for C.
@@ -413,15 +433,9 @@ async fn a_connection_admitted_with_the_old_token_carries_its_sync_over_the_swit
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_serving_its_store_refuses_the_revoked_device_once_the_relay_switched() {
     let tmp = tempfile::tempdir().unwrap();
-    let relay = relay(&tmp.path().join("relay")).await;
-    let a = Store::open(device(tmp.path(), "a").sync(SyncConfig::new(remote(&relay))))
-        .await
-        .unwrap();
-    a.put("notes/before", "before").await.unwrap();
-    let b = join(tmp.path(), &a, "b").await;
-    let c = join(tmp.path(), &a, "c").await;
+    let (_relay, a, [b, c]) =
+        a_and_members(tmp.path(), ("notes/before", "before"), ["b", "c"]).await;
     let c_id = c.info().device_id;
-    converge(&[&a, &b, &c]).await;
     // A also serves its store; C now syncs with A directly.
     let served = a.serve("127.0.0.1:0".parse().unwrap()).await.unwrap();
     let direct = Remote::pinned(&format!("quic://{}", served.addr()), &served.pin()).unwrap();
@@ -483,14 +497,8 @@ async fn a_device_serving_its_store_refuses_the_revoked_device_once_the_relay_sw
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_forgets_a_revoked_devices_later_write_it_took_before_it_knew() {
     let tmp = tempfile::tempdir().unwrap();
-    let relay = relay(&tmp.path().join("relay")).await;
-    let a = Store::open(device(tmp.path(), "a").sync(SyncConfig::new(remote(&relay))))
-        .await
-        .unwrap();
-    a.put("notes/shared", "before").await.unwrap();
-    let c = join(tmp.path(), &a, "c").await;
-    let m = join(tmp.path(), &a, "m").await;
-    converge(&[&a, &c, &m]).await;
+    let (relay, a, [c, m]) =
+        a_and_members(tmp.path(), ("notes/shared", "before"), ["c", "m"]).await;
     let c_id = c.info().device_id;
 
     // A revokes C while it cannot reach the relay, so no member hears of
