@@ -93,7 +93,9 @@ pub(crate) async fn forget_revoked_writes(
     Ok(forgotten)
 }
 
-async fn submit(
+/// Hands `forget` and `meta` to the StorageWriter as one background
+/// batch; answers with how many rows it removed.
+pub(crate) async fn submit(
     routes: &Routes,
     forget: Vec<Forget>,
     meta: Vec<(&'static str, Option<Vec<u8>>)>,

@@ -45,6 +45,7 @@ use persist_core::env::Clock;
 use ractor::rpc::CallResult;
 
 use crate::blocking::run_blocking;
+use crate::forget;
 use crate::key_manager::KeyManagerMsg;
 use crate::keys::{KeyHandle, KeySet, OpenRecordError};
 use crate::routes::Routes;
@@ -152,14 +153,7 @@ pub async fn prepare(ctx: &IngestContext, batch: Vec<Incoming>) -> Result<Prepar
     Ok(Prepared {
         held: plan.pending.len() as u64,
         refused: plan.refused.len() as u64,
-        versions: plan
-            .writes
-            .iter()
-            .filter_map(|w| {
-                let header = Envelope::parse(&w.row.envelope).ok()?.header;
-                Some((w.locator, header.version))
-            })
-            .collect(),
+        versions: plan.versions,
         writes: plan.writes,
         parks: plan.parks,
         overtakers: plan.overtakers,
@@ -257,22 +251,10 @@ async fn forget_disowned(
     if forget.is_empty() {
         return Ok(());
     }
-    let writer = ctx.routes.writer().ok_or("the store is closing")?;
-    match writer
-        .call(
-            |reply| WriterMsg::Forget {
-                forget,
-                meta: Vec::new(),
-                reply,
-            },
-            None,
-        )
+    forget::submit(&ctx.routes, forget, Vec::new())
         .await
-        .map_err(|e| e.to_string())?
-    {
-        CallResult::Success(report) => report.map(|_| ()).map_err(|e| e.to_string()),
-        _ => Err("the store is closing".into()),
-    }
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// Writes again, stamped after the refused write, each record of this
@@ -419,6 +401,8 @@ pub struct Plan {
     pub pending: Vec<(Locator, PendingReason)>,
     /// Envelopes refused, with why.
     pub refused: Vec<(Locator, Refusal)>,
+    /// The version of each write in `writes`, in order.
+    pub versions: Vec<(Locator, Version)>,
     /// Refused writes of revoked devices, stamped no further ahead than
     /// the drift allows: where they outrank this device's record, it is
     /// written again after the commit (see [`Submitted::finish`]).
@@ -645,6 +629,7 @@ fn plan_checked(
                             precedence,
                         });
                     }
+                    plan.versions.push((item.locator, precedence.version));
                     plan.writes.push(SealedWrite {
                         locator: item.locator,
                         path: record.path,

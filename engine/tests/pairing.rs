@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use persist::{
-    Entropy, InviteError, JoinError, KeyError, OpenError, PairingError, Refusal, Store, SyncConfig,
+    DeviceId, Entropy, InviteError, JoinError, KeyError, OpenError, PairingError, Refusal, Store,
+    SyncConfig,
 };
 use persist_relay::{Admission, RelayHandle};
 use persist_storage::relay::{MemoryRelay, RelayBackend};
@@ -292,6 +293,27 @@ async fn a_joiner_waits_for_an_offline_inviter_or_times_out() {
     relay.shutdown().await;
 }
 
+/// Device A, syncing with `sync`, writes `before`, pairs B by invite and
+/// syncs with it; B closes, and A rotates and reseals everything. Returns
+/// A, B's id and the new epoch.
+async fn rotate_while_b_is_away(tmp: &Path, sync: SyncConfig) -> (Store, DeviceId, u32) {
+    let a = Store::open(device(tmp, "a").sync(sync)).await.unwrap();
+    a.put("before", "written under the first epoch")
+        .await
+        .unwrap();
+    let invite = a.crypto().create_invite().await.unwrap();
+    let b = Store::open(device(tmp, "b").invite(invite.code()))
+        .await
+        .unwrap();
+    let b_id = b.info().device_id;
+    converge(&[&a, &b]).await;
+    b.close().await.unwrap();
+    let rotation = a.crypto().rotate_key().await.unwrap();
+    let new_epoch = rotation.epoch();
+    rotation.wait().await.unwrap();
+    (a, b_id, new_epoch)
+}
+
 /// The status of the epoch before `current` on `store`.
 async fn old_epoch(store: &Store, current: u32) -> persist::EpochStatus {
     store
@@ -308,24 +330,9 @@ async fn old_epoch(store: &Store, current: u32) -> persist::EpochStatus {
 async fn a_member_offline_during_a_rotation_gets_the_key_when_it_returns() {
     let tmp = tempfile::tempdir().unwrap();
     let relay = relay(&tmp.path().join("relay")).await;
-    let a = Store::open(device(tmp.path(), "a").sync(SyncConfig::new(remote(&relay))))
-        .await
-        .unwrap();
-    a.put("before", "written under the first epoch")
-        .await
-        .unwrap();
-    let invite = a.crypto().create_invite().await.unwrap();
-    let b = Store::open(device(tmp.path(), "b").invite(invite.code()))
-        .await
-        .unwrap();
-    let b_id = b.info().device_id;
-    converge(&[&a, &b]).await;
-    b.close().await.unwrap();
-
     // B is offline: A rotates, re-encrypts everything, and writes more.
-    let rotation = a.crypto().rotate_key().await.unwrap();
-    let new_epoch = rotation.epoch();
-    rotation.wait().await.unwrap();
+    let (a, b_id, new_epoch) =
+        rotate_while_b_is_away(tmp.path(), SyncConfig::new(remote(&relay))).await;
     // Every record of A's is resealed, but the old epoch does not retire
     // while B, which may still write under it, has not taken the new key.
     let old = old_epoch(&a, new_epoch).await;
@@ -684,21 +691,8 @@ async fn a_relay_that_replays_or_substitutes_handshake_messages_gets_nothing() {
 async fn an_old_epoch_retires_without_an_absent_member_after_the_grace_period() {
     let tmp = tempfile::tempdir().unwrap();
     let relay = relay(&tmp.path().join("relay")).await;
-    let sync = SyncConfig::new(remote(&relay)).retire_grace(std::time::Duration::ZERO);
-    let a = Store::open(device(tmp.path(), "a").sync(sync))
-        .await
-        .unwrap();
-    a.put("before", "v").await.unwrap();
-    let invite = a.crypto().create_invite().await.unwrap();
-    let b = Store::open(device(tmp.path(), "b").invite(invite.code()))
-        .await
-        .unwrap();
-    converge(&[&a, &b]).await;
-    b.close().await.unwrap();
-
-    let rotation = a.crypto().rotate_key().await.unwrap();
-    let new_epoch = rotation.epoch();
-    rotation.wait().await.unwrap();
+    let sync = SyncConfig::new(remote(&relay)).retire_grace(Duration::ZERO);
+    let (a, _, new_epoch) = rotate_while_b_is_away(tmp.path(), sync).await;
     let old = old_epoch(&a, new_epoch).await;
     assert_eq!((old.state, old.records), ("retired", 0), "{old:?}");
     a.close().await.unwrap();
