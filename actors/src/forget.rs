@@ -6,8 +6,10 @@
 //! Reads hide them from the moment the revocation is known
 //! ([`KeySet::revoked_write`](crate::KeySet::revoked_write)); this sweep then
 //! removes them from the database, so they are neither listed, resealed nor
-//! counted. The write they replaced is not restored: this device no longer
-//! has it, and takes it again only if a member writes the path anew.
+//! counted. The write they replaced is not restored here: this device no
+//! longer has it, and takes it again from a member that held it, which
+//! wrote it anew when it refused the revoked write (see
+//! `ingest::restate_overtaken`).
 //!
 //! The KeyManager runs the sweep whenever its keyring holds revocations
 //! the database has not been swept for (the count is kept in
