@@ -800,6 +800,13 @@ fn decide(
         Err(OpenRecordError::UnknownEpoch(epoch)) => {
             return Decision::Defer(PendingReason::UnknownEpoch(epoch));
         }
+        // A member signed these bytes (checked above: the signature covers
+        // the locator, header and ciphertext), so no relay altered them; if
+        // none of the epoch's keys held here opens them, they were sealed
+        // under a concurrent rotation's key that is on its way.
+        Err(OpenRecordError::Envelope(OpenError::Integrity)) if signer_key.is_some() => {
+            return Decision::Defer(PendingReason::UnknownEpoch(header.epoch));
+        }
         Err(OpenRecordError::Envelope(e)) => return refuse(integrity(e)),
     };
     let member = if !encrypted {
@@ -1095,15 +1102,28 @@ mod tests {
                 1,
                 "only the announcement applies (byte {at})"
             );
-            assert!(
-                plan.parks.is_empty(),
-                "a refused envelope is not kept (byte {at})"
-            );
-            assert_eq!(
-                plan.refused.len() + plan.pending.len(),
-                1,
-                "byte {at}: {plan:?}"
-            );
+            // The AEAD tag is the one part the signature does not cover
+            // (the tag covers the signature). A member-signed envelope
+            // whose tag fails may be sealed under a concurrent rotation's
+            // key not here yet, so it is held, never applied; anything
+            // else altered is refused and not kept.
+            let tag = (good.envelope.len() - SIGNATURE_LEN - TAG_LEN..).contains(&at)
+                && at < good.envelope.len() - SIGNATURE_LEN;
+            if tag {
+                assert!(plan.refused.is_empty(), "byte {at}: {plan:?}");
+                assert_eq!(
+                    plan.pending.iter().map(|(_, r)| *r).collect::<Vec<_>>(),
+                    [PendingReason::UnknownEpoch(a.ring.current)],
+                    "byte {at}"
+                );
+                assert_eq!(plan.parks.len(), 1, "byte {at}");
+            } else {
+                assert_eq!(plan.refused.len(), 1, "byte {at}: {plan:?}");
+                assert!(
+                    plan.pending.is_empty() && plan.parks.is_empty(),
+                    "byte {at}"
+                );
+            }
         }
         // Moved to another locator: refused too.
         let mut moved = a.seal("notes/1", b"hi", NOW);
@@ -1123,6 +1143,43 @@ mod tests {
             plan.writes.is_empty() && plan.learned.is_empty(),
             "{plan:?}"
         );
+    }
+
+    #[test]
+    fn a_write_under_a_concurrent_rotations_key_waits_for_that_key() {
+        let (mut a, mut b) = two_devices();
+        let announcement = a.announcement();
+        // Both rotate to epoch 2 on their own; A writes under its key.
+        let mut rng = SeededEntropy::from_u64(4).stream("rot");
+        a.ring.rotate(&mut rng);
+        b.ring.rotate(&mut rng);
+        let write = a.seal("notes/1", b"under a's epoch 2", NOW);
+        let again = Incoming {
+            locator: write.locator,
+            envelope: write.envelope.clone(),
+            from_pending: true,
+        };
+        let plan = super::plan(&b.keys(), vec![announcement, write], NOW, DRIFT);
+        assert_eq!(plan.writes.len(), 1, "only the announcement: {plan:?}");
+        assert!(plan.refused.is_empty(), "{plan:?}");
+        let reasons: Vec<PendingReason> = plan.pending.iter().map(|(_, r)| *r).collect();
+        assert_eq!(reasons, [PendingReason::UnknownEpoch(Epoch(2))]);
+        // With A's key beside its own, B opens it.
+        b.ring
+            .merge_export(ExportedKeys::from_keyring(&a.ring))
+            .unwrap();
+        assert_eq!(b.ring.epochs[&Epoch(2)].keys().count(), 2);
+        let mut known = b.keys();
+        known
+            .members
+            .insert(a.ring.device_id(), a.ring.device.verifying_key());
+        let plan = super::plan(&known, vec![again], NOW, DRIFT);
+        assert!(
+            plan.pending.is_empty() && plan.refused.is_empty(),
+            "{plan:?}"
+        );
+        assert_eq!(plan.writes.len(), 1);
+        assert_eq!(plan.writes[0].path, "notes/1");
     }
 
     #[test]

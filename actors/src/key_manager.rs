@@ -32,7 +32,10 @@ use persist_core::env::{Clock, Entropy, RngStream};
 use persist_core::export::{ExportedKeys, KdfParams, generate_passphrase};
 use persist_core::hlc::Hlc;
 use persist_core::invite::{self, Host, Invite, Joining, Opened};
-use persist_core::keyring::{EpochState, Keyring, Member, NextRelayToken, Revocation, RevokeError};
+use persist_core::keyring::{
+    EPOCH_KEYS_MAX, EpochEntry, EpochState, Keyring, Member, NextRelayToken, Revocation,
+    RevokeError,
+};
 use persist_core::keys::Secret32;
 use persist_core::keywrap::{self, Parcel};
 use persist_core::protocol::AccessKey;
@@ -95,7 +98,7 @@ pub enum KeyManagerMsg {
     /// sweep for revoked writes.
     Opened,
     /// The epochs and their states.
-    Describe(RpcReplyPort<Vec<(Epoch, EpochState)>>),
+    Describe(RpcReplyPort<Vec<EpochSummary>>),
     /// Start a new epoch and make it current; answers with its number.
     Rotate(RpcReplyPort<Result<Epoch, KeyError>>),
     /// The Rotator finished a pass under `epoch`: retire the older rotating
@@ -190,8 +193,8 @@ pub enum KeyManagerMsg {
         reply: RpcReplyPort<Result<Redeemed, KeyError>>,
     },
     /// Parcels carrying the live epoch keys to the members that have not
-    /// acknowledged them to this device: `(recipient, parcel)`.
-    Parcels(RpcReplyPort<Vec<(DeviceId, Epoch, Vec<u8>)>>),
+    /// acknowledged them to this device.
+    Parcels(RpcReplyPort<Vec<OutParcel>>),
     /// A parcel from this device's mailbox: a key is taken into the
     /// keyring (durably) and answered with an acknowledgement for its
     /// sender; an acknowledgement is noted. `Ok(None)`: nothing to answer.
@@ -282,6 +285,34 @@ pub struct RelaySwitch {
     pub to: AccessKey,
 }
 
+/// One epoch as [`KeyManagerMsg::Describe`] tells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EpochSummary {
+    /// The epoch.
+    pub epoch: Epoch,
+    /// Its state.
+    pub state: EpochState,
+    /// The announcement of the key new writes use when it is current.
+    pub announcement: [u8; 32],
+    /// Keys of it held, purged or not: more than one after concurrent
+    /// rotations.
+    pub keys: usize,
+}
+
+/// A key parcel for a member's mailbox.
+#[derive(Debug)]
+pub struct OutParcel {
+    /// The member.
+    pub to: DeviceId,
+    /// The epoch whose key it carries.
+    pub epoch: Epoch,
+    /// That key's announcement (an epoch has several after concurrent
+    /// rotations).
+    pub announcement: [u8; 32],
+    /// The sealed parcel.
+    pub bytes: Vec<u8>,
+}
+
 /// What taking a parcel did.
 #[derive(Debug, Default)]
 pub struct Taken {
@@ -339,6 +370,10 @@ pub struct KeyManagerState {
     /// Epoch acknowledgements received, by epoch; kept in the database
     /// ([`meta::EPOCH_ACKS`]), since the relay forgets them once taken.
     acks: BTreeMap<Epoch, BTreeSet<DeviceId>>,
+    /// Acknowledgements of the keys of concurrent rotations beside an
+    /// epoch's own, kept only in memory: they only stop those parcels
+    /// from going out again, and after a restart they go out once more.
+    concurrent_acks: BTreeSet<(Epoch, [u8; 32], DeviceId)>,
     /// When each epoch became current on this device (wall clock, ms);
     /// kept in the database ([`meta::EPOCH_SINCE`]) with the keyring.
     since: BTreeMap<Epoch, u64>,
@@ -377,6 +412,7 @@ impl Actor for KeyManager {
             keyring,
             rng,
             acks,
+            concurrent_acks: BTreeSet::new(),
             since,
             swept,
         })
@@ -399,7 +435,12 @@ impl Actor for KeyManager {
                     .map(|r| {
                         r.epochs
                             .iter()
-                            .map(|(e, entry)| (*e, entry.state))
+                            .map(|(e, entry)| EpochSummary {
+                                epoch: *e,
+                                state: entry.state,
+                                announcement: entry.announcement,
+                                keys: 1 + entry.concurrent.len(),
+                            })
                             .collect()
                     })
                     .unwrap_or_default();
@@ -408,13 +449,7 @@ impl Actor for KeyManager {
             KeyManagerMsg::Rotate(reply) => {
                 let outcome = state.rotate().await;
                 if let Ok(epoch) = outcome {
-                    state.args.progress.send_modify(|p| {
-                        p.active = true;
-                        p.epoch = epoch;
-                    });
-                    if let Some(rotator) = state.args.routes.rotator() {
-                        let _ = rotator.cast(RotatorMsg::Start);
-                    }
+                    state.started_rotation(epoch);
                 }
                 let _ = reply.send(outcome);
             }
@@ -436,13 +471,7 @@ impl Actor for KeyManager {
                 if let Ok(revocation) = &outcome {
                     tracing::info!(device = %revocation.device_id, epoch = ?revocation.epoch,
                         "revoked a device; resealing every record under a new epoch");
-                    state.args.progress.send_modify(|p| {
-                        p.active = true;
-                        p.epoch = revocation.epoch;
-                    });
-                    if let Some(rotator) = state.args.routes.rotator() {
-                        let _ = rotator.cast(RotatorMsg::Start);
-                    }
+                    state.started_rotation(revocation.epoch);
                 }
                 let _ = reply.send(outcome);
             }
@@ -742,7 +771,7 @@ impl KeyManagerState {
         .await
     }
 
-    fn parcels(&mut self) -> Vec<(DeviceId, Epoch, Vec<u8>)> {
+    fn parcels(&mut self) -> Vec<OutParcel> {
         let Some(ring) = self.keyring.as_ref() else {
             return Vec::new();
         };
@@ -750,9 +779,9 @@ impl KeyManagerState {
         let mut out = Vec::new();
         for (epoch, entry) in &ring.epochs {
             let live = matches!(entry.state, EpochState::Current | EpochState::Rotating);
-            let Some(key) = entry.key.as_ref().filter(|_| live) else {
+            if !live {
                 continue;
-            };
+            }
             let acked = self.acks.get(epoch);
             // A revoked device gets no key, not even of the epochs it held:
             // it has those already, and nothing is sealed under them for
@@ -762,27 +791,43 @@ impl KeyManagerState {
                 .iter()
                 .filter(|m| m.device_id != me && ring.revocation(&m.device_id).is_none());
             for member in recipients {
-                if acked.is_some_and(|a| a.contains(&member.device_id)) {
-                    continue;
-                }
-                let parcel = keywrap::seal_key(
-                    ring.store_id,
-                    &ring.device,
-                    member,
-                    keywrap::KeyParcel {
+                // Each key goes out until the member acknowledges it: the
+                // epoch's own, and those of concurrent rotations.
+                let own_acked = acked.is_some_and(|a| a.contains(&member.device_id));
+                for (announcement, key) in entry.keys() {
+                    let is_acked = if *announcement == entry.announcement {
+                        own_acked
+                    } else {
+                        self.concurrent_acks
+                            .contains(&(*epoch, *announcement, member.device_id))
+                    };
+                    if is_acked {
+                        continue;
+                    }
+                    let bytes = keywrap::seal_key(
+                        ring.store_id,
+                        &ring.device,
+                        member,
+                        keywrap::KeyParcel {
+                            epoch: *epoch,
+                            announcement: *announcement,
+                            key,
+                            revocations: &ring.revoked,
+                            relay_token: ring
+                                .relay_token_next
+                                .as_ref()
+                                .filter(|next| next.epoch == *epoch)
+                                .map(|next| &next.token),
+                        },
+                        &mut self.rng,
+                    );
+                    out.push(OutParcel {
+                        to: member.device_id,
                         epoch: *epoch,
-                        announcement: entry.announcement,
-                        key,
-                        revocations: &ring.revoked,
-                        relay_token: ring
-                            .relay_token_next
-                            .as_ref()
-                            .filter(|next| next.epoch == *epoch)
-                            .map(|next| &next.token),
-                    },
-                    &mut self.rng,
-                );
-                out.push((member.device_id, *epoch, parcel));
+                        announcement: *announcement,
+                        bytes,
+                    });
+                }
             }
         }
         out
@@ -804,11 +849,14 @@ impl KeyManagerState {
                 epoch,
                 announcement,
             } => {
-                let ours = ring.epochs.get(&epoch).map(|e| e.announcement);
-                if ours == Some(announcement) && self.acks.entry(epoch).or_default().insert(sender)
-                {
-                    self.save_acks().await;
-                    self.retire_if_due().await;
+                let entry = ring.epochs.get(&epoch);
+                if entry.is_some_and(|e| e.announcement == announcement) {
+                    if self.acks.entry(epoch).or_default().insert(sender) {
+                        self.save_acks().await;
+                        self.retire_if_due().await;
+                    }
+                } else if entry.is_some_and(|e| e.holds(&announcement)) {
+                    self.concurrent_acks.insert((epoch, announcement, sender));
                 }
                 Ok(Taken::default())
             }
@@ -828,49 +876,67 @@ impl KeyManagerState {
                     return Ok(Taken::default());
                 }
                 let store = ring.store_id;
-                let held = ring.epochs.get(&epoch).map(|e| e.announcement);
-                // The relay token travels only with the key of the
-                // revocation that chose it; an epoch this device holds under
-                // another announcement is not that revocation's.
-                if held.is_none_or(|a| a == announcement)
-                    && let Some(token) = relay_token
-                {
+                let known = ring
+                    .epochs
+                    .get(&epoch)
+                    .is_some_and(|e| e.holds(&announcement));
+                // The relay token travels only with the keys of the
+                // revocation's epoch, from a member that holds it.
+                if let Some(token) = relay_token {
                     self.learn_relay_token(epoch, token).await?;
                 }
-                let new_epoch = match held {
-                    Some(a) if a == announcement => None,
-                    Some(_) => {
-                        tracing::warn!(?epoch, %sender,
-                            "a member sent another key for an epoch this device holds; kept this device's");
-                        return Ok(Taken::default());
-                    }
-                    None => {
-                        let ring = self.keyring.as_ref().ok_or(KeyError::NotEncrypted)?;
-                        let keys = ExportedKeys {
-                            store_id: store,
-                            index_key: ring.index_key.secret().duplicate(),
-                            relay_token: ring.relay_token.duplicate(),
-                            relay_token_next: None,
-                            current: epoch,
-                            epochs: vec![(
-                                epoch,
-                                persist_core::keyring::EpochEntry {
-                                    state: EpochState::Current,
-                                    key: Some(key),
-                                    announcement,
-                                },
-                            )],
-                            // Learned from the parcel above.
-                            revocations: Vec::new(),
-                        };
-                        self.change(|ring, _| {
+                let new_epoch = if known {
+                    None
+                } else {
+                    let ring = self.keyring.as_ref().ok_or(KeyError::NotEncrypted)?;
+                    let keys = ExportedKeys {
+                        store_id: store,
+                        index_key: ring.index_key.secret().duplicate(),
+                        relay_token: ring.relay_token.duplicate(),
+                        relay_token_next: None,
+                        current: epoch,
+                        epochs: vec![(
+                            epoch,
+                            EpochEntry::new(EpochState::Current, Some(key), announcement),
+                        )],
+                        // Learned from the parcel above.
+                        revocations: Vec::new(),
+                    };
+                    let merge = self
+                        .change(|ring, _| {
                             ring.merge_export(keys)
                                 .map_err(|e| KeyError::Parcel(e.to_string()))
                         })
                         .await?;
-                        tracing::info!(?epoch, %sender, "received an epoch key from a member");
-                        Some(epoch)
+                    if merge.refused.contains(&epoch) {
+                        tracing::warn!(?epoch, %sender, max = EPOCH_KEYS_MAX,
+                            "a member sent one more key of an epoch that holds all it may; refused");
+                        return Ok(Taken::default());
                     }
+                    if merge.concurrent.contains(&epoch) {
+                        self.took_concurrent(epoch, merge.superseded.contains(&epoch))
+                            .await;
+                        tracing::info!(?epoch, %sender,
+                            "received the key of a concurrent rotation to an epoch this device holds; both are kept");
+                    } else {
+                        tracing::info!(?epoch, %sender, "received an epoch key from a member");
+                    }
+                    // A newer current epoch: what this device signed under
+                    // the older ones (written before the key came, perhaps
+                    // where the rotating member could not see it) is
+                    // resealed here; the rotating member reseals the rest.
+                    if merge.added.contains(&epoch)
+                        && self.keyring.as_ref().is_some_and(|r| r.current == epoch)
+                    {
+                        self.args.progress.send_modify(|p| {
+                            p.active = true;
+                            p.epoch = epoch;
+                        });
+                        if let Some(rotator) = self.args.routes.rotator() {
+                            let _ = rotator.cast(RotatorMsg::ResealOwn);
+                        }
+                    }
+                    Some(epoch)
                 };
                 let ring = self.keyring.as_ref().ok_or(KeyError::NotEncrypted)?;
                 let ack = keywrap::seal_ack(store, &ring.device, sender, epoch, announcement);
@@ -879,6 +945,27 @@ impl KeyManagerState {
                     answer: Some((sender, ack)),
                 })
             }
+        }
+    }
+
+    /// After a key of a concurrent rotation to `epoch` was kept beside this
+    /// device's: if it `superseded` this device's own (its announcement is
+    /// higher, so every member now seals under it), the members'
+    /// acknowledgements of the old one no longer count.
+    async fn took_concurrent(&mut self, epoch: Epoch, superseded: bool) {
+        if superseded && self.acks.remove(&epoch).is_some() {
+            self.save_acks().await;
+        }
+    }
+
+    /// Reports rotation to `epoch` under way and sets the Rotator going.
+    fn started_rotation(&self, epoch: Epoch) {
+        self.args.progress.send_modify(|p| {
+            p.active = true;
+            p.epoch = epoch;
+        });
+        if let Some(rotator) = self.args.routes.rotator() {
+            let _ = rotator.cast(RotatorMsg::Start);
         }
     }
 

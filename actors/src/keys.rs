@@ -81,7 +81,9 @@ pub struct KeySet {
 /// Secret keys of an encrypted store.
 pub struct CryptoKeys {
     index: IndexKey,
-    epochs: BTreeMap<Epoch, Secret32>,
+    /// Every key of each epoch, the one new writes use first (more than one
+    /// after concurrent rotations: see `persist_core::keyring::EpochEntry`).
+    epochs: BTreeMap<Epoch, Vec<Secret32>>,
     current: Epoch,
     signing: SigningKey,
 }
@@ -92,7 +94,8 @@ impl KeySet {
         let epochs = ring
             .epochs
             .iter()
-            .filter_map(|(e, entry)| entry.key.as_ref().map(|k| (*e, k.duplicate())))
+            .filter(|(_, entry)| entry.key.is_some())
+            .map(|(e, entry)| (*e, entry.keys().map(|(_, k)| k.duplicate()).collect()))
             .collect();
         let members = ring
             .members
@@ -169,6 +172,14 @@ impl KeySet {
             .unwrap_or_default()
     }
 
+    /// How many data keys this device holds: epochs, and the keys of
+    /// concurrent rotations beside them.
+    pub fn key_count(&self) -> usize {
+        self.crypto
+            .as_ref()
+            .map_or(0, |c| c.epochs.values().map(Vec::len).sum())
+    }
+
     /// The epoch new writes are sealed under (0 for plain stores).
     pub fn current_epoch(&self) -> Epoch {
         self.crypto.as_ref().map_or(Epoch(0), |c| c.current)
@@ -179,9 +190,9 @@ impl KeySet {
         self.crypto.as_ref().map(|c| SealContext {
             store_id: self.store_id,
             epoch: c.current,
-            // `from_keyring` copies every keyed epoch and the keyring
-            // guarantees the current one has a key.
-            data_key: &c.epochs[&c.current],
+            // `from_keyring` copies every keyed epoch, its own key first,
+            // and the keyring guarantees the current one has a key.
+            data_key: &c.epochs[&c.current][0],
             signing_key: &c.signing,
             signer: self.device_id,
         })
@@ -222,17 +233,21 @@ impl KeySet {
         match (&self.crypto, env.header.algorithm) {
             (Some(c), Algorithm::Aes256GcmEd25519) => {
                 let epoch = env.header.epoch;
-                let key = c
+                let keys = c
                     .epochs
                     .get(&epoch)
                     .ok_or(OpenRecordError::UnknownEpoch(epoch))?;
-                Ok(envelope::open(
-                    &env,
-                    &self.store_id,
-                    locator,
-                    key,
-                    locator_of,
-                )?)
+                // Most epochs have one key. After concurrent rotations the
+                // header's number names several, and only the right one
+                // authenticates the envelope.
+                let mut opened = Err(OpenError::Integrity);
+                for key in keys {
+                    opened = envelope::open(&env, &self.store_id, locator, key, locator_of);
+                    if !matches!(opened, Err(OpenError::Integrity)) {
+                        break;
+                    }
+                }
+                Ok(opened?)
             }
             (None, _) => Ok(envelope::open_plain(&env, locator, locator_of)?),
             (Some(_), found) => Err(OpenError::WrongAlgorithm {

@@ -942,7 +942,7 @@ impl SessionState {
     /// last look, or [`PENDING_RETRY_INTERVAL_MS`] passed.
     async fn retry_pending(&mut self) -> Result<(), String> {
         let keys = self.args.keys.current();
-        let known = (keys.members.len(), keys.epochs().len());
+        let known = (keys.members.len(), keys.key_count());
         let now = self.args.clock.now_ms();
         let due = now >= self.retried_at_ms.saturating_add(PENDING_RETRY_INTERVAL_MS);
         if known == self.retried_with && !due {

@@ -13,8 +13,16 @@
 //! the per-epoch counts and runs another pass if needed), it asks
 //! KeyManager to retire those epochs.
 //!
+//! A member that takes a newer epoch's key from another member's parcel
+//! reseals only what it signed itself ([`RotatorMsg::ResealOwn`]): the
+//! rotating member reseals everything it holds, and every other member
+//! what it wrote (perhaps while the rotating member could not see it), so
+//! no record is resealed by every member.
+//!
 //! **Messages.** [`RotatorMsg::Start`] (from KeyManager after a rotation,
-//! and at every start, to resume); [`RotatorMsg::Step`], sent to itself.
+//! and at every start, to resume); [`RotatorMsg::ResealOwn`] (from
+//! KeyManager after it took a newer key from a member);
+//! [`RotatorMsg::Step`], sent to itself.
 //!
 //! **Supervisor.** The store supervisor. **On failure** it is restarted
 //! and resumes from the persisted cursor.
@@ -62,6 +70,9 @@ pub struct RotationProgress {
 pub enum RotatorMsg {
     /// Begin (or continue) resealing.
     Start,
+    /// Begin a pass that reseals only the records this device signed,
+    /// unless a pass is running already.
+    ResealOwn,
     /// Reseal the next slice.
     Step,
 }
@@ -92,6 +103,8 @@ pub struct RotatorState {
     cursor: Option<Locator>,
     done: u64,
     pass: Pass,
+    /// Whether the running pass reseals only what this device signed.
+    own_only: bool,
 }
 
 /// What the current pass over the records table has seen.
@@ -129,6 +142,7 @@ impl Actor for Rotator {
             cursor,
             done: 0,
             pass: Pass::default(),
+            own_only: false,
         })
     }
 
@@ -150,10 +164,21 @@ impl Actor for Rotator {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             RotatorMsg::Start => {
+                // A full pass's work includes an own-only pass's: one
+                // running goes on as a full pass.
+                state.own_only = false;
                 if !state.running {
                     if state.idle().await? {
                         return Ok(());
                     }
+                    state.running = true;
+                    state.begin_pass();
+                    myself.cast(RotatorMsg::Step)?;
+                }
+            }
+            RotatorMsg::ResealOwn => {
+                if !state.running && state.args.keys.current().crypto.is_some() {
+                    state.own_only = true;
                     state.running = true;
                     state.begin_pass();
                     myself.cast(RotatorMsg::Step)?;
@@ -229,6 +254,18 @@ impl RotatorState {
             return Ok(true);
         }
         let pass = self.pass;
+        if self.own_only {
+            // Others' records are for their signers to reseal; only a key
+            // that came during the pass calls for another.
+            if keys.current_epoch() != pass.epoch {
+                self.begin_pass();
+                return Ok(true);
+            }
+            self.own_only = false;
+            self.finish(keys.current_epoch()).await?;
+            self.finish_progress(keys.current_epoch(), 0);
+            return Ok(false);
+        }
         if remaining > 0 {
             let stuck = pass.from_start && pass.applied == 0 && pass.epoch == keys.current_epoch();
             if !stuck {
@@ -293,6 +330,7 @@ impl RotatorState {
                 continue;
             }
             let expected = match Envelope::parse(&row.envelope) {
+                Ok(e) if self.own_only && e.header.signer != keys.device_id => continue,
                 Ok(e) => e.header.precedence(),
                 Err(e) => {
                     tracing::warn!(%locator, error = %e, "cannot reseal a damaged record; left as is");

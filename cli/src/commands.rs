@@ -408,6 +408,14 @@ fn status_text(status: &Status, sync: Option<&SyncStatus>) -> String {
             "  epoch {:>4}  {:<9} {} records",
             epoch.epoch, epoch.state, epoch.records
         );
+        if epoch.keys > 1 {
+            let _ = writeln!(
+                out,
+                "              {} keys: concurrent rotations on several devices; new writes use {}…",
+                epoch.keys,
+                epoch.announcement.get(..16).unwrap_or(&epoch.announcement)
+            );
+        }
         if !epoch.retire_waits_for.is_empty() {
             let due = epoch.retire_due_ms.map_or(String::new(), |ms| {
                 format!(", or without them at {}", crate::pairing::utc_time(ms))

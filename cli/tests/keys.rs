@@ -370,19 +370,28 @@ fn rotate_wait_reseals_every_record_and_purge_deletes_the_old_key() {
     );
     // No terminal: no progress bar.
     assert_eq!(out.stderr, "", "{out:#?}");
-    let status = sb.status();
+    let mut status = sb.status();
     assert_eq!(status["current_epoch"], json!(2), "{status}");
+    // Each epoch's announcement hash is random; the rest is exact.
+    for e in status["epochs"].as_array_mut().unwrap() {
+        let announcement = e.as_object_mut().unwrap().remove("announcement");
+        let hex = announcement.as_ref().and_then(|a| a.as_str()).unwrap_or("");
+        assert!(
+            hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{announcement:?}"
+        );
+    }
     assert_eq!(
         epoch(&status, 1),
         &json!({
-            "epoch": 1, "state": "retired", "records": 0, "acknowledged_by": [],
+            "epoch": 1, "state": "retired", "records": 0, "keys": 1, "acknowledged_by": [],
             "retire_waits_for": [], "retire_due_ms": null
         })
     );
     assert_eq!(
         epoch(&status, 2),
         &json!({
-            "epoch": 2, "state": "current", "records": 500, "acknowledged_by": [],
+            "epoch": 2, "state": "current", "records": 500, "keys": 1, "acknowledged_by": [],
             "retire_waits_for": [], "retire_due_ms": null
         })
     );

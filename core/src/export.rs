@@ -37,7 +37,9 @@ use sha2::{Digest, Sha256};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 use crate::ids::{Epoch, StoreId};
-use crate::keyring::{EpochEntry, EpochState, Keyring, NextRelayToken, Revocation, RevocationWire};
+use crate::keyring::{
+    EpochEntry, EpochState, KeyTaken, Keyring, NextRelayToken, Revocation, RevocationWire,
+};
 use crate::keys::Secret32;
 
 /// Prefix of a passphrase-wrapped export.
@@ -184,16 +186,7 @@ impl ExportedKeys {
                 .epochs
                 .iter()
                 .filter(|(_, e)| e.key.is_some())
-                .map(|(n, e)| {
-                    (
-                        *n,
-                        EpochEntry {
-                            state: e.state,
-                            key: e.key.as_ref().map(Secret32::duplicate),
-                            announcement: e.announcement,
-                        },
-                    )
-                })
+                .map(|(n, e)| (*n, e.duplicate()))
                 .collect(),
             revocations: ring.revoked.clone(),
         }
@@ -310,15 +303,16 @@ impl ExportedKeys {
                 .as_ref()
                 .map(|n| (n.epoch.0, *n.token.expose())),
             current: self.current.0,
+            // An epoch's concurrent keys follow its own, under its number.
             epochs: self
                 .epochs
                 .iter()
-                .filter_map(|(n, e)| {
-                    e.key.as_ref().map(|k| ExportEpoch {
+                .flat_map(|(n, e)| {
+                    e.keys().map(|(announcement, k)| ExportEpoch {
                         epoch: n.0,
                         state: e.state as u8,
                         key: *k.expose(),
-                        announcement: e.announcement,
+                        announcement: *announcement,
                     })
                 })
                 .collect(),
@@ -334,7 +328,7 @@ impl ExportedKeys {
     pub(crate) fn decode(bytes: &[u8]) -> Result<Self, ExportError> {
         let wire: ExportWire =
             postcard::from_bytes(bytes).map_err(|_| ExportError::Invalid("undecodable"))?;
-        let mut epochs = Vec::with_capacity(wire.epochs.len());
+        let mut epochs: Vec<(Epoch, EpochEntry)> = Vec::with_capacity(wire.epochs.len());
         for e in &wire.epochs {
             let state = match e.state {
                 0 => EpochState::Current,
@@ -342,14 +336,25 @@ impl ExportedKeys {
                 2 => EpochState::Retired,
                 _ => return Err(ExportError::Invalid("unknown epoch state")),
             };
-            epochs.push((
-                Epoch(e.epoch),
-                EpochEntry {
-                    state,
-                    key: Some(Secret32::from_bytes(e.key)),
-                    announcement: e.announcement,
-                },
-            ));
+            let key = Secret32::from_bytes(e.key);
+            match epochs.last_mut() {
+                Some((n, entry)) if *n == Epoch(e.epoch) => {
+                    if entry.state != state
+                        || entry.take(e.announcement, key) != KeyTaken::Concurrent
+                    {
+                        return Err(ExportError::Invalid(
+                            "an epoch's concurrent keys are out of order",
+                        ));
+                    }
+                }
+                _ => epochs.push((
+                    Epoch(e.epoch),
+                    EpochEntry::new(state, Some(key), e.announcement),
+                )),
+            }
+        }
+        if epochs.windows(2).any(|w| w[0].0 >= w[1].0) {
+            return Err(ExportError::Invalid("the epochs are out of order"));
         }
         let current = Epoch(wire.current);
         if !epochs.iter().any(|(n, _)| *n == current) {

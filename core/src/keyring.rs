@@ -61,7 +61,60 @@ pub enum EpochState {
     Purged = 3,
 }
 
+/// Most keys one epoch number holds: its own and those of concurrent
+/// rotations on other devices that chose the same number. Two devices
+/// rotating at once make two; more is rare, and the bound keeps a keyring
+/// (and what a parcel can add to it) small.
+pub const EPOCH_KEYS_MAX: usize = 8;
+
+/// What started an epoch, marked in the top bit of its announcement hash.
+///
+/// Concurrent epochs of one number are ordered by announcement (see
+/// [`EpochEntry`]). A revocation's key never reaches the revoked device,
+/// while a plain rotation made concurrently, by a member that had not
+/// heard of the revocation yet, may have: so a revocation's announcement
+/// has its top bit set and a plain rotation's has it clear, and a
+/// revocation always wins. (Two concurrent revocations each may have sent
+/// their key to the device the other revoked; that is not resolved yet.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rotation {
+    /// `rotate_key()`.
+    Plain,
+    /// `revoke_device(id)`.
+    Revocation,
+}
+
+impl Rotation {
+    const BIT: u8 = 0x80;
+
+    fn mark(self, announcement: &mut [u8; 32]) {
+        match self {
+            Self::Plain => announcement[0] &= !Self::BIT,
+            Self::Revocation => announcement[0] |= Self::BIT,
+        }
+    }
+
+    /// What started the epoch announced as `announcement`.
+    pub fn of(announcement: &[u8; 32]) -> Self {
+        if announcement[0] & Self::BIT == 0 {
+            Self::Plain
+        } else {
+            Self::Revocation
+        }
+    }
+}
+
 /// One epoch's entry.
+///
+/// Two devices that rotate before either hears of the other both make
+/// epoch `e + 1`, under different keys (DESIGN.md, "Rotation and
+/// revocation", step 5). The envelope header names only the number, so a
+/// device keeps every key of a number it is given: the one whose
+/// announcement hash is highest is the entry's own ([`EpochEntry::key`]),
+/// under which new writes are sealed when the number is current; the others
+/// are [`EpochEntry::concurrent`], which only open what was sealed under
+/// them. Every device that holds the same keys so picks the same one, which
+/// is how concurrent rotations converge on one current epoch.
 pub struct EpochEntry {
     /// Its state.
     pub state: EpochState,
@@ -69,6 +122,109 @@ pub struct EpochEntry {
     pub key: Option<Secret32>,
     /// SHA-256 of its announcement; orders concurrent epochs of one number.
     pub announcement: [u8; 32],
+    /// Keys of concurrent rotations to the same number, whose announcements
+    /// are lower than [`EpochEntry::announcement`]. They share the entry's
+    /// state and are purged with it.
+    pub concurrent: Vec<ConcurrentKey>,
+}
+
+/// A key another device made for the same epoch number as its entry's.
+pub struct ConcurrentKey {
+    /// Its announcement hash.
+    pub announcement: [u8; 32],
+    /// The key, or `None` once purged.
+    pub key: Option<Secret32>,
+}
+
+/// What [`EpochEntry::take`] did with a key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyTaken {
+    /// The entry held it already.
+    Known,
+    /// Kept beside the entry's key, which stays the one new writes use.
+    Concurrent,
+    /// Kept, and it is now the entry's key: its announcement is highest.
+    Superseding,
+    /// Not kept: the entry holds [`EPOCH_KEYS_MAX`] keys, or was purged.
+    Refused,
+}
+
+impl EpochEntry {
+    /// An entry holding one key.
+    pub fn new(state: EpochState, key: Option<Secret32>, announcement: [u8; 32]) -> Self {
+        Self {
+            state,
+            key,
+            announcement,
+            concurrent: Vec::new(),
+        }
+    }
+
+    /// Whether the entry holds the key announced as `announcement`.
+    pub fn holds(&self, announcement: &[u8; 32]) -> bool {
+        self.announcement == *announcement
+            || self
+                .concurrent
+                .iter()
+                .any(|c| c.announcement == *announcement)
+    }
+
+    /// Every key the entry holds with its announcement, its own first.
+    pub fn keys(&self) -> impl Iterator<Item = (&[u8; 32], &Secret32)> {
+        let own = self.key.as_ref().map(|k| (&self.announcement, k));
+        let concurrent = self
+            .concurrent
+            .iter()
+            .filter_map(|c| c.key.as_ref().map(|k| (&c.announcement, k)));
+        own.into_iter().chain(concurrent)
+    }
+
+    /// Takes `key`, announced as `announcement`, made by a concurrent
+    /// rotation to this entry's number: kept beside the entry's key, and
+    /// the entry's own if its announcement is the highest.
+    pub fn take(&mut self, announcement: [u8; 32], key: Secret32) -> KeyTaken {
+        if self.holds(&announcement) {
+            return KeyTaken::Known;
+        }
+        if self.key.is_none() || 1 + self.concurrent.len() >= EPOCH_KEYS_MAX {
+            return KeyTaken::Refused;
+        }
+        let taken = if announcement > self.announcement {
+            let old_key = self.key.replace(key);
+            let old = std::mem::replace(&mut self.announcement, announcement);
+            self.concurrent.push(ConcurrentKey {
+                announcement: old,
+                key: old_key,
+            });
+            KeyTaken::Superseding
+        } else {
+            self.concurrent.push(ConcurrentKey {
+                announcement,
+                key: Some(key),
+            });
+            KeyTaken::Concurrent
+        };
+        self.concurrent
+            .sort_by_key(|c| std::cmp::Reverse(c.announcement));
+        taken
+    }
+
+    /// A copy (keys are not `Clone`, so copies are deliberate).
+    pub fn duplicate(&self) -> Self {
+        Self {
+            state: self.state,
+            key: self.key.as_ref().map(Secret32::duplicate),
+            announcement: self.announcement,
+            concurrent: self
+                .concurrent
+                .iter()
+                .map(|c| ConcurrentKey {
+                    announcement: c.announcement,
+                    key: c.key.as_ref().map(Secret32::duplicate),
+                })
+                .collect(),
+        }
+    }
 }
 
 /// A member device of the store.
@@ -229,8 +385,15 @@ pub struct Keyring {
 pub struct Merge {
     /// Epochs added.
     pub added: Vec<Epoch>,
-    /// Epochs both held under different keys; this keyring's were kept.
-    pub conflicting: Vec<Epoch>,
+    /// Epochs held here that gained a concurrent rotation's key.
+    pub concurrent: Vec<Epoch>,
+    /// Of those, the epochs whose own key is now the gained one (its
+    /// announcement is higher): what was acknowledged for them no longer
+    /// holds.
+    pub superseded: Vec<Epoch>,
+    /// Epochs whose concurrent key was not kept: [`EPOCH_KEYS_MAX`] keys
+    /// held already, or the epoch purged here.
+    pub refused: Vec<Epoch>,
 }
 
 /// A keyring that cannot be unsealed or decoded.
@@ -280,11 +443,7 @@ impl Keyring {
         let announcement = ring.announcement(Epoch::FIRST, device_id, rng);
         ring.epochs.insert(
             Epoch::FIRST,
-            EpochEntry {
-                state: EpochState::Current,
-                key: Some(key),
-                announcement,
-            },
+            EpochEntry::new(EpochState::Current, Some(key), announcement),
         );
         ring
     }
@@ -338,8 +497,13 @@ impl Keyring {
     /// [`EpochState::Rotating`]. Returns the new epoch, or `None` if the
     /// epoch numbers are exhausted.
     pub fn rotate(&mut self, rng: &mut (impl CryptoRng + ?Sized)) -> Option<Epoch> {
+        self.rotate_as(Rotation::Plain, rng)
+    }
+
+    fn rotate_as(&mut self, kind: Rotation, rng: &mut (impl CryptoRng + ?Sized)) -> Option<Epoch> {
         let next = self.current.next()?;
-        let announcement = self.announcement(next, self.device_id(), rng);
+        let mut announcement = self.announcement(next, self.device_id(), rng);
+        kind.mark(&mut announcement);
         for entry in self.epochs.values_mut() {
             if entry.state == EpochState::Current {
                 entry.state = EpochState::Rotating;
@@ -347,11 +511,11 @@ impl Keyring {
         }
         self.epochs.insert(
             next,
-            EpochEntry {
-                state: EpochState::Current,
-                key: Some(Secret32::random(rng)),
+            EpochEntry::new(
+                EpochState::Current,
+                Some(Secret32::random(rng)),
                 announcement,
-            },
+            ),
         );
         debug_assert!(next > self.current, "epochs never go backwards");
         self.current = next;
@@ -362,9 +526,9 @@ impl Keyring {
     /// the epochs this keyring lacks. If the export's current epoch is
     /// newer than this keyring's, it becomes current here too and the old
     /// current epoch starts rotating, as after a local rotation. Returns
-    /// the epochs added; an epoch number both hold under different keys
-    /// (concurrent rotations) keeps this keyring's key and is reported in
-    /// the error-free [`Merge::conflicting`].
+    /// the epochs added. A key of an epoch number held here under another
+    /// key (concurrent rotations) is kept beside it, and becomes the
+    /// entry's own if its announcement is higher (see [`EpochEntry`]).
     pub fn merge_export(
         &mut self,
         keys: crate::export::ExportedKeys,
@@ -400,11 +564,25 @@ impl Keyring {
         let mut merge = Merge::default();
         let newer = keys.current > self.current;
         for (epoch, mut entry) in keys.epochs {
-            match self.epochs.get(&epoch) {
-                Some(ours) if ours.announcement != entry.announcement => {
-                    merge.conflicting.push(epoch);
+            match self.epochs.get_mut(&epoch) {
+                Some(ours) => {
+                    let push = |list: &mut Vec<Epoch>| {
+                        if !list.contains(&epoch) {
+                            list.push(epoch);
+                        }
+                    };
+                    for (announcement, key) in entry.keys() {
+                        match ours.take(*announcement, key.duplicate()) {
+                            KeyTaken::Known => {}
+                            KeyTaken::Concurrent => push(&mut merge.concurrent),
+                            KeyTaken::Superseding => {
+                                push(&mut merge.concurrent);
+                                push(&mut merge.superseded);
+                            }
+                            KeyTaken::Refused => push(&mut merge.refused),
+                        }
+                    }
                 }
-                Some(_) => {}
                 None if entry.key.is_none() => {}
                 None => {
                     if entry.state == EpochState::Current && !(newer && epoch == keys.current) {
@@ -448,6 +626,9 @@ impl Keyring {
             if entry.state == EpochState::Retired && unused(*n) {
                 entry.state = EpochState::Purged;
                 entry.key = None;
+                for c in &mut entry.concurrent {
+                    c.key = None;
+                }
                 purged.push(*n);
             }
         }
@@ -494,7 +675,9 @@ impl Keyring {
         if self.revocation(&device).is_some() {
             return Err(RevokeError::AlreadyRevoked(device));
         }
-        let epoch = self.rotate(rng).ok_or(RevokeError::EpochsExhausted)?;
+        let epoch = self
+            .rotate_as(Rotation::Revocation, rng)
+            .ok_or(RevokeError::EpochsExhausted)?;
         let revocation = Revocation {
             device_id: device,
             by: me,
@@ -694,14 +877,24 @@ impl Keyring {
                 .as_ref()
                 .map(|n| (n.epoch.0, *n.token.expose())),
             current: self.current.0,
+            // An epoch's concurrent keys follow its own, under its number.
             epochs: self
                 .epochs
                 .iter()
-                .map(|(e, entry)| EpochWire {
-                    epoch: e.0,
-                    state: entry.state as u8,
-                    key: entry.key.as_ref().map(|k| *k.expose()),
-                    announcement: entry.announcement,
+                .flat_map(|(e, entry)| {
+                    let own = EpochWire {
+                        epoch: e.0,
+                        state: entry.state as u8,
+                        key: entry.key.as_ref().map(|k| *k.expose()),
+                        announcement: entry.announcement,
+                    };
+                    let concurrent = entry.concurrent.iter().map(|c| EpochWire {
+                        epoch: e.0,
+                        state: entry.state as u8,
+                        key: c.key.as_ref().map(|k| *k.expose()),
+                        announcement: c.announcement,
+                    });
+                    std::iter::once(own).chain(concurrent)
                 })
                 .collect(),
             members: self.members.iter().map(MemberWire::from).collect(),
@@ -734,14 +927,32 @@ impl Keyring {
                     "purged epochs, and only they, lack keys",
                 ));
             }
-            epochs.insert(
-                Epoch(e.epoch),
-                EpochEntry {
-                    state,
-                    key: e.key.map(Secret32::from_bytes),
-                    announcement: e.announcement,
-                },
-            );
+            let key = e.key.map(Secret32::from_bytes);
+            match epochs.get_mut(&Epoch(e.epoch)) {
+                None => {
+                    epochs.insert(Epoch(e.epoch), EpochEntry::new(state, key, e.announcement));
+                }
+                // A concurrent key: written after its entry's own, with a
+                // lower announcement than the key before it, same state.
+                Some(entry) => {
+                    let below = entry
+                        .concurrent
+                        .last()
+                        .map_or(entry.announcement, |c| c.announcement);
+                    if entry.state != state
+                        || e.announcement >= below
+                        || 1 + entry.concurrent.len() >= EPOCH_KEYS_MAX
+                    {
+                        return Err(KeyringError::Invalid(
+                            "an epoch's concurrent keys are out of order",
+                        ));
+                    }
+                    entry.concurrent.push(ConcurrentKey {
+                        announcement: e.announcement,
+                        key,
+                    });
+                }
+            }
         }
         let current = Epoch(w.current);
         if epochs.get(&current).is_none_or(|e| e.key.is_none()) {
@@ -889,6 +1100,7 @@ impl From<&MemberWire> for Member {
 mod tests {
     use super::*;
     use crate::env::{Entropy, SeededEntropy};
+    use crate::export::ExportedKeys;
 
     fn ring(seed: u64) -> Keyring {
         let mut rng = SeededEntropy::from_u64(seed).stream("t");
@@ -947,7 +1159,7 @@ mod tests {
         a.rotate(&mut rng);
         let merge = b.merge_export(export(&a)).expect("same store");
         assert_eq!(merge.added, vec![Epoch(2), Epoch(3)]);
-        assert!(merge.conflicting.is_empty());
+        assert!(merge.concurrent.is_empty());
         assert_eq!(b.current, Epoch(3));
         assert!(b.current_key() == a.current_key());
         assert_eq!(b.epochs[&Epoch(1)].state, EpochState::Rotating);
@@ -956,19 +1168,150 @@ mod tests {
         assert_eq!(b.merge_export(export(&a)).unwrap(), Merge::default());
         // Another store's export is refused.
         assert!(b.merge_export(export(&ring(9))).is_err());
-        // An epoch both rotated to independently is a conflict: ours stays.
+    }
+
+    /// Two devices rotate to the same number before either hears of the
+    /// other: `a` and `c` each hold their own key of epoch 2.
+    fn concurrent_rotation(seed: u64) -> (Keyring, Keyring) {
+        let mut a = ring(seed);
+        let mut rng = SeededEntropy::from_u64(seed).stream("rot");
+        let export = crate::export::ExportedKeys::from_keyring(&a);
         let mut c = Keyring::from_export(
             DeviceIdentity::generate(&mut rng),
-            export(&a),
+            export,
             "c",
             Hlc::default(),
         );
-        c.rotate(&mut rng);
         a.rotate(&mut rng);
-        let ours = c.current_key().duplicate();
-        let merge = c.merge_export(export(&a)).unwrap();
-        assert_eq!(merge.conflicting, vec![Epoch(4)]);
-        assert!(c.current_key() == &ours);
+        c.rotate(&mut rng);
+        (a, c)
+    }
+
+    #[test]
+    fn concurrent_rotations_keep_both_keys_and_agree_on_the_current_one() {
+        // Over several seeds either side's announcement can be the higher.
+        let mut superseded = [0; 2];
+        for seed in 20..36 {
+            let (mut a, mut c) = concurrent_rotation(seed);
+            let key_a = a.current_key().duplicate();
+            let key_c = c.current_key().duplicate();
+            let (ann_a, ann_c) = (
+                a.epochs[&a.current].announcement,
+                c.epochs[&c.current].announcement,
+            );
+            assert!(key_a != key_c);
+            let merge_c = c.merge_export(ExportedKeys::from_keyring(&a)).unwrap();
+            let merge_a = a.merge_export(ExportedKeys::from_keyring(&c)).unwrap();
+            for (merge, r) in [(&merge_a, &a), (&merge_c, &c)] {
+                assert!(merge.added.is_empty());
+                assert_eq!(merge.concurrent, vec![Epoch(2)]);
+                assert!(merge.refused.is_empty());
+                assert_eq!(r.current, Epoch(2));
+                let entry = &r.epochs[&Epoch(2)];
+                assert!(entry.holds(&ann_a) && entry.holds(&ann_c));
+                assert_eq!(entry.keys().count(), 2);
+            }
+            // Both now seal under the key with the higher announcement.
+            assert!(a.current_key() == c.current_key());
+            let (winner, winning_key) = if ann_a > ann_c {
+                (ann_a, &key_a)
+            } else {
+                (ann_c, &key_c)
+            };
+            assert!(a.current_key() == winning_key);
+            assert_eq!(a.epochs[&Epoch(2)].announcement, winner);
+            // Exactly one side's key was superseded.
+            assert_eq!(merge_a.superseded.len() + merge_c.superseded.len(), 1);
+            superseded[usize::from(merge_a.superseded.is_empty())] += 1;
+            // Merging again changes nothing; the keys survive sealing.
+            assert_eq!(
+                a.merge_export(ExportedKeys::from_keyring(&c)).unwrap(),
+                Merge::default()
+            );
+            let kek = Secret32::from_bytes([7; 32]);
+            let mut rng = SeededEntropy::from_u64(seed).stream("seal");
+            let back = Keyring::open(&a.seal(&kek, &mut rng), &a.store_id, &kek).unwrap();
+            let entry = &back.epochs[&Epoch(2)];
+            assert_eq!(entry.announcement, winner);
+            assert!(entry.holds(&ann_a) && entry.holds(&ann_c));
+            assert!(back.current_key() == winning_key);
+            // An export carries both keys to a device that had neither.
+            let mut d = Keyring::from_export(
+                DeviceIdentity::generate(&mut rng),
+                ExportedKeys::from_keyring(&a),
+                "d",
+                Hlc::default(),
+            );
+            assert_eq!(d.epochs[&Epoch(2)].keys().count(), 2);
+            assert!(d.current_key() == winning_key);
+            // Purging drops every key of the epoch.
+            d.rotate(&mut rng);
+            d.retire(|_| true);
+            d.purge_retired(|_| true);
+            assert_eq!(d.epochs[&Epoch(2)].keys().count(), 0);
+            let back = Keyring::open(&d.seal(&kek, &mut rng), &d.store_id, &kek).unwrap();
+            assert_eq!(back.epochs[&Epoch(2)].concurrent.len(), 1);
+            assert_eq!(back.epochs[&Epoch(2)].keys().count(), 0);
+        }
+        assert!(superseded[0] > 0 && superseded[1] > 0, "{superseded:?}");
+    }
+
+    #[test]
+    fn a_revocation_wins_over_a_concurrent_plain_rotation() {
+        for seed in 50..66 {
+            let mut a = ring(seed);
+            let mut rng = SeededEntropy::from_u64(seed).stream("rev");
+            let mut c = Keyring::from_export(
+                DeviceIdentity::generate(&mut rng),
+                ExportedKeys::from_keyring(&a),
+                "c",
+                Hlc::default(),
+            );
+            let x = ring(seed + 100).members[0].clone();
+            a.add_member(x.clone());
+            c.add_member(x.clone());
+            // A revokes X; C, not knowing, rotates (and may give X its key).
+            a.revoke(x.device_id, Hlc::default(), &mut rng).unwrap();
+            c.rotate(&mut rng);
+            let revocation_key = a.current_key().duplicate();
+            let ann = |r: &Keyring| r.epochs[&r.current].announcement;
+            assert_eq!(Rotation::of(&ann(&a)), Rotation::Revocation);
+            assert_eq!(Rotation::of(&ann(&c)), Rotation::Plain);
+            c.merge_export(ExportedKeys::from_keyring(&a)).unwrap();
+            a.merge_export(ExportedKeys::from_keyring(&c)).unwrap();
+            for r in [&a, &c] {
+                assert!(r.current_key() == &revocation_key, "seed {seed}");
+                assert_eq!(r.epochs[&Epoch(2)].keys().count(), 2);
+            }
+        }
+    }
+
+    #[test]
+    fn an_epoch_keeps_a_bounded_number_of_concurrent_keys() {
+        let (mut a, _) = concurrent_rotation(40);
+        let mut rng = SeededEntropy::from_u64(41).stream("more");
+        let entry = a.epochs.get_mut(&Epoch(2)).unwrap();
+        let mut taken = Vec::new();
+        for _ in 0..EPOCH_KEYS_MAX + 2 {
+            let mut announcement = [0u8; 32];
+            rng.fill_bytes(&mut announcement);
+            taken.push(entry.take(announcement, Secret32::random(&mut rng)));
+        }
+        let kept = taken.iter().filter(|t| **t != KeyTaken::Refused).count();
+        assert_eq!(kept, EPOCH_KEYS_MAX - 1);
+        assert_eq!(entry.keys().count(), EPOCH_KEYS_MAX);
+        assert_eq!(taken.last(), Some(&KeyTaken::Refused));
+        // The entry's own key has the highest announcement.
+        assert!(
+            entry
+                .concurrent
+                .iter()
+                .all(|c| c.announcement < entry.announcement)
+        );
+        // A full entry still seals and opens.
+        let kek = Secret32::from_bytes([9; 32]);
+        let back = Keyring::open(&a.seal(&kek, &mut rng), &a.store_id, &kek).unwrap();
+        assert_eq!(back.epochs[&Epoch(2)].keys().count(), EPOCH_KEYS_MAX);
     }
 
     #[test]

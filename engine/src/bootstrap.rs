@@ -219,17 +219,18 @@ fn merge(
             _ => "inconsistent with this store's keyring",
         }))
     })?;
-    if !merge.conflicting.is_empty() {
-        tracing::warn!(epochs = ?merge.conflicting,
-            "the export holds other keys for epochs this device has; kept this device's");
+    if !merge.concurrent.is_empty() {
+        tracing::info!(epochs = ?merge.concurrent,
+            "the export holds keys of concurrent rotations to epochs this device has; kept them beside this device's");
     }
-    if !merge.added.is_empty() {
+    if !merge.added.is_empty() || !merge.concurrent.is_empty() {
         let mut rng = env.entropy.stream("bootstrap");
         let mut txn = db.begin_write().map_err(storage(cfg))?;
         txn.set_meta(meta::KEYRING, &ring.seal(&kek, &mut rng))
             .map_err(storage(cfg))?;
         txn.commit().map_err(storage(cfg))?;
-        tracing::info!(epochs = ?merge.added, "took new epoch keys from the export");
+        tracing::info!(epochs = ?merge.added, concurrent = ?merge.concurrent,
+            "took new epoch keys from the export");
     }
     Ok(Boot {
         kek: Some(kek),

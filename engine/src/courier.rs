@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use persist_actors::key_manager::{KeyManagerMsg, RelaySwitch, Taken};
+use persist_actors::key_manager::{KeyManagerMsg, OutParcel, RelaySwitch, Taken};
 use persist_actors::keys::KeyHandle;
 use persist_actors::peer_session::{Connector, PeerMsg, SyncState};
 use persist_actors::routes::Routes;
@@ -165,9 +165,9 @@ struct Run {
     routes: Routes,
     clock: Arc<dyn Clock>,
     grace_ms: u64,
-    /// Parcels posted while the store has been open: `(recipient, epoch)`
-    /// and the round they were posted in.
-    posted: BTreeMap<(DeviceId, Epoch), u64>,
+    /// Parcels posted while the store has been open: `(recipient, epoch,
+    /// announcement)` and the round they were posted in.
+    posted: BTreeMap<(DeviceId, Epoch, [u8; 32]), u64>,
     /// Rounds run so far.
     rounds: u64,
     link: Option<Mailboxes>,
@@ -257,17 +257,24 @@ impl Run {
             return Ok(Found::Idle);
         };
         self.rounds += 1;
-        for (to, epoch, parcel) in parcels {
+        for parcel in parcels {
             // Parcels come only for members that have not acknowledged.
+            let OutParcel {
+                to,
+                epoch,
+                announcement,
+                bytes,
+            } = parcel;
+            let slot = (to, epoch, announcement);
             let due = self
                 .posted
-                .get(&(to, epoch))
+                .get(&slot)
                 .is_none_or(|at| self.rounds >= at + REPOST_ROUNDS);
             if !due {
                 continue;
             }
-            link.put(to, parcel).await?;
-            self.posted.insert((to, epoch), self.rounds);
+            link.put(to, bytes).await?;
+            self.posted.insert(slot, self.rounds);
             tracing::debug!(%to, ?epoch, "posted an epoch key");
         }
         let items = link.fetch(self.device, 0).await?;

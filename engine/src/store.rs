@@ -213,6 +213,13 @@ pub struct EpochStatus {
     pub state: &'static str,
     /// Records sealed under it.
     pub records: u64,
+    /// Its announcement hash (hex), public: of the keys concurrent
+    /// rotations on several devices made for this number, the one new
+    /// writes use, the same on every member.
+    pub announcement: String,
+    /// How many keys of this number the device holds: 1, or more after
+    /// concurrent rotations (each opens what was sealed under it).
+    pub keys: usize,
     /// The other members that acknowledged holding its key to this device
     /// (device ids): key parcels go out until each member has.
     pub acknowledged_by: Vec<String>,
@@ -837,12 +844,15 @@ impl Store {
         let info = &self.inner.info;
         let mut epochs: Vec<EpochStatus> = states
             .iter()
-            .map(|(e, s)| {
+            .map(|summary| {
+                let e = &summary.epoch;
                 let wait = waits.get(e);
                 EpochStatus {
                     epoch: e.0,
-                    state: state_name(*s),
+                    state: state_name(summary.state),
                     records: counts.get(e).copied().unwrap_or(0),
+                    announcement: hex::encode(summary.announcement),
+                    keys: summary.keys,
                     acknowledged_by: acks
                         .get(e)
                         .map(|a| a.iter().map(ToString::to_string).collect())
@@ -859,11 +869,18 @@ impl Store {
                 epoch: 0,
                 state: "plain",
                 records: counts.get(&Epoch(0)).copied().unwrap_or(0),
+                announcement: String::new(),
+                keys: 0,
                 acknowledged_by: Vec::new(),
                 retire_waits_for: Vec::new(),
                 retire_due_ms: None,
             });
         }
+        // Read before the await below, and as a statement of its own: a
+        // watch `Ref` held across an await blocks the Rotator's and
+        // KeyManager's progress updates (a deadlock on one thread).
+        let rotation = RotationStatus::from(*self.inner.progress.borrow());
+        let relay_switch = self.relay_switch().await;
         Ok(Status {
             store_id: info.store_id.to_string(),
             device_id: info.device_id.to_string(),
@@ -871,10 +888,10 @@ impl Store {
             records,
             encrypted: info.encrypted,
             current_epoch: keys.current_epoch().0,
-            rotation: RotationStatus::from(*self.inner.progress.borrow()),
+            rotation,
             epochs,
             key_source: info.key_location.clone(),
-            relay_switch: self.relay_switch().await,
+            relay_switch,
         })
     }
 
@@ -987,7 +1004,7 @@ impl Store {
         }
     }
 
-    async fn epoch_states(&self) -> Vec<(Epoch, EpochState)> {
+    async fn epoch_states(&self) -> Vec<persist_actors::key_manager::EpochSummary> {
         let Some(km) = self.inner.routes.key_manager() else {
             return Vec::new();
         };

@@ -698,3 +698,115 @@ async fn an_old_epoch_retires_without_an_absent_member_after_the_grace_period() 
     a.close().await.unwrap();
     relay.shutdown().await;
 }
+
+/// The status of `epoch` on `store`.
+async fn epoch_status(store: &Store, epoch: u32) -> persist::EpochStatus {
+    let status = store.status().await.unwrap();
+    status
+        .epochs
+        .into_iter()
+        .find(|e| e.epoch == epoch)
+        .unwrap_or_else(|| panic!("epoch {epoch} on {}", store.info().device_id))
+}
+
+/// A and B each rotate while the other is away, so both make epoch 2
+/// under keys of their own (DESIGN.md, "Rotation and revocation", step 5).
+/// Once they sync, each holds both keys, reads what the other sealed under
+/// its own, and both seal under the same one; nothing is refused or left
+/// held. A device paired afterwards gets both keys and reads everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_rotations_on_two_devices_converge() {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = relay(&tmp.path().join("relay")).await;
+    let sync = || SyncConfig::new(remote(&relay));
+    let a = Store::open(device(tmp.path(), "a").sync(sync()))
+        .await
+        .unwrap();
+    a.put("before", "under the first epoch").await.unwrap();
+    let invite = a.crypto().create_invite().await.unwrap();
+    let b = Store::open(device(tmp.path(), "b").invite(invite.code()))
+        .await
+        .unwrap();
+    converge(&[&a, &b]).await;
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+
+    // Offline (no sync), each rotates to epoch 2 and writes under it.
+    let mut announcements = Vec::new();
+    for name in ["a", "b"] {
+        let s = Store::open(device(tmp.path(), name)).await.unwrap();
+        let rotation = s.crypto().rotate_key().await.unwrap();
+        assert_eq!(rotation.epoch(), 2);
+        rotation.wait().await.unwrap();
+        s.put(&format!("from-{name}"), &format!("{name}'s own epoch 2"))
+            .await
+            .unwrap();
+        let e2 = epoch_status(&s, 2).await;
+        assert_eq!(e2.keys, 1);
+        announcements.push(e2.announcement);
+        s.close().await.unwrap();
+    }
+    assert_ne!(announcements[0], announcements[1], "two keys of epoch 2");
+    let winner = announcements.iter().max().unwrap().clone();
+
+    let a = Store::open(device(tmp.path(), "a").sync(sync()))
+        .await
+        .unwrap();
+    let b = Store::open(device(tmp.path(), "b").sync(sync()))
+        .await
+        .unwrap();
+    until(
+        "each reads what the other sealed under its own key",
+        async || {
+            let _ = a.sync_now().await;
+            let _ = b.sync_now().await;
+            a.get::<String>("from-b").await.unwrap().is_some()
+                && b.get::<String>("from-a").await.unwrap().is_some()
+        },
+    )
+    .await;
+    for s in [&a, &b] {
+        let e2 = epoch_status(s, 2).await;
+        assert_eq!(s.status().await.unwrap().current_epoch, 2);
+        assert_eq!(e2.keys, 2, "{e2:?}");
+        assert_eq!(e2.announcement, winner, "both seal under the same key");
+        let sync = s.sync_status().unwrap();
+        assert_eq!((sync.held, sync.refused), (0, 0), "{sync:?}");
+        assert_eq!(
+            s.get::<String>("before").await.unwrap().as_deref(),
+            Some("under the first epoch")
+        );
+    }
+    assert_eq!(
+        a.get::<String>("from-b").await.unwrap().as_deref(),
+        Some("b's own epoch 2")
+    );
+    b.put("after", "written once both agree").await.unwrap();
+    until("a reads b's write under the agreed key", async || {
+        let _ = b.sync_now().await;
+        let _ = a.sync_now().await;
+        a.get::<String>("after").await.unwrap().is_some()
+    })
+    .await;
+
+    // A device paired now takes both keys with the keyring.
+    let invite = a.crypto().create_invite().await.unwrap();
+    let c = Store::open(device(tmp.path(), "c").invite(invite.code()))
+        .await
+        .unwrap();
+    until("c reads everything", async || {
+        let _ = c.sync_now().await;
+        c.list::<String>("").await.unwrap().len() == 4
+    })
+    .await;
+    let e2 = epoch_status(&c, 2).await;
+    assert_eq!((e2.keys, e2.announcement), (2, winner));
+    assert_eq!(
+        c.get::<String>("from-a").await.unwrap().as_deref(),
+        Some("a's own epoch 2")
+    );
+    for s in [a, b, c] {
+        s.close().await.unwrap();
+    }
+    relay.shutdown().await;
+}

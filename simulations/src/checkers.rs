@@ -203,16 +203,17 @@ pub fn open_all(
     envelopes: &[(Locator, Vec<u8>)],
 ) -> Result<Vec<Opened>, Violation> {
     let index = IndexKey::new(keys.index_key.duplicate());
-    let epoch_keys: BTreeMap<Epoch, _> = keys
+    // Every key of each epoch: concurrent rotations make several.
+    let epoch_keys: BTreeMap<Epoch, Vec<_>> = keys
         .epochs
         .iter()
-        .filter_map(|(epoch, entry)| entry.key.as_ref().map(|k| (*epoch, k)))
+        .map(|(epoch, entry)| (*epoch, entry.keys().map(|(_, k)| k).collect()))
         .collect();
     let mut out = Vec::new();
     for (locator, bytes) in envelopes {
         let env = Envelope::parse(bytes)
             .map_err(|e| violation(CONVERGENCE, format!("an envelope does not parse: {e}")))?;
-        let Some(key) = epoch_keys.get(&env.header.epoch) else {
+        let Some(epoch_keys) = epoch_keys.get(&env.header.epoch).filter(|k| !k.is_empty()) else {
             return Err(violation(
                 ROTATION_FINISHES,
                 format!(
@@ -221,10 +222,27 @@ pub fn open_all(
                 ),
             ));
         };
-        let record = envelope::open(&env, &keys.store_id, locator, key, |p| {
-            index.locator(&keys.store_id, p)
-        })
-        .map_err(|e| violation(CONVERGENCE, format!("an envelope does not open: {e}")))?;
+        let open = |key| {
+            envelope::open(&env, &keys.store_id, locator, key, |p| {
+                index.locator(&keys.store_id, p)
+            })
+        };
+        let record = epoch_keys
+            .iter()
+            .map(|k| open(k))
+            .find(|opened| !matches!(opened, Err(envelope::OpenError::Integrity)))
+            .unwrap_or(Err(envelope::OpenError::Integrity))
+            .map_err(|e| {
+                violation(
+                    CONVERGENCE,
+                    format!(
+                        "an envelope signed by {} under epoch {} ({} keys held) does not open: {e}",
+                        env.header.signer,
+                        env.header.epoch.0,
+                        epoch_keys.len()
+                    ),
+                )
+            })?;
         if is_system_path(&record.path) {
             continue;
         }
@@ -506,8 +524,11 @@ pub fn key_needles(keys: &ExportedKeys) -> Vec<(String, Vec<u8>)> {
         ("relay token".into(), keys.relay_token.expose().to_vec()),
     ];
     for (epoch, entry) in &keys.epochs {
-        if let Some(key) = &entry.key {
-            raw.push((format!("key of epoch {}", epoch.0), key.expose().to_vec()));
+        for (i, (_, key)) in entry.keys().enumerate() {
+            raw.push((
+                format!("key {i} of epoch {}", epoch.0),
+                key.expose().to_vec(),
+            ));
         }
     }
     let hexed: Vec<(String, Vec<u8>)> = raw

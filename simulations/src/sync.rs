@@ -43,9 +43,13 @@
 //! members are synced and agree; then every invariant of
 //! [`crate::checkers`] runs.
 //!
-//! Rotations and revocations start only on device 0: two devices
-//! rotating independently would make two different keys of one epoch
-//! number, which Persist does not reconcile yet.
+//! Rotations start on any device, so two devices often rotate to the same
+//! epoch number under different keys before they hear of each other;
+//! every member must end with both keys and seal under the same one.
+//! Revocations start only on device 0, and in a run with a revocation
+//! only device 0 rotates: a member that has not heard of a revocation yet
+//! and rotates gives its new key to the revoked device too, and members
+//! that take that key do not rotate again yet (an open gap in Persist).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -486,7 +490,12 @@ impl SyncWorkload {
                         }
                     }
                 }
-                75..79 if s.rotations => self.rotate(cluster, trace).await?,
+                75..79 if s.rotations => {
+                    // See the module docs: with a revocation in the run,
+                    // only device 0 rotates.
+                    let who = if s.revocation { 0 } else { d };
+                    self.rotate(cluster, trace, who).await?;
+                }
                 79..83 if s.rotations && d != 0 => {
                     if self.may_export_to(cluster, trace, d).await? {
                         self.deliver_keys(cluster, trace, d).await?;
@@ -540,7 +549,7 @@ impl SyncWorkload {
             Some(SyncFault::WithholdKeys) => {
                 // Key parcels would bring the key through the mailboxes.
                 cluster.net.drop_mail();
-                self.rotate(cluster, trace).await?;
+                self.rotate(cluster, trace, 0).await?;
                 self.put(cluster, trace, 0, SYNC_PATHS[3], None).await?;
             }
             Some(SyncFault::ReuseEntropy) => {
@@ -687,7 +696,7 @@ impl SyncWorkload {
         trace: &mut Trace,
     ) -> Result<bool, SyncRunError> {
         let mut first: Option<Vec<(String, String)>> = None;
-        let mut first_epoch: Option<u32> = None;
+        let mut first_epoch: Option<(u32, String, usize)> = None;
         let mut quiet = true;
         for d in 0..self.opts.devices {
             if self.is_revoked(d) {
@@ -702,9 +711,20 @@ impl SyncWorkload {
                 .await
                 .map_err(|e| engine("quiesce", format!("status of device {d}: {e}")))?;
             let held = store.sync_status().map_or(0, |s| s.held);
-            // Keys may still be on their way through the mailboxes.
-            let behind = first_epoch.is_some_and(|e| e != status.current_epoch);
-            first_epoch.get_or_insert(status.current_epoch);
+            // Keys may still be on their way through the mailboxes (those
+            // of concurrent rotations too, which change the key in use,
+            // and which open what was sealed under them).
+            let sealing = (
+                status.current_epoch,
+                current_announcement(&status),
+                status
+                    .epochs
+                    .iter()
+                    .find(|e| e.epoch == status.current_epoch)
+                    .map_or(0, |e| e.keys),
+            );
+            let behind = first_epoch.as_ref().is_some_and(|e| *e != sealing);
+            first_epoch.get_or_insert(sealing);
             let old_records = status
                 .epochs
                 .iter()
@@ -788,6 +808,12 @@ impl SyncWorkload {
 
         // Epochs, rotation, held envelopes.
         let current = self.sample(cluster, 0).await?;
+        let sealing = current_announcement(
+            &zero
+                .status()
+                .await
+                .map_err(|e| engine("check", format!("status of device 0: {e}")))?,
+        );
         let mut listings = Vec::new();
         let mut revoked_listing = None;
         for d in 0..self.opts.devices {
@@ -826,6 +852,17 @@ impl SyncWorkload {
                 return Err(violation(
                     checkers::ROTATION_FINISHES,
                     format!("device {d} ends on epoch {epoch}, device 0 on {current}"),
+                )
+                .into());
+            }
+            if current_announcement(&status) != sealing {
+                return Err(violation(
+                    checkers::ROTATION_FINISHES,
+                    format!(
+                        "device {d} seals under another key of epoch {epoch} than device 0 \
+                         (announcements {} and {sealing})",
+                        current_announcement(&status)
+                    ),
                 )
                 .into());
             }
@@ -1294,19 +1331,20 @@ impl SyncWorkload {
         &mut self,
         cluster: &mut Cluster,
         trace: &mut Trace,
+        d: usize,
     ) -> Result<(), SyncRunError> {
-        let Some(store) = cluster.store(0) else {
+        let Some(store) = cluster.store(d) else {
             return Ok(());
         };
         let rotation = store
             .crypto()
             .rotate_key()
             .await
-            .map_err(|e| engine("run", format!("rotate on device 0: {e}")))?;
-        trace.note(format!("d0 rotate to epoch {}", rotation.epoch()));
-        cluster.devices[0].keys_epoch = rotation.epoch();
+            .map_err(|e| engine("run", format!("rotate on device {d}: {e}")))?;
+        trace.note(format!("d{d} rotate to epoch {}", rotation.epoch()));
+        cluster.devices[d].keys_epoch = rotation.epoch();
         self.fired("rotation");
-        self.sample(cluster, 0).await?;
+        self.sample(cluster, d).await?;
         Ok(())
     }
 
@@ -1402,4 +1440,14 @@ async fn relay_log(
             return Ok(out);
         }
     }
+}
+
+/// The announcement of the key `status`'s device seals new writes under.
+fn current_announcement(status: &persist::Status) -> String {
+    status
+        .epochs
+        .iter()
+        .find(|e| e.epoch == status.current_epoch)
+        .map(|e| e.announcement.clone())
+        .unwrap_or_default()
 }
