@@ -16,9 +16,11 @@ use std::time::Duration;
 
 use persist::{Config, Env, KdfParams, ManualClock, OpenError, SeededEntropy, Store};
 use persist_core::env::Clock;
+use rand_chacha::ChaCha8Rng;
+use rand_core::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 
-use crate::disk::SimDisk;
+use crate::disk::{PowerLoss, PowerLossReport, SimDisk};
 use crate::net::SimNet;
 
 /// The passphrase of every export in a run (the KDF is cheap under test).
@@ -28,6 +30,10 @@ const EXPORT_PASSPHRASE: &str = "simulated export passphrase";
 const RELEASE_WAIT_MAX: Duration = Duration::from_secs(60);
 /// The poll interval of that wait.
 const RELEASE_POLL: Duration = Duration::from_millis(10);
+/// An armed power cut comes within this many writes, resizes and fsyncs:
+/// about what one put's commit asks of redb, so that the cut lands before,
+/// inside and after it.
+const POWER_CUT_OPS_MAX: u64 = 24;
 
 /// One device's wall clock: the run's clock plus a fixed skew.
 #[derive(Clone, Debug)]
@@ -64,6 +70,8 @@ pub struct Device {
     clock: SkewedClock,
     /// Boots so far; each draws fresh randomness.
     boots: u64,
+    /// Crashes so far; each loses power with its own randomness.
+    crashes: u64,
     /// The highest epoch this device holds keys for, as far as the
     /// workload delivered them.
     pub keys_epoch: u32,
@@ -92,7 +100,9 @@ impl std::fmt::Debug for Device {
 pub enum Shutdown {
     /// `close()`: every accepted write committed, actors stopped.
     Clean,
-    /// Dropped without closing, then power lost: only fsynced bytes stay.
+    /// Dropped without closing, then power lost: fsynced bytes stay, and
+    /// of later writes what the seed lets survive, some torn (see
+    /// [`crate::disk`]).
     Crash,
 }
 
@@ -144,6 +154,7 @@ impl Cluster {
                 disk: SimDisk::new(),
                 clock: SkewedClock::new(clock.clone(), skew),
                 boots: 0,
+                crashes: 0,
                 keys_epoch: 0,
             })
             .collect();
@@ -210,18 +221,28 @@ impl Cluster {
         Ok(())
     }
 
-    /// Shuts device `index` down, cleanly or by crashing.
-    pub async fn shutdown(&mut self, index: usize, how: Shutdown) -> Result<usize, String> {
+    /// Shuts device `index` down, cleanly or by crashing; a crash reports
+    /// what its power loss did to the writes not yet fsynced.
+    pub async fn shutdown(
+        &mut self,
+        index: usize,
+        how: Shutdown,
+    ) -> Result<PowerLossReport, String> {
+        let seed = self.seed;
         let device = &mut self.devices[index];
         let Some(store) = device.store.take() else {
-            return Ok(0);
+            return Ok(PowerLossReport::default());
         };
         match how {
             Shutdown::Clean => {
                 store.close().await.map_err(|e| e.to_string())?;
-                Ok(0)
+                Ok(PowerLossReport::default())
             }
             Shutdown::Crash => {
+                // The power goes now (if a cut armed by `arm_power_cut` did
+                // not already take it): what the dropped store does on its
+                // way down, redb's clean shutdown included, never lands.
+                device.disk.cut_power();
                 drop(store);
                 let mut waited = Duration::ZERO;
                 while device.disk.in_use() && waited < RELEASE_WAIT_MAX {
@@ -234,9 +255,31 @@ impl Cluster {
                         RELEASE_WAIT_MAX.as_secs()
                     ));
                 }
-                Ok(device.disk.power_loss())
+                // Drawn once the old store let go of the disk, from a
+                // stream of this device's own crash: what survives depends
+                // on the seed and on what the store wrote, never on when
+                // other tasks ran.
+                device.crashes += 1;
+                let mut rng = crash_rng(seed, "power-loss", index, device.crashes);
+                let kind = PowerLoss::draw(&mut rng);
+                Ok(device.disk.power_loss(kind, &mut rng))
             }
         }
+    }
+
+    /// Arms device `index`'s disk to lose power a seeded few writes,
+    /// resizes or fsyncs from now, so that its next crash can land in the
+    /// middle of whatever it does next (a commit, most likely). Returns a
+    /// further draw of that crash's stream, for the caller's own choices.
+    pub fn arm_power_cut(&self, index: usize) -> u64 {
+        let device = &self.devices[index];
+        // The coming crash's; its power loss draws from another stream,
+        // so arming or not shifts nothing there.
+        let mut rng = crash_rng(self.seed, "power-cut", index, device.crashes + 1);
+        device
+            .disk
+            .cut_power_after(rng.next_u64() % POWER_CUT_OPS_MAX);
+        rng.next_u64()
     }
 
     /// A fresh export of device 0's keys (every epoch it holds).
@@ -268,6 +311,11 @@ impl Cluster {
         }
         Ok(())
     }
+}
+
+/// The `label` stream of device `index`'s `crash`-th crash (from 1).
+fn crash_rng(seed: u64, label: &str, index: usize, crash: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(derive(seed, label, index, crash))
 }
 
 /// A `u64` for `label`'s `a`-th/`b`-th use, derived from the run's seed.
