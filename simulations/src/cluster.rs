@@ -5,8 +5,9 @@
 //! ([`SkewedClock`]), its own disk ([`SimDisk`]) and, for each time it boots,
 //! fresh randomness derived from the seed (a rebooted device draws new
 //! nonces, as a real one does). A device can be closed and reopened, crash
-//! (dropped without closing, losing what was not fsynced) and reboot, or be
-//! reopened with a fresh export from device 0 to receive keys of epochs
+//! (its power cut, at once or a seeded few disk writes ahead, then dropped
+//! without closing: its disk keeps what was fsynced and a seeded subset of
+//! later writes, some torn) and reboot, or be reopened with a fresh export from device 0 to receive keys of epochs
 //! made since it last imported ("key delivery": until pairing lands, that
 //! is how a new epoch reaches another device).
 
@@ -100,8 +101,8 @@ impl std::fmt::Debug for Device {
 pub enum Shutdown {
     /// `close()`: every accepted write committed, actors stopped.
     Clean,
-    /// Dropped without closing, then power lost: fsynced bytes stay, and
-    /// of later writes what the seed lets survive, some torn (see
+    /// The power cut, then dropped without closing: fsynced bytes stay,
+    /// and of later writes what the seed lets survive, some torn (see
     /// [`crate::disk`]).
     Crash,
 }
