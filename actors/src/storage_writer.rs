@@ -130,8 +130,10 @@ pub enum WriteError {
     /// The write was refused before it reached storage.
     #[error("write refused: {0}")]
     Rejected(String),
-    /// The commit failed; nothing of the batch was stored.
-    #[error("commit failed, nothing of this write was stored: {0}")]
+    /// The commit failed. Whether the batch is stored is unknown: a
+    /// commit that fails while being made durable (its fsync) may have
+    /// reached the disk anyway, and be there after a restart.
+    #[error("commit failed, so this write may or may not be stored (read it back to know): {0}")]
     Storage(String),
     /// The store is closing or an actor it needs is restarting.
     #[error("the store is closed or restarting; retry")]
@@ -404,7 +406,7 @@ impl WriterState {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "commit failed; its writes were not stored");
+                tracing::error!(error = %e, "commit failed; its writes may or may not be stored");
                 for p in batch {
                     let _ = p.reply.send(Err(e.clone()));
                 }

@@ -217,7 +217,8 @@ pub enum OpenError {
     Start(String),
 }
 
-/// A write (put, delete, batch) failed; nothing of it was stored.
+/// A write (put, delete, batch) failed: nothing of it was stored, except
+/// that after [`WriteError::Storage`] it may be (see there).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum WriteError {
@@ -242,8 +243,10 @@ pub enum WriteError {
         /// The limit.
         max: usize,
     },
-    /// The commit failed.
-    #[error("the write was not stored: {0}")]
+    /// The write was refused, or its commit failed. A commit that failed
+    /// while being made durable (its fsync) may have reached the disk
+    /// anyway: after a restart the write may be there, whole.
+    #[error("the write failed: {0}")]
     Storage(String),
     /// The store is closed.
     #[error("the store is closed")]

@@ -5,8 +5,9 @@
 //! ([`SkewedClock`]), its own disk ([`SimDisk`]) and, for each time it boots,
 //! fresh randomness derived from the seed (a rebooted device draws new
 //! nonces, as a real one does). A device can be closed and reopened, crash
-//! (dropped without closing, losing what was not fsynced) and reboot, or be
-//! reopened with a fresh export from device 0 to receive keys of epochs
+//! (its power cut, at once or a seeded few disk writes ahead, then dropped
+//! without closing: its disk keeps what was fsynced and a seeded subset of
+//! later writes, some torn) and reboot, or be reopened with a fresh export from device 0 to receive keys of epochs
 //! made since it last imported ("key delivery": until pairing lands, that
 //! is how a new epoch reaches another device).
 
@@ -16,9 +17,11 @@ use std::time::Duration;
 
 use persist::{Config, Env, KdfParams, ManualClock, OpenError, SeededEntropy, Store};
 use persist_core::env::Clock;
+use rand_chacha::ChaCha8Rng;
+use rand_core::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
 
-use crate::disk::SimDisk;
+use crate::disk::{PowerLoss, PowerLossReport, SimDisk};
 use crate::net::SimNet;
 
 /// The passphrase of every export in a run (the KDF is cheap under test).
@@ -28,6 +31,10 @@ const EXPORT_PASSPHRASE: &str = "simulated export passphrase";
 const RELEASE_WAIT_MAX: Duration = Duration::from_secs(60);
 /// The poll interval of that wait.
 const RELEASE_POLL: Duration = Duration::from_millis(10);
+/// An armed power cut comes within this many writes, resizes and fsyncs:
+/// about what one put's commit asks of redb, so that the cut lands before,
+/// inside and after it.
+const POWER_CUT_OPS_MAX: u64 = 24;
 
 /// One device's wall clock: the run's clock plus a fixed skew.
 #[derive(Clone, Debug)]
@@ -64,6 +71,8 @@ pub struct Device {
     clock: SkewedClock,
     /// Boots so far; each draws fresh randomness.
     boots: u64,
+    /// Crashes so far; each loses power with its own randomness.
+    crashes: u64,
     /// The highest epoch this device holds keys for, as far as the
     /// workload delivered them.
     pub keys_epoch: u32,
@@ -92,7 +101,9 @@ impl std::fmt::Debug for Device {
 pub enum Shutdown {
     /// `close()`: every accepted write committed, actors stopped.
     Clean,
-    /// Dropped without closing, then power lost: only fsynced bytes stay.
+    /// The power cut, then dropped without closing: fsynced bytes stay,
+    /// and of later writes what the seed lets survive, some torn (see
+    /// [`crate::disk`]).
     Crash,
 }
 
@@ -144,6 +155,7 @@ impl Cluster {
                 disk: SimDisk::new(),
                 clock: SkewedClock::new(clock.clone(), skew),
                 boots: 0,
+                crashes: 0,
                 keys_epoch: 0,
             })
             .collect();
@@ -210,18 +222,28 @@ impl Cluster {
         Ok(())
     }
 
-    /// Shuts device `index` down, cleanly or by crashing.
-    pub async fn shutdown(&mut self, index: usize, how: Shutdown) -> Result<usize, String> {
+    /// Shuts device `index` down, cleanly or by crashing; a crash reports
+    /// what its power loss did to the writes not yet fsynced.
+    pub async fn shutdown(
+        &mut self,
+        index: usize,
+        how: Shutdown,
+    ) -> Result<PowerLossReport, String> {
+        let seed = self.seed;
         let device = &mut self.devices[index];
         let Some(store) = device.store.take() else {
-            return Ok(0);
+            return Ok(PowerLossReport::default());
         };
         match how {
             Shutdown::Clean => {
                 store.close().await.map_err(|e| e.to_string())?;
-                Ok(0)
+                Ok(PowerLossReport::default())
             }
             Shutdown::Crash => {
+                // The power goes now (if a cut armed by `arm_power_cut` did
+                // not already take it): what the dropped store does on its
+                // way down, redb's clean shutdown included, never lands.
+                device.disk.cut_power();
                 drop(store);
                 let mut waited = Duration::ZERO;
                 while device.disk.in_use() && waited < RELEASE_WAIT_MAX {
@@ -234,9 +256,31 @@ impl Cluster {
                         RELEASE_WAIT_MAX.as_secs()
                     ));
                 }
-                Ok(device.disk.power_loss())
+                // Drawn once the old store let go of the disk, from a
+                // stream of this device's own crash: what survives depends
+                // on the seed and on what the store wrote, never on when
+                // other tasks ran.
+                device.crashes += 1;
+                let mut rng = crash_rng(seed, "power-loss", index, device.crashes);
+                let kind = PowerLoss::draw(&mut rng);
+                Ok(device.disk.power_loss(kind, &mut rng))
             }
         }
+    }
+
+    /// Arms device `index`'s disk to lose power a seeded few writes,
+    /// resizes or fsyncs from now, so that its next crash can land in the
+    /// middle of whatever it does next (a commit, most likely). Returns a
+    /// further draw of that crash's stream, for the caller's own choices.
+    pub fn arm_power_cut(&self, index: usize) -> u64 {
+        let device = &self.devices[index];
+        // The coming crash's; its power loss draws from another stream,
+        // so arming or not shifts nothing there.
+        let mut rng = crash_rng(self.seed, "power-cut", index, device.crashes + 1);
+        device
+            .disk
+            .cut_power_after(rng.next_u64() % POWER_CUT_OPS_MAX);
+        rng.next_u64()
     }
 
     /// A fresh export of device 0's keys (every epoch it holds).
@@ -270,6 +314,11 @@ impl Cluster {
     }
 }
 
+/// The `label` stream of device `index`'s `crash`-th crash (from 1).
+fn crash_rng(seed: u64, label: &str, index: usize, crash: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(derive(seed, label, index, crash))
+}
+
 /// A `u64` for `label`'s `a`-th/`b`-th use, derived from the run's seed.
 pub fn derive(seed: u64, label: &str, a: usize, b: u64) -> u64 {
     let bytes = derive_bytes(seed, label, a, b);
@@ -287,4 +336,108 @@ fn derive_bytes(seed: u64, label: &str, a: usize, b: u64) -> [u8; 32] {
     h.update((a as u64).to_le_bytes());
     h.update(b.to_le_bytes());
     h.finalize().into()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use rand_core::TryRng;
+
+    use super::*;
+
+    /// Draws only zeros: a torn power loss then keeps every write whole.
+    struct Zeros;
+
+    impl TryRng for Zeros {
+        type Error = Infallible;
+
+        fn try_next_u32(&mut self) -> Result<u32, Infallible> {
+            Ok(0)
+        }
+
+        fn try_next_u64(&mut self) -> Result<u64, Infallible> {
+            Ok(0)
+        }
+
+        fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Infallible> {
+            dst.fill(0);
+            Ok(())
+        }
+    }
+
+    /// Cuts device 0's power `ops` disk operations into a put of "new"
+    /// over an acknowledged "old", loses power of `kind` (drawing from
+    /// `rng`), reboots, and returns the put's outcome and what `p` holds.
+    async fn put_across_power_cut(
+        ops: u64,
+        kind: PowerLoss,
+        rng: &mut impl Rng,
+    ) -> (Result<(), persist::WriteError>, Option<String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cluster = Cluster::new(1, dir.path(), 1_700_000_000_000, &[0]);
+        cluster.boot(0, Keys::Held).await.unwrap();
+        cluster.store(0).unwrap().put("p", "old").await.unwrap();
+        cluster.devices[0].disk.cut_power_after(ops);
+        let put = cluster.store(0).unwrap().put("p", "new").await;
+        let device = &mut cluster.devices[0];
+        device.disk.cut_power();
+        drop(device.store.take());
+        while device.disk.in_use() {
+            tokio::time::sleep(RELEASE_POLL).await;
+        }
+        device.disk.power_loss(kind, rng);
+        cluster.boot(0, Keys::Held).await.unwrap();
+        let held = cluster.store(0).unwrap().get("p").await.unwrap();
+        cluster.close_all().await.unwrap();
+        (put, held)
+    }
+
+    /// A power cut at every point of a put's commit: an acknowledged put
+    /// survives; a failed one is gone after a clean loss, and may survive a
+    /// torn one (a commit cut off at its fsync, with every write landed),
+    /// so its error must not say it was not stored. Regression: the error
+    /// said "commit failed, nothing of this write was stored", and the
+    /// write was there after the reboot.
+    #[test]
+    fn a_put_cut_off_at_any_point_is_all_or_nothing_and_its_error_says_so() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let (mut failed, mut failed_yet_stored) = (0, 0);
+        runtime.block_on(async {
+            for ops in 0..POWER_CUT_OPS_MAX {
+                let (put, held) = put_across_power_cut(ops, PowerLoss::Clean, &mut Zeros).await;
+                let want = if put.is_ok() { "new" } else { "old" };
+                assert_eq!(
+                    held.as_deref(),
+                    Some(want),
+                    "clean loss {ops} ops in: {put:?}"
+                );
+
+                let (put, held) = put_across_power_cut(ops, PowerLoss::Torn, &mut Zeros).await;
+                match put {
+                    Ok(()) => assert_eq!(held.as_deref(), Some("new"), "acknowledged, then lost"),
+                    Err(e) => {
+                        failed += 1;
+                        let message = e.to_string();
+                        assert!(
+                            message.contains("may or may not be stored")
+                                && !message.contains("not stored:"),
+                            "{message}"
+                        );
+                        if held.as_deref() == Some("new") {
+                            failed_yet_stored += 1;
+                        } else {
+                            assert_eq!(held.as_deref(), Some("old"), "{ops} ops in");
+                        }
+                    }
+                }
+            }
+        });
+        assert!(failed > 0, "no cut landed inside the commit");
+        assert!(failed_yet_stored > 0, "no failed commit landed whole");
+    }
 }

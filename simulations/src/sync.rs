@@ -13,7 +13,8 @@
 //! clock and does one thing: a put, delete or read on a random device, a
 //! `sync_now`, a rotation on device 0 (whose key courier also posts the
 //! new key to every member's mailbox), a key delivery to another device
-//! (reopened with a fresh export of device 0), a crash and reboot, a clean
+//! (reopened with a fresh export of device 0), a crash (the power failing,
+//! in most crashes a few disk writes into a put) and reboot, a clean
 //! restart, a partition or heal, the relay going down or up. Reads are
 //! checked at once (no phantom values); epochs and held counts are sampled.
 //!
@@ -501,7 +502,7 @@ impl SyncWorkload {
                         self.deliver_keys(cluster, trace, d).await?;
                     }
                 }
-                83..87 if s.crashes => self.reboot(cluster, trace, d, Shutdown::Crash).await?,
+                83..87 if s.crashes => self.crash(cluster, trace, d, path, step).await?,
                 87..89 if s.crashes => self.reboot(cluster, trace, d, Shutdown::Clean).await?,
                 89..95 if s.partitions => {
                     if self.isolated && self.is_revoked(d) {
@@ -996,6 +997,24 @@ impl SyncWorkload {
             self.rng.next_u32()
         );
         value.extend(std::iter::repeat_n('.', filler));
+        self.put_value(cluster, trace, d, path, step, value, false)
+            .await
+    }
+
+    /// Puts `value`; unless `power_failing`, a failed put fails the run.
+    /// A put the power fails under is acknowledged only if it returned
+    /// (it committed first), and may or may not survive otherwise.
+    #[allow(clippy::too_many_arguments)]
+    async fn put_value(
+        &mut self,
+        cluster: &Cluster,
+        trace: &mut Trace,
+        d: usize,
+        path: &str,
+        step: Option<usize>,
+        value: String,
+        power_failing: bool,
+    ) -> Result<(), SyncRunError> {
         let Some(store) = cluster.store(d) else {
             return Ok(());
         };
@@ -1023,6 +1042,10 @@ impl SyncWorkload {
                     value: Some(value),
                     at_ms,
                 });
+                Ok(())
+            }
+            Err(e) if power_failing => {
+                trace.note(format!("d{d} put {path} failed as the power went: {e}"));
                 Ok(())
             }
             Err(e) => Err(engine("run", format!("device {d} put {path:?}: {e}"))),
@@ -1377,6 +1400,32 @@ impl SyncWorkload {
         Ok(())
     }
 
+    /// Crashes device `d` and reboots it. In most crashes the power fails
+    /// a seeded few disk writes into a put of `path`, so that the crash
+    /// can land inside a commit; in the others, between two steps.
+    async fn crash(
+        &mut self,
+        cluster: &mut Cluster,
+        trace: &mut Trace,
+        d: usize,
+        path: &str,
+        step: usize,
+    ) -> Result<(), SyncRunError> {
+        if cluster.store(d).is_none() {
+            return Ok(());
+        }
+        // From the crash's own stream, not the run's, so that a crash
+        // shifts none of the run's later draws.
+        let draw = cluster.arm_power_cut(d);
+        if !draw.is_multiple_of(4) {
+            // Told apart from a put's by what follows the canary.
+            let value = format!("{CANARY_VALUE}|d{d}|s{step}|crash|{draw:016x}|");
+            self.put_value(cluster, trace, d, path, Some(step), value, true)
+                .await?;
+        }
+        self.reboot(cluster, trace, d, Shutdown::Crash).await
+    }
+
     async fn reboot(
         &mut self,
         cluster: &mut Cluster,
@@ -1387,15 +1436,18 @@ impl SyncWorkload {
         if cluster.store(d).is_none() {
             return Ok(());
         }
-        let lost = cluster
+        let loss = cluster
             .shutdown(d, how)
             .await
             .map_err(|e| engine("run", e))?;
-        trace.note(format!("d{d} {how:?} (unsynced writes lost: {lost})"));
+        trace.note(format!("d{d} {how:?} (power loss: {loss:?})"));
         self.fired(match how {
             Shutdown::Crash => "crash",
             Shutdown::Clean => "restart",
         });
+        for (kind, n) in loss.fired() {
+            *self.summary.faults.entry(kind.to_owned()).or_default() += n;
+        }
         let down_ms = self.below(5_000);
         self.advance(cluster, trace, down_ms).await;
         cluster
