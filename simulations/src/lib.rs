@@ -94,6 +94,8 @@ pub mod disk;
 pub mod harness;
 pub mod model;
 pub mod net;
+pub mod quicnet;
 pub mod sync;
 pub mod trace;
+pub mod udp;
 pub mod workload;
