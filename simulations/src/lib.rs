@@ -25,6 +25,10 @@
 //!   writes when a device crashes, arranged by [`cluster`], and judged by
 //!   [`checkers`] (convergence, no lost write, no plaintext, no nonce
 //!   reuse, epochs, rotation, held envelopes, liveness, revocation).
+//! - [`quicnet`] and [`udp`]: the sync workload's quic profile
+//!   (`--net quic`): the same devices and relay over real quinn
+//!   connections, every QUIC and TLS secret seeded, on a simulated UDP
+//!   network that loses, duplicates and reorders datagrams.
 //!
 //! # Revocation
 //!
