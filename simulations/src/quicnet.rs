@@ -205,3 +205,41 @@ impl AsyncWrite for TapWrite {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncWriteExt;
+
+    use crate::net::SimNet;
+
+    #[test]
+    fn the_stream_is_tapped_in_the_clear_and_the_datagrams_are_not() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let net = SimNet::quic(1, 1).expect("quic net");
+            let mut conv = net.dial_for(0).dial().await.expect("dial");
+            let canary = b"canary-7c1e-in-the-clear";
+            conv.write.write_all(canary).await.expect("write");
+            conv.write.flush().await.expect("flush");
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            let tapped = net.tapped();
+            assert_eq!(tapped.len(), 1);
+            assert_eq!(tapped[0].up, canary, "the stream tap sees the bytes");
+            let wire = net.wire();
+            let up = &wire
+                .iter()
+                .find(|(name, _)| name.ends_with("(up)"))
+                .expect("device 0 sent datagrams")
+                .1;
+            assert!(up.len() > 1200, "at least a padded Initial went out");
+            assert!(
+                !up.windows(canary.len()).any(|w| w == canary),
+                "QUIC encrypts the datagrams"
+            );
+        });
+    }
+}

@@ -2,7 +2,9 @@
 //! network, every secret seeded. A seed replays exactly, seeds differ, the
 //! checkers pass, and the datagrams really went over the faulty network.
 
-use persist_sim::harness::{self, NetProfile, Outcome, SimConfig};
+use persist_sim::checkers;
+use persist_sim::harness::{self, FailureKind, NetProfile, Outcome, SimConfig};
+use persist_sim::sync::{SyncFault, SyncRunError};
 
 /// Steps of the short runs here: QUIC handshakes make a step dearer than
 /// in the in-memory profile, and these run in a debug build on two
@@ -57,4 +59,25 @@ fn datagrams_cross_the_faulty_network() {
 #[test]
 fn the_replay_command_names_the_profile() {
     assert!(config(9).replay_command().contains("--net quic"));
+}
+
+/// The invariant a sabotaged quic-profile run violated.
+fn violated(fault: SyncFault, seed: u64) -> &'static str {
+    let config = SimConfig::sync(seed)
+        .ops(40)
+        .net(NetProfile::Quic)
+        .sync_fault(fault);
+    let failure = harness::run(&config).expect_err("a broken property must fail the run");
+    match *failure.kind {
+        FailureKind::Sync(SyncRunError::Violation(v)) => v.invariant,
+        other => panic!("{fault:?}: expected a violation, got {other}"),
+    }
+}
+
+#[test]
+fn the_checkers_still_catch_breaks_over_quic() {
+    // The frame checkers read the decrypted stream tap: a canary there
+    // and an acknowledged write that was never pushed are both caught.
+    assert_eq!(violated(SyncFault::LeakCanary, 7), checkers::NO_PLAINTEXT);
+    assert_eq!(violated(SyncFault::PhantomAck, 7), checkers::NO_LOST_WRITE);
 }
