@@ -15,7 +15,8 @@
 //!   the provider's `secure_random` is a seeded ChaCha20;
 //! - TLS key exchange: the provider's only group is X25519 whose
 //!   ephemeral secrets come from a seeded ChaCha20 (x25519-dalek);
-//! - rustls' wall clock: a fixed instant ([`SIM_UNIX_TIME_SECS`]);
+//! - rustls' wall clock, and quinn's for address-validation tokens: a
+//!   fixed instant ([`SIM_UNIX_TIME_SECS`]);
 //! - the server certificate: Ed25519 (deterministic signatures) from a
 //!   seeded key, by rcgen, whose serial is a hash of the public key.
 //!
@@ -149,6 +150,7 @@ impl SimQuic {
             ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, &[]).extract(&seeds.token_key);
         let mut config = quinn::ServerConfig::new(crypto, Arc::new(token_key));
         config.transport_config(Arc::new(quic::transport_config()));
+        config.time_source(Arc::new(FixedTime));
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
             seeds.endpoint_config(),
             Some(config),
@@ -301,9 +303,16 @@ impl ActiveKeyExchange for X25519Exchange {
     }
 }
 
-/// rustls' wall clock in a simulation: always [`SIM_UNIX_TIME_SECS`].
+/// rustls' and quinn's wall clock in a simulation: always
+/// [`SIM_UNIX_TIME_SECS`].
 #[derive(Debug)]
 struct FixedTime;
+
+impl quinn::TimeSource for FixedTime {
+    fn now(&self) -> std::time::SystemTime {
+        std::time::UNIX_EPOCH + Duration::from_secs(SIM_UNIX_TIME_SECS)
+    }
+}
 
 impl rustls::time_provider::TimeProvider for FixedTime {
     fn current_time(&self) -> Option<UnixTime> {
