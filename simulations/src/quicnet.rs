@@ -15,11 +15,17 @@
 //! A device's dial opens a fresh client endpoint (a new port, as the
 //! product's `persist_transport::connect` does), connects with the
 //! relay's pin, opens one stream and hands its bytes to the engine, which
-//! frames them itself. Those bytes are tapped (decrypted, in the clear,
-//! for the frame checkers) as the in-memory profile taps its pipes; the
-//! datagrams themselves are tapped by the UDP network.
+//! frames them itself. The stream's bytes are tapped in the clear for the
+//! frame checkers where they arrive — device to relay as the relay reads
+//! them, relay to device as the device reads them — so the tap holds what
+//! crossed, as the in-memory profile's pumps record it (bytes written
+//! into a connection that then died never arrived, and a checker must not
+//! count them as pushed). The datagrams themselves are tapped by the UDP
+//! network.
 
+use std::collections::BTreeMap;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll};
@@ -45,6 +51,9 @@ pub(crate) struct QuicNet {
     pin: CertPin,
     /// The running relay endpoint's accept task; `None` while down.
     relay: Mutex<Option<AbortHandle>>,
+    /// Per dial, by the device socket's address (unique: one per dial),
+    /// where the relay side taps what it reads.
+    taps: Arc<Mutex<BTreeMap<SocketAddr, Tap>>>,
 }
 
 impl QuicNet {
@@ -64,12 +73,12 @@ impl QuicNet {
             identity,
             sim,
             relay: Mutex::new(None),
+            taps: Arc::new(Mutex::new(BTreeMap::new())),
         })
     }
 
     fn lock(&self) -> MutexGuard<'_, Option<AbortHandle>> {
-        // Nothing panics while holding the lock.
-        self.relay.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.relay)
     }
 
     /// Starts the relay's endpoint on `backend` if it is not running.
@@ -85,7 +94,7 @@ impl QuicNet {
             .sim
             .server(socket, &self.identity)
             .map_err(|e| format!("simulated relay endpoint: {e}"))?;
-        *relay = Some(tokio::spawn(accept(server, backend)).abort_handle());
+        *relay = Some(tokio::spawn(accept(server, backend, self.taps.clone())).abort_handle());
         Ok(())
     }
 
@@ -109,20 +118,32 @@ impl QuicNet {
         tap: Tap,
     ) -> Result<persist::Conversation, String> {
         let socket = self.udp.bind(Owner::Device(device), latency, cut_after);
-        let client = self.sim.client(socket).map_err(|e| e.to_string())?;
-        let conn = client
-            .connect(RELAY_ADDR, DEFAULT_SERVER_NAME, &Trust::Pin(self.pin))
-            .await
-            .map_err(|e| e.to_string())?;
+        lock(&self.taps).insert(socket.addr(), tap.clone());
+        let addr = socket.addr();
+        let connected = async {
+            let client = self.sim.client(socket).map_err(|e| e.to_string())?;
+            client
+                .connect(RELAY_ADDR, DEFAULT_SERVER_NAME, &Trust::Pin(self.pin))
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let conn = match connected.await {
+            Ok(conn) => conn,
+            Err(e) => {
+                // The relay never accepted it: nothing will take its tap.
+                lock(&self.taps).remove(&addr);
+                return Err(e);
+            }
+        };
         let (write, read) = conn.open_byte_stream().await.map_err(|e| e.to_string())?;
         Ok(persist::Conversation {
             read: Box::new(TapRead {
                 inner: read,
-                tap: tap.clone(),
-            }),
-            write: Box::new(TapWrite {
-                inner: write,
                 tap,
+                up: false,
+            }),
+            write: Box::new(KeepOpen {
+                inner: write,
                 _conn: conn,
             }),
         })
@@ -136,30 +157,54 @@ pub(crate) type Tap = Arc<dyn Fn(bool, &[u8]) + Send + Sync>;
 /// The relay endpoint: each connection served on its own task, each of
 /// its streams by `persist_relay::serve`. Aborting it drops the endpoint
 /// and, with the task set, every connection.
-async fn accept<B: RelayBackend>(server: Server, backend: Arc<B>) {
+async fn accept<B: RelayBackend>(
+    server: Server,
+    backend: Arc<B>,
+    taps: Arc<Mutex<BTreeMap<SocketAddr, Tap>>>,
+) {
     let mut connections = JoinSet::new();
     while let Some(conn) = server.accept().await {
         while connections.try_join_next().is_some() {}
-        connections.spawn(serve_connection(conn, backend.clone()));
+        let tap = lock(&taps).remove(&conn.remote_addr());
+        connections.spawn(serve_connection(conn, backend.clone(), tap));
     }
 }
 
-async fn serve_connection<B: RelayBackend>(conn: Connection, backend: Arc<B>) {
+/// Serves each stream of `conn` with the relay's session code, framing it
+/// as `Connection::accept_stream` does, what the relay reads tapped.
+async fn serve_connection<B: RelayBackend>(conn: Connection, backend: Arc<B>, tap: Option<Tap>) {
     let mut sessions = JoinSet::new();
-    while let Ok((tx, rx)) = conn.accept_stream().await {
+    while let Ok((write, read)) = conn.accept_byte_stream().await {
         while sessions.try_join_next().is_some() {}
         let backend = backend.clone();
+        let read: BoxRead = match &tap {
+            Some(tap) => Box::new(TapRead {
+                inner: read,
+                tap: tap.clone(),
+                up: true,
+            }),
+            None => read,
+        };
         sessions.spawn(async move {
             let ctx = persist_relay::SessionContext::new(persist_relay::Admission::Open);
+            let tx = persist_transport::FrameSender::new(write).boxed();
+            let rx = persist_transport::FrameReceiver::new(read).boxed();
             persist_relay::serve(&*backend, &ctx, tx, rx).await;
         });
     }
 }
 
-/// The device's read half, tapped.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while holding these locks.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A read half whose bytes are tapped as they arrive: the device's
+/// (`up: false`) or the relay's (`up: true`).
 struct TapRead {
     inner: BoxRead,
     tap: Tap,
+    up: bool,
 }
 
 impl AsyncRead for TapRead {
@@ -171,30 +216,25 @@ impl AsyncRead for TapRead {
         let before = buf.filled().len();
         let result = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = result {
-            (self.tap)(false, &buf.filled()[before..]);
+            (self.tap)(self.up, &buf.filled()[before..]);
         }
         result
     }
 }
 
-/// The device's write half, tapped; it keeps the connection open.
-struct TapWrite {
+/// The device's write half; it keeps the connection open.
+struct KeepOpen {
     inner: BoxWrite,
-    tap: Tap,
     _conn: Connection,
 }
 
-impl AsyncWrite for TapWrite {
+impl AsyncWrite for KeepOpen {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let result = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = result {
-            (self.tap)(true, &buf[..n]);
-        }
-        result
+        Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -223,12 +263,23 @@ mod tests {
             let net = SimNet::quic(1, 1).expect("quic net");
             let mut conv = net.dial_for(0).dial().await.expect("dial");
             let canary = b"canary-7c1e-in-the-clear";
+            // One frame's worth (length prefix, payload): the relay reads
+            // it whole before it finds the payload is no message.
+            let len = u32::try_from(canary.len()).expect("short");
+            conv.write
+                .write_all(&len.to_be_bytes())
+                .await
+                .expect("write");
             conv.write.write_all(canary).await.expect("write");
             conv.write.flush().await.expect("flush");
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
             let tapped = net.tapped();
             assert_eq!(tapped.len(), 1);
-            assert_eq!(tapped[0].up, canary, "the stream tap sees the bytes");
+            assert!(
+                tapped[0].up.ends_with(canary),
+                "the stream tap sees the bytes the relay read: {:?}",
+                tapped[0].up
+            );
             let wire = net.wire();
             let up = &wire
                 .iter()

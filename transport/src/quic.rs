@@ -470,6 +470,22 @@ impl Connection {
         ))
     }
 
+    /// The next conversation the peer opens, as raw bytes (the caller
+    /// frames them), for simulations that tap what a relay receives.
+    #[cfg(feature = "sim")]
+    pub async fn accept_byte_stream(
+        &self,
+    ) -> Result<(crate::frame::BoxWrite, crate::frame::BoxRead), StreamError> {
+        let (send, recv) = self.inner.accept_bi().await?;
+        Ok((
+            Box::new(QuicSend {
+                stream: send,
+                stopped: None,
+            }),
+            Box::new(recv),
+        ))
+    }
+
     /// The next conversation the peer opens.
     pub async fn accept_stream(&self) -> Result<(SendHalf, RecvHalf), StreamError> {
         let (send, recv) = self.inner.accept_bi().await?;
