@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 
 use persist::{Config, Env, MemoryBackend, Store};
 
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, derive};
+use crate::net::SimNet;
 use crate::sync::{self, SyncFault, SyncOptions, SyncRunError, SyncWorkload};
 use crate::trace::{Event, Trace, TraceHash};
 use crate::workload::{Ctx, KvWorkload, ModelFault, Workload, WorkloadError};
@@ -65,6 +66,28 @@ impl fmt::Display for WorkloadKind {
     }
 }
 
+/// What carries the sync workload's connections.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+#[non_exhaustive]
+pub enum NetProfile {
+    /// In-memory byte pipes with seeded faults (fast).
+    #[default]
+    Memory,
+    /// Real quinn connections, every secret seeded, over a simulated UDP
+    /// network that loses, duplicates and reorders datagrams (slower; see
+    /// [`crate::quicnet`]).
+    Quic,
+}
+
+impl fmt::Display for NetProfile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            NetProfile::Memory => "memory",
+            NetProfile::Quic => "quic",
+        })
+    }
+}
+
 /// What to run.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -91,6 +114,8 @@ pub struct SimConfig {
     pub sync_fault: Option<SyncFault>,
     /// Keep a readable line per trace event (for `replay --trace`).
     pub keep_trace: bool,
+    /// What carries connections (`sync` only).
+    pub net: NetProfile,
 }
 
 impl SimConfig {
@@ -107,6 +132,7 @@ impl SimConfig {
             revocation_races: false,
             sync_fault: None,
             keep_trace: false,
+            net: NetProfile::Memory,
         }
     }
 
@@ -145,6 +171,12 @@ impl SimConfig {
         self
     }
 
+    /// Sets what carries connections (`sync` only).
+    pub fn net(mut self, net: NetProfile) -> Self {
+        self.net = net;
+        self
+    }
+
     /// Keeps the readable trace.
     pub fn keep_trace(mut self, keep: bool) -> Self {
         self.keep_trace = keep;
@@ -178,10 +210,15 @@ impl SimConfig {
             ),
             WorkloadKind::Sync => {
                 format!(
-                    "cargo run -p persist-sim -- run --workload sync --seed {} --steps {} --devices {}{}{}",
+                    "cargo run -p persist-sim -- run --workload sync --seed {} --steps {} --devices {}{}{}{}",
                     self.seed,
                     self.ops,
                     self.devices,
+                    if self.net == NetProfile::Quic {
+                        " --net quic"
+                    } else {
+                        ""
+                    },
                     if self.far_skew { " --far-skew" } else { "" },
                     if self.revocation_races {
                         " --revocation-races"
@@ -423,6 +460,11 @@ async fn run_sync_on(
     };
     let skews = sync::skews(&opts);
     let mut cluster = Cluster::new(config.seed, dir, START_MS, &skews);
+    if config.net == NetProfile::Quic {
+        trace.note("net quic");
+        cluster.net = SimNet::quic(derive(config.seed, "quic net", 0, 0), skews.len())
+            .map_err(FailureKind::Setup)?;
+    }
     let mut workload = SyncWorkload::new(opts);
     let phases = async {
         workload.setup(&mut cluster, trace).await?;

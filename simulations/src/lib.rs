@@ -27,6 +27,10 @@
 //!   [`cluster`], and judged by
 //!   [`checkers`] (convergence, no lost write, no plaintext, no nonce
 //!   reuse, epochs, rotation, held envelopes, liveness, revocation).
+//! - [`quicnet`] and [`udp`]: the sync workload's quic profile
+//!   (`--net quic`): the same devices and relay over real quinn
+//!   connections, every QUIC and TLS secret seeded, on a simulated UDP
+//!   network that loses, duplicates and reorders datagrams.
 //!
 //! # Revocation
 //!
@@ -96,6 +100,8 @@ pub mod disk;
 pub mod harness;
 pub mod model;
 pub mod net;
+pub mod quicnet;
 pub mod sync;
 pub mod trace;
+pub mod udp;
 pub mod workload;

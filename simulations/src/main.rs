@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! persist-sim run --seed 42 [--workload kv|sync] [--steps N] [--devices 3] [--far-skew]
-//!                 [--revocation-races]
+//!                 [--revocation-races] [--net memory|quic]
 //! persist-sim sweep --seeds 200 [--from S] [--jobs 2] [--twice] [--workload sync] [--steps N]
 //! persist-sim replay --seed 42 --trace [--workload sync] …
 //! ```
@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use persist_sim::harness::{
-    self, BackendKind, Failure, OPS_DEFAULT, Outcome, SimConfig, WorkloadKind,
+    self, BackendKind, Failure, NetProfile, OPS_DEFAULT, Outcome, SimConfig, WorkloadKind,
 };
 use persist_sim::sync::{DEVICES_DEFAULT, STEPS_DEFAULT};
 
@@ -72,6 +72,11 @@ struct RunArgs {
     /// (README, "Simulations").
     #[arg(long)]
     revocation_races: bool,
+    /// What carries the devices' connections (sync): in-memory pipes, or
+    /// real QUIC (quinn, every secret seeded) over a simulated UDP network
+    /// that loses, duplicates and reorders datagrams; slower.
+    #[arg(long, alias = "profile", value_enum, default_value_t = NetProfile::Memory)]
+    net: NetProfile,
     /// Where the store keeps its database (kv).
     #[arg(long, value_enum, default_value_t = BackendKind::File)]
     backend: BackendKind,
@@ -92,6 +97,7 @@ impl RunArgs {
             .devices(self.devices)
             .far_skew(self.far_skew)
             .revocation_races(self.revocation_races)
+            .net(self.net)
     }
 }
 
@@ -282,6 +288,7 @@ fn sweep(seeds: u64, from: u64, jobs: usize, twice: bool, args: &RunArgs) -> Exi
     let t = tally.lock().unwrap_or_else(|p| p.into_inner());
     println!();
     println!("workload     {}", args.workload);
+    println!("net          {}", args.net);
     println!("runs         {}", t.runs);
     println!("failures     {}", t.failures.len());
     println!(

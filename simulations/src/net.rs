@@ -25,6 +25,17 @@
 //! gives it). Duplication happens the way it does in the product: a push
 //! cut before its acknowledgement is pushed again after the reconnect.
 //!
+//! # Profiles
+//! The in-memory profile ([`SimNet::new`]) is the pipes above. The quic
+//! profile ([`SimNet::quic`]) carries each dial over a real QUIC
+//! connection on a simulated UDP network instead ([`crate::quicnet`]):
+//! the same draws per dial, the dial delay the same, the latency a delay
+//! of every datagram of that connection, the cut the death of its link
+//! after that many datagram bytes, partitions and a down relay dropped
+//! datagrams (and refused dials, as here), and datagrams lost, duplicated
+//! and reordered besides ([`crate::udp`]). Connections then end as QUIC
+//! ends them: by idle timeout, or by the peer's close or stateless reset.
+//!
 //! # Invariants
 //! - The state lock is never held across an `.await`.
 //! - Every draw from the network's RNG happens in an order fixed by the
@@ -43,6 +54,9 @@ use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
 use tokio::task::AbortHandle;
+
+use crate::quicnet::QuicNet;
+use crate::udp::UdpFaults;
 
 /// Bytes each in-memory pipe buffers per direction.
 const PIPE_BYTES: usize = 64 * 1024;
@@ -65,6 +79,8 @@ pub struct NetFaults {
     pub cut_percent: u32,
     /// Most bytes a cut connection carries before it is cut.
     pub cut_after_bytes_max: u64,
+    /// Datagram faults (quic profile only).
+    pub udp: UdpFaults,
 }
 
 impl NetFaults {
@@ -76,6 +92,7 @@ impl NetFaults {
         latency_ms_max: 0,
         cut_percent: 0,
         cut_after_bytes_max: 0,
+        udp: UdpFaults::NONE,
     };
 
     /// The faults of a run's busy phase, scaled by the seed's `intensity`
@@ -93,6 +110,7 @@ impl NetFaults {
             latency_ms_max: 300,
             cut_percent: 10 * intensity,
             cut_after_bytes_max: 20_000,
+            udp: UdpFaults::from_intensity(intensity),
         }
     }
 }
@@ -113,6 +131,8 @@ pub struct TappedConn {
 pub struct SimNet {
     inner: Arc<Mutex<NetState>>,
     relay: Arc<SimRelay>,
+    /// The quic profile's network; `None` in the in-memory profile.
+    quic: Option<Arc<QuicNet>>,
 }
 
 /// The relay's storage, with a switch that drops every mailbox item (so
@@ -249,7 +269,37 @@ impl SimNet {
                 store: MemoryRelay::new(),
                 drop_mail: std::sync::atomic::AtomicBool::new(false),
             }),
+            quic: None,
         }
+    }
+
+    /// The quic profile: as [`SimNet::new`], but each dial is a QUIC
+    /// connection over a simulated UDP network (see "Profiles"). Starts
+    /// the relay's endpoint, so it must run inside the run's runtime.
+    pub fn quic(seed: u64, devices: usize) -> Result<Self, String> {
+        let mut net = Self::new(seed, devices);
+        let quic = Arc::new(QuicNet::new(seed)?);
+        quic.start_relay(net.relay.clone())?;
+        net.quic = Some(quic);
+        Ok(net)
+    }
+
+    /// Per device, the bytes of every datagram it sent and was sent (quic
+    /// profile; empty in memory): what the plaintext checker also scans.
+    pub fn wire(&self) -> Vec<(String, Vec<u8>)> {
+        let Some(quic) = &self.quic else {
+            return Vec::new();
+        };
+        quic.udp
+            .wire()
+            .into_iter()
+            .flat_map(|(d, (up, down))| {
+                [
+                    (format!("datagrams of device {d} (up)"), up),
+                    (format!("datagrams of device {d} (down)"), down),
+                ]
+            })
+            .collect()
     }
 
     fn lock(&self) -> MutexGuard<'_, NetState> {
@@ -282,6 +332,9 @@ impl SimNet {
     /// Sets the per-connection faults for dials from now on.
     pub fn set_faults(&self, faults: NetFaults) {
         self.lock().faults = faults;
+        if let Some(quic) = &self.quic {
+            quic.udp.set_faults(faults.udp);
+        }
     }
 
     /// Cuts `device` off: its dials fail and its connections die.
@@ -293,11 +346,17 @@ impl SimNet {
             state.take_live(|d| d == device)
         };
         kill(doomed);
+        if let Some(quic) = &self.quic {
+            quic.udp.set_partitioned(device, true);
+        }
     }
 
     /// Lets `device` reach the relay again.
     pub fn heal(&self, device: usize) {
         self.lock().partitioned[device] = false;
+        if let Some(quic) = &self.quic {
+            quic.udp.set_partitioned(device, false);
+        }
     }
 
     /// Whether `device` is cut off.
@@ -314,11 +373,27 @@ impl SimNet {
             state.take_live(|_| true)
         };
         kill(doomed);
+        if let Some(quic) = &self.quic {
+            quic.stop_relay();
+        }
     }
 
     /// Starts the relay again on the data it had.
     pub fn relay_up(&self) {
         self.lock().relay_up = true;
+        self.start_quic_relay();
+    }
+
+    /// Binds the quic profile's relay endpoint again, if it is down.
+    fn start_quic_relay(&self) {
+        if let Some(quic) = &self.quic
+            && let Err(e) = quic.start_relay(self.relay.clone())
+        {
+            // Binding on the simulated network cannot fail but for a
+            // TLS config error, which the first start would have shown.
+            self.lock().count("relay_start_failed");
+            debug_assert!(false, "the simulated relay did not start again: {e}");
+        }
     }
 
     /// Whether the relay is up.
@@ -328,12 +403,22 @@ impl SimNet {
 
     /// Heals every partition and starts the relay; faults off.
     pub fn calm(&self) {
-        let mut state = self.lock();
-        state.faults = NetFaults::NONE;
-        state.relay_up = true;
-        for p in &mut state.partitioned {
-            *p = false;
+        let devices = {
+            let mut state = self.lock();
+            state.faults = NetFaults::NONE;
+            state.relay_up = true;
+            for p in &mut state.partitioned {
+                *p = false;
+            }
+            state.partitioned.len()
+        };
+        if let Some(quic) = &self.quic {
+            quic.udp.set_faults(UdpFaults::NONE);
+            for d in 0..devices {
+                quic.udp.set_partitioned(d, false);
+            }
         }
+        self.start_quic_relay();
     }
 
     /// Every connection's bytes so far.
@@ -353,7 +438,13 @@ impl SimNet {
 
     /// Faults that fired, by kind.
     pub fn fired(&self) -> BTreeMap<&'static str, u64> {
-        self.lock().fired.clone()
+        let mut fired = self.lock().fired.clone();
+        if let Some(quic) = &self.quic {
+            for (kind, n) in quic.udp.fired() {
+                *fired.entry(kind).or_default() += n;
+            }
+        }
+        fired
     }
 
     /// Connections made so far.
@@ -392,6 +483,9 @@ impl SimNet {
             if !state.relay_up || state.partitioned[device] {
                 return Err("simulated: the relay went away during the dial".into());
             }
+        }
+        if let Some(quic) = &self.quic {
+            return self.dial_quic(quic, device, latency_ms, cut_after).await;
         }
         let (client, client_far) = tokio::io::duplex(PIPE_BYTES);
         let (server_far, server) = tokio::io::duplex(PIPE_BYTES);
@@ -441,6 +535,39 @@ impl SimNet {
             read: Box::new(read),
             write: Box::new(write),
         })
+    }
+}
+
+impl SimNet {
+    /// The quic profile's dial: a tapped QUIC connection (see
+    /// [`crate::quicnet`]).
+    async fn dial_quic(
+        &self,
+        quic: &QuicNet,
+        device: usize,
+        latency_ms: Option<u64>,
+        cut_after: Option<u64>,
+    ) -> Result<persist::Conversation, String> {
+        let id = {
+            let mut state = self.lock();
+            state.tapped.push(TappedConn {
+                device,
+                ..TappedConn::default()
+            });
+            state.tapped.len() - 1
+        };
+        let net = self.clone();
+        let tap: crate::quicnet::Tap = Arc::new(move |up: bool, bytes: &[u8]| {
+            let mut state = net.lock();
+            let conn = &mut state.tapped[id];
+            if up {
+                conn.up.extend_from_slice(bytes);
+            } else {
+                conn.down.extend_from_slice(bytes);
+            }
+        });
+        let latency = Duration::from_millis(latency_ms.unwrap_or(0));
+        quic.dial(device, latency, cut_after, tap).await
     }
 }
 

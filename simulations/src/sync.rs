@@ -800,6 +800,11 @@ impl SyncWorkload {
         for (locator, envelope) in &relay_entries {
             haystacks.push((format!("relay row {locator}"), envelope));
         }
+        // The quic profile's datagrams, as sent (QUIC encrypts them).
+        let wire = cluster.net.wire();
+        for (name, bytes) in &wire {
+            haystacks.push((name.clone(), bytes));
+        }
         checkers::check_no_plaintext(&needles, &haystacks)?;
 
         // No nonce reuse among everything pushed.

@@ -19,6 +19,8 @@
 //!   whose streams are conversations.
 //! - [`memory`]: two connected ends in one process, for tests and
 //!   simulations.
+//! - `sim` (feature `sim`, debug builds only): the QUIC endpoints over a
+//!   simulation's in-memory UDP socket, every secret seeded.
 //!
 //! This crate moves bytes; it never looks inside an envelope and never
 //! decides what a conversation means (that is the relay's and the
@@ -40,6 +42,8 @@
 pub mod frame;
 pub mod memory;
 pub mod quic;
+#[cfg(feature = "sim")]
+pub mod sim;
 pub mod tls;
 
 pub use frame::{FrameError, FrameReceiver, FrameSender, RecvHalf, SendHalf};

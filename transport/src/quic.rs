@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::frame::{FrameReceiver, FrameSender, RecvHalf, SendHalf};
-use crate::tls::{self, CertPin, Refusal, RefusalSlot, ServerIdentity, Trust};
+use crate::tls::{self, CertPin, Refusal, RefusalSlot, ServerIdentity, TlsBasis, Trust};
 
 /// How long a connection may go without any packet before it is dropped.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -98,15 +98,16 @@ impl Server {
     /// Listens on `addr` (port 0 picks a free one; see [`Server::local_addr`])
     /// presenting `identity`. Must run inside a tokio runtime.
     pub fn bind(addr: SocketAddr, identity: &ServerIdentity) -> Result<Server, BindError> {
-        let crypto = identity
-            .server_config()
-            .map_err(|e| BindError::Tls(e.to_string()))?;
-        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)
-            .map_err(|e| BindError::Tls(e.to_string()))?;
-        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        let crypto = server_crypto(identity, &TlsBasis::product())?;
+        let mut config = quinn::ServerConfig::with_crypto(crypto);
         config.transport_config(Arc::new(transport_config()));
         let endpoint = quinn::Endpoint::server(config, addr)
             .map_err(|source| BindError::Socket { addr, source })?;
+        Self::serve(endpoint, addr)
+    }
+
+    /// Accepts on `endpoint`, a server endpoint bound at `addr`.
+    pub(crate) fn serve(endpoint: quinn::Endpoint, addr: SocketAddr) -> Result<Server, BindError> {
         let addr = endpoint
             .local_addr()
             .map_err(|source| BindError::Socket { addr, source })?;
@@ -163,6 +164,19 @@ impl std::fmt::Debug for Server {
             .field("addr", &self.addr)
             .finish_non_exhaustive()
     }
+}
+
+/// The QUIC server crypto presenting `identity` over `basis`.
+pub(crate) fn server_crypto(
+    identity: &ServerIdentity,
+    basis: &TlsBasis,
+) -> Result<Arc<quinn::crypto::rustls::QuicServerConfig>, BindError> {
+    let crypto = identity
+        .server_config(basis)
+        .map_err(|e| BindError::Tls(e.to_string()))?;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)
+        .map_err(|e| BindError::Tls(e.to_string()))?;
+    Ok(Arc::new(crypto))
 }
 
 /// Accepts incoming connections, runs their handshakes concurrently and
@@ -281,9 +295,24 @@ pub enum ConnectError {
 }
 
 /// A client endpoint: one local UDP socket for any number of connections.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Client {
     endpoint: quinn::Endpoint,
+    tls: TlsBasis,
+    /// Where the destination connection id of a first packet comes from;
+    /// `None`: quinn's random one. Seeded in simulations.
+    initial_dst_cid: Option<InitialDstCid>,
+}
+
+/// Makes the destination connection id of a connection's first packet.
+pub(crate) type InitialDstCid = Arc<dyn Fn() -> quinn::ConnectionId + Send + Sync>;
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Client {
@@ -296,7 +325,25 @@ impl Client {
             (Ipv4Addr::UNSPECIFIED, 0).into()
         };
         let endpoint = quinn::Endpoint::client(local).map_err(ConnectError::Socket)?;
-        Ok(Self { endpoint })
+        Ok(Self {
+            endpoint,
+            tls: TlsBasis::product(),
+            initial_dst_cid: None,
+        })
+    }
+
+    /// A client on `endpoint`, its TLS built on `tls`.
+    #[cfg(feature = "sim")]
+    pub(crate) fn on(
+        endpoint: quinn::Endpoint,
+        tls: TlsBasis,
+        initial_dst_cid: Option<InitialDstCid>,
+    ) -> Self {
+        Self {
+            endpoint,
+            tls,
+            initial_dst_cid,
+        }
     }
 
     /// Connects to `addr`, which must present a certificate that `trust`
@@ -309,12 +356,15 @@ impl Client {
         trust: &Trust,
     ) -> Result<Connection, ConnectError> {
         let refusal: RefusalSlot = Arc::new(Mutex::new(None));
-        let crypto = tls::client_config(trust, refusal.clone())
+        let crypto = tls::client_config(&self.tls, trust, refusal.clone())
             .map_err(|e| ConnectError::Tls(e.to_string()))?;
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(crypto)
             .map_err(|e| ConnectError::Tls(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         config.transport_config(Arc::new(transport_config()));
+        if let Some(cids) = &self.initial_dst_cid {
+            config.initial_dst_cid_provider(cids.clone());
+        }
         let connecting = self
             .endpoint
             .connect_with(config, addr, server_name)
@@ -402,6 +452,38 @@ impl Connection {
     pub async fn open_stream(&self) -> Result<(SendHalf, RecvHalf), StreamError> {
         let (send, recv) = self.inner.open_bi().await?;
         Ok(halves(send, recv))
+    }
+
+    /// Opens a conversation as raw bytes (the caller frames them), for
+    /// simulations whose devices dial through `persist::Dial`.
+    #[cfg(feature = "sim")]
+    pub async fn open_byte_stream(
+        &self,
+    ) -> Result<(crate::frame::BoxWrite, crate::frame::BoxRead), StreamError> {
+        let (send, recv) = self.inner.open_bi().await?;
+        Ok((
+            Box::new(QuicSend {
+                stream: send,
+                stopped: None,
+            }),
+            Box::new(recv),
+        ))
+    }
+
+    /// The next conversation the peer opens, as raw bytes (the caller
+    /// frames them), for simulations that tap what a relay receives.
+    #[cfg(feature = "sim")]
+    pub async fn accept_byte_stream(
+        &self,
+    ) -> Result<(crate::frame::BoxWrite, crate::frame::BoxRead), StreamError> {
+        let (send, recv) = self.inner.accept_bi().await?;
+        Ok((
+            Box::new(QuicSend {
+                stream: send,
+                stopped: None,
+            }),
+            Box::new(recv),
+        ))
     }
 
     /// The next conversation the peer opens.
@@ -495,7 +577,7 @@ impl AsyncWrite for QuicSend {
     }
 }
 
-fn transport_config() -> quinn::TransportConfig {
+pub(crate) fn transport_config() -> quinn::TransportConfig {
     let mut config = quinn::TransportConfig::default();
     config
         .max_idle_timeout(Some(

@@ -63,6 +63,26 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// What every TLS config of an endpoint is built on: the crypto provider
+/// (its randomness and key exchange) and the wall clock rustls reads.
+/// [`TlsBasis::product`] everywhere but in simulations, which seed both
+/// (`sim` feature).
+#[derive(Clone, Debug)]
+pub(crate) struct TlsBasis {
+    pub(crate) provider: Arc<CryptoProvider>,
+    pub(crate) time: Arc<dyn rustls::time_provider::TimeProvider>,
+}
+
+impl TlsBasis {
+    /// ring with the OS's randomness, and the system clock.
+    pub(crate) fn product() -> Self {
+        Self {
+            provider: provider(),
+            time: Arc::new(rustls::time_provider::DefaultTimeProvider),
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Pins
 
@@ -308,6 +328,17 @@ impl ServerIdentity {
         Self::checked(chain, key_der, cert, key)
     }
 
+    /// A certificate chain (end-entity first) and its key, already in DER
+    /// (simulations make them from their seed).
+    #[cfg(feature = "sim")]
+    pub(crate) fn from_der(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<Self, IdentityError> {
+        let seeded = Path::new("(seeded)");
+        Self::checked(chain, key, seeded, seeded)
+    }
+
     /// The pin clients use to trust this identity.
     pub fn pin(&self) -> CertPin {
         self.pin
@@ -318,12 +349,17 @@ impl ServerIdentity {
         &self.chain
     }
 
-    /// A rustls server config for `persist/1` presenting this identity.
-    pub(crate) fn server_config(&self) -> Result<rustls::ServerConfig, rustls::Error> {
-        let mut config = rustls::ServerConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_no_client_auth()
-            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+    /// A rustls server config for `persist/1` presenting this identity,
+    /// with the crypto and clock of `basis`.
+    pub(crate) fn server_config(
+        &self,
+        basis: &TlsBasis,
+    ) -> Result<rustls::ServerConfig, rustls::Error> {
+        let mut config =
+            rustls::ServerConfig::builder_with_details(basis.provider.clone(), basis.time.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13])?
+                .with_no_client_auth()
+                .with_single_cert(self.chain.clone(), self.key.clone_key())?;
         config.alpn_protocols = vec![ALPN.to_vec()];
         Ok(config)
     }
@@ -463,12 +499,13 @@ pub(crate) enum Refusal {
 pub(crate) type RefusalSlot = Arc<Mutex<Option<Refusal>>>;
 
 /// A rustls client config for `persist/1` with `trust`, recording any
-/// certificate refusal in `refusal`.
+/// certificate refusal in `refusal`, with the crypto and clock of `basis`.
 pub(crate) fn client_config(
+    basis: &TlsBasis,
     trust: &Trust,
     refusal: RefusalSlot,
 ) -> Result<rustls::ClientConfig, rustls::Error> {
-    let provider = provider();
+    let provider = basis.provider.clone();
     let verifier: Arc<dyn ServerCertVerifier> = match trust {
         Trust::Pin(pin) => Arc::new(PinVerifier {
             pin: *pin,
@@ -485,7 +522,7 @@ pub(crate) fn client_config(
             Arc::new(RecordingVerifier { inner, refusal })
         }
     };
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+    let mut config = rustls::ClientConfig::builder_with_details(provider, basis.time.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         // Not skip-verification: both verifiers check the certificate
