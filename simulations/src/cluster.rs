@@ -401,11 +401,7 @@ mod tests {
     /// write was there after the reboot.
     #[test]
     fn a_put_cut_off_at_any_point_is_all_or_nothing_and_its_error_says_so() {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .unwrap();
+        let runtime = crate::harness::paused_runtime().unwrap();
         let (mut failed, mut failed_yet_stored) = (0, 0);
         runtime.block_on(async {
             for ops in 0..POWER_CUT_OPS_MAX {

@@ -318,10 +318,7 @@ pub fn run(config: &SimConfig) -> Result<Outcome, Failure> {
     // The key's path is not part of the database, so a fresh directory
     // per run keeps runs independent without changing the hash.
     let key_file = dir.path().join("keys").join("device.key");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
+    let runtime = crate::harness::paused_runtime()
         .map_err(|e| fail(FailureKind::Setup(format!("tokio runtime: {e}"))))?;
     runtime
         .block_on(run_on(config, dir.path(), key_file))
@@ -404,16 +401,12 @@ fn run_sync(config: &SimConfig) -> Result<Outcome, Failure> {
                 Vec::new(),
             )
         })?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .map_err(|e| {
-            fail(
-                FailureKind::Setup(format!("tokio runtime: {e}")),
-                Vec::new(),
-            )
-        })?;
+    let runtime = crate::harness::paused_runtime().map_err(|e| {
+        fail(
+            FailureKind::Setup(format!("tokio runtime: {e}")),
+            Vec::new(),
+        )
+    })?;
     let mut trace = if config.keep_trace {
         Trace::logging()
     } else {
@@ -477,4 +470,13 @@ async fn run_sync_on(
     let summary = outcome.map_err(FailureKind::Sync)?;
     closed.map_err(FailureKind::Close)?;
     Ok(summary)
+}
+
+/// The runtime every simulation runs on: one thread, its clock paused (it
+/// jumps to the next timer whenever every task waits), so a seed replays.
+pub fn paused_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
 }

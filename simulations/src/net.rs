@@ -302,6 +302,16 @@ impl SimNet {
             .collect()
     }
 
+    /// Starts tapping a new connection of `device`; returns its index.
+    fn new_tap(&self, device: usize) -> usize {
+        let mut state = self.lock();
+        state.tapped.push(TappedConn {
+            device,
+            ..TappedConn::default()
+        });
+        state.tapped.len() - 1
+    }
+
     fn lock(&self) -> MutexGuard<'_, NetState> {
         // No code panics while holding the lock; a poisoned lock still
         // holds consistent state.
@@ -489,14 +499,7 @@ impl SimNet {
         }
         let (client, client_far) = tokio::io::duplex(PIPE_BYTES);
         let (server_far, server) = tokio::io::duplex(PIPE_BYTES);
-        let id = {
-            let mut state = self.lock();
-            state.tapped.push(TappedConn {
-                device,
-                ..TappedConn::default()
-            });
-            state.tapped.len() - 1
-        };
+        let id = self.new_tap(device);
         let (server_read, server_write) = tokio::io::split(server);
         let relay = self.relay.clone();
         let session = tokio::spawn(async move {
@@ -548,14 +551,7 @@ impl SimNet {
         latency_ms: Option<u64>,
         cut_after: Option<u64>,
     ) -> Result<persist::Conversation, String> {
-        let id = {
-            let mut state = self.lock();
-            state.tapped.push(TappedConn {
-                device,
-                ..TappedConn::default()
-            });
-            state.tapped.len() - 1
-        };
+        let id = self.new_tap(device);
         let net = self.clone();
         let tap: crate::quicnet::Tap = Arc::new(move |up: bool, bytes: &[u8]| {
             let mut state = net.lock();

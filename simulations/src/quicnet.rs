@@ -254,11 +254,7 @@ mod tests {
 
     #[test]
     fn the_stream_is_tapped_in_the_clear_and_the_datagrams_are_not() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .expect("runtime");
+        let rt = crate::harness::paused_runtime().expect("runtime");
         rt.block_on(async {
             let net = SimNet::quic(1, 1).expect("quic net");
             let mut conv = net.dial_for(0).dial().await.expect("dial");

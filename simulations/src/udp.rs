@@ -507,11 +507,7 @@ mod tests {
     use super::*;
 
     fn exchange(seed: u64, faults: UdpFaults, n: usize) -> (UdpNet, Vec<Vec<u8>>) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .expect("runtime");
+        let rt = crate::harness::paused_runtime().expect("runtime");
         rt.block_on(async {
             let net = UdpNet::new(seed);
             net.set_faults(faults);
@@ -573,11 +569,7 @@ mod tests {
 
     #[test]
     fn partitions_and_a_down_relay_drop_everything() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .expect("runtime");
+        let rt = crate::harness::paused_runtime().expect("runtime");
         rt.block_on(async {
             let net = UdpNet::new(6);
             let a = net.bind(Owner::Device(0), Duration::ZERO, None);
@@ -598,11 +590,7 @@ mod tests {
 
     #[test]
     fn a_cut_link_dies_after_its_bytes() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .start_paused(true)
-            .build()
-            .expect("runtime");
+        let rt = crate::harness::paused_runtime().expect("runtime");
         rt.block_on(async {
             let net = UdpNet::new(7);
             let a = net.bind(Owner::Device(0), Duration::ZERO, Some(10));
