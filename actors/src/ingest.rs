@@ -800,11 +800,16 @@ fn decide(
         Err(OpenRecordError::UnknownEpoch(epoch)) => {
             return Decision::Defer(PendingReason::UnknownEpoch(epoch));
         }
-        // A member signed these bytes (checked above: the signature covers
-        // the locator, header and ciphertext), so no relay altered them; if
-        // none of the epoch's keys held here opens them, they were sealed
-        // under a concurrent rotation's key that is on its way.
-        Err(OpenRecordError::Envelope(OpenError::Integrity)) if signer_key.is_some() => {
+        // A member that is not revoked signed the locator, header and
+        // ciphertext (checked above; the AEAD tag is not signed). If none of
+        // the epoch's keys held here opens them, they may be sealed under a
+        // concurrent rotation's key still on its way: held, not refused.
+        // Pending keeps one envelope per locator, so a relay that alters
+        // tags holds back no more than it could withhold; a revoked
+        // device's are refused, or it could fill pending at new locators.
+        Err(OpenRecordError::Envelope(OpenError::Integrity))
+            if signer_key.is_some() && !known.revoked.contains_key(&header.signer) =>
+        {
             return Decision::Defer(PendingReason::UnknownEpoch(header.epoch));
         }
         Err(OpenRecordError::Envelope(e)) => return refuse(integrity(e)),
@@ -1125,6 +1130,25 @@ mod tests {
                 );
             }
         }
+        // A revoked device's envelope that no key opens is refused: held,
+        // it could fill pending with junk at locators of its choosing.
+        let mut revoked = b.keys();
+        let revocation = persist_core::keyring::Revocation {
+            device_id: a.ring.device_id(),
+            by: b.ring.device_id(),
+            epoch: Epoch(9),
+            at: Hlc {
+                ms: NOW + DRIFT,
+                counter: 0,
+            },
+        };
+        revoked.revoked.insert(a.ring.device_id(), revocation);
+        let mut junk = a.seal("notes/junk", b"x", NOW);
+        let tag_at = junk.envelope.len() - SIGNATURE_LEN - 1;
+        junk.envelope[tag_at] ^= 1;
+        let plan = super::plan(&revoked, vec![a.announcement(), junk], NOW, DRIFT);
+        assert_eq!(plan.refused.len(), 1, "{plan:?}");
+        assert!(plan.pending.is_empty() && plan.parks.is_empty(), "{plan:?}");
         // Moved to another locator: refused too.
         let mut moved = a.seal("notes/1", b"hi", NOW);
         moved.locator = a.ring.index_key.locator(&a.ring.store_id, "notes/2");

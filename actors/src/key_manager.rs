@@ -775,6 +775,14 @@ impl KeyManagerState {
         let Some(ring) = self.keyring.as_ref() else {
             return Vec::new();
         };
+        // Acknowledgements of keys no longer sent out are forgotten.
+        self.concurrent_acks.retain(|(e, a, _)| {
+            ring.epochs.get(e).is_some_and(|entry| {
+                matches!(entry.state, EpochState::Current | EpochState::Rotating)
+                    && entry.holds(a)
+                    && entry.announcement != *a
+            })
+        });
         let me = ring.device_id();
         let mut out = Vec::new();
         for (epoch, entry) in &ring.epochs {
@@ -880,11 +888,6 @@ impl KeyManagerState {
                     .epochs
                     .get(&epoch)
                     .is_some_and(|e| e.holds(&announcement));
-                // The relay token travels only with the keys of the
-                // revocation's epoch, from a member that holds it.
-                if let Some(token) = relay_token {
-                    self.learn_relay_token(epoch, token).await?;
-                }
                 let new_epoch = if known {
                     None
                 } else {
@@ -909,9 +912,10 @@ impl KeyManagerState {
                         })
                         .await?;
                     if merge.refused.contains(&epoch) {
+                        // Acknowledged all the same, or it comes again.
                         tracing::warn!(?epoch, %sender, max = EPOCH_KEYS_MAX,
-                            "a member sent one more key of an epoch that holds all it may; refused");
-                        return Ok(Taken::default());
+                            "a member sent another key of an epoch this device purged, or that \
+                             holds all the keys it may; not kept");
                     }
                     if merge.concurrent.contains(&epoch) {
                         self.took_concurrent(epoch, merge.superseded.contains(&epoch))
@@ -938,6 +942,18 @@ impl KeyManagerState {
                     }
                     Some(epoch)
                 };
+                // The relay token travels with the revocation's key: taken
+                // only with the key the epoch now seals under (a revocation's
+                // outranks a concurrent plain rotation's), never with one
+                // kept beside it.
+                let own = self
+                    .keyring
+                    .as_ref()
+                    .and_then(|r| r.epochs.get(&epoch))
+                    .is_some_and(|e| e.announcement == announcement);
+                if own && let Some(token) = relay_token {
+                    self.learn_relay_token(epoch, token).await?;
+                }
                 let ring = self.keyring.as_ref().ok_or(KeyError::NotEncrypted)?;
                 let ack = keywrap::seal_ack(store, &ring.device, sender, epoch, announcement);
                 Ok(Taken {

@@ -14,10 +14,10 @@
 //! KeyManager to retire those epochs.
 //!
 //! A member that takes a newer epoch's key from another member's parcel
-//! reseals only what it signed itself ([`RotatorMsg::ResealOwn`]): the
-//! rotating member reseals everything it holds, and every other member
-//! what it wrote (perhaps while the rotating member could not see it), so
-//! no record is resealed by every member.
+//! reseals only what it signed itself, and what revoked devices signed
+//! ([`RotatorMsg::ResealOwn`]): the rotating member reseals everything it
+//! holds, and every other member what it wrote (perhaps while the rotating
+//! member could not see it), so no record is resealed by every member.
 //!
 //! **Messages.** [`RotatorMsg::Start`] (from KeyManager after a rotation,
 //! and at every start, to resume); [`RotatorMsg::ResealOwn`] (from
@@ -330,7 +330,16 @@ impl RotatorState {
                 continue;
             }
             let expected = match Envelope::parse(&row.envelope) {
-                Ok(e) if self.own_only && e.header.signer != keys.device_id => continue,
+                // Own only: what this device signed, and what a device no
+                // longer a member signed (no one else reseals that).
+                Ok(e)
+                    if self.own_only
+                        && e.header.signer != keys.device_id
+                        && keys.member_key(&e.header.signer).is_some()
+                        && !keys.revoked.contains_key(&e.header.signer) =>
+                {
+                    continue;
+                }
                 Ok(e) => e.header.precedence(),
                 Err(e) => {
                     tracing::warn!(%locator, error = %e, "cannot reseal a damaged record; left as is");

@@ -1287,6 +1287,45 @@ mod tests {
     }
 
     #[test]
+    fn concurrent_keys_out_of_order_are_refused_when_read() {
+        let (mut a, c) = concurrent_rotation(70);
+        a.merge_export(ExportedKeys::from_keyring(&c)).unwrap();
+        let concurrent = |wire: &KeyringWire| {
+            wire.epochs
+                .iter()
+                .rposition(|e| e.epoch == 2)
+                .expect("epoch 2's second key")
+        };
+        assert!(Keyring::from_wire(&a.to_wire()).is_ok());
+        // A concurrent key that ranks above its entry's own key.
+        let mut wire = a.to_wire();
+        let i = concurrent(&wire);
+        wire.epochs[i].announcement = [0xff; 32];
+        let out_of_order = Some(KeyringError::Invalid(
+            "an epoch's concurrent keys are out of order",
+        ));
+        assert_eq!(Keyring::from_wire(&wire).err(), out_of_order);
+        // One in another state than its entry.
+        let mut wire = a.to_wire();
+        let i = concurrent(&wire);
+        wire.epochs[i].state = EpochState::Retired as u8;
+        assert_eq!(Keyring::from_wire(&wire).err(), out_of_order);
+        // The same, through an export: its concurrent key must follow the
+        // epoch's own, lower.
+        let mut export = ExportedKeys::from_keyring(&a);
+        let (_, entry) = export
+            .epochs
+            .iter_mut()
+            .find(|(n, _)| *n == Epoch(2))
+            .unwrap();
+        std::mem::swap(
+            &mut entry.announcement,
+            &mut entry.concurrent[0].announcement,
+        );
+        assert!(ExportedKeys::decode(&export.encode()).is_err());
+    }
+
+    #[test]
     fn an_epoch_keeps_a_bounded_number_of_concurrent_keys() {
         let (mut a, _) = concurrent_rotation(40);
         let mut rng = SeededEntropy::from_u64(41).stream("more");
