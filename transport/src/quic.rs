@@ -461,13 +461,7 @@ impl Connection {
         &self,
     ) -> Result<(crate::frame::BoxWrite, crate::frame::BoxRead), StreamError> {
         let (send, recv) = self.inner.open_bi().await?;
-        Ok((
-            Box::new(QuicSend {
-                stream: send,
-                stopped: None,
-            }),
-            Box::new(recv),
-        ))
+        Ok(byte_halves(send, recv))
     }
 
     /// The next conversation the peer opens, as raw bytes (the caller
@@ -477,13 +471,7 @@ impl Connection {
         &self,
     ) -> Result<(crate::frame::BoxWrite, crate::frame::BoxRead), StreamError> {
         let (send, recv) = self.inner.accept_bi().await?;
-        Ok((
-            Box::new(QuicSend {
-                stream: send,
-                stopped: None,
-            }),
-            Box::new(recv),
-        ))
+        Ok(byte_halves(send, recv))
     }
 
     /// The next conversation the peer opens.
@@ -526,6 +514,21 @@ impl std::fmt::Debug for Connection {
     }
 }
 
+/// A stream's halves as raw bytes, for simulations (see
+/// [`Connection::open_byte_stream`]).
+#[cfg(feature = "sim")]
+fn byte_halves(
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) -> (crate::frame::BoxWrite, crate::frame::BoxRead) {
+    (
+        Box::new(QuicSend {
+            stream: send,
+            stopped: None,
+        }),
+        Box::new(recv),
+    )
+}
 fn halves(send: quinn::SendStream, recv: quinn::RecvStream) -> (SendHalf, RecvHalf) {
     (
         FrameSender::new(QuicSend {
