@@ -66,8 +66,10 @@ pub enum KeyError {
     /// Epoch numbers are exhausted (after 4 billion rotations).
     #[error("no epoch numbers are left")]
     EpochsExhausted,
-    /// The keyring could not be made durable; nothing changed.
-    #[error("the keyring change could not be stored, nothing changed: {0}")]
+    /// The keyring change could not be made durable; the key manager
+    /// holds the keyring as the disk has it (without the change, unless
+    /// the failed commit reached the disk after all).
+    #[error("the keyring change could not be stored: {0}")]
     Storage(String),
     /// The export could not be made.
     #[error("export failed: {0}")]

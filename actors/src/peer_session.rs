@@ -52,7 +52,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use persist_core::env::{Clock, Entropy, RngStream};
+use persist_core::env::{Clock, Entropy, FaultPoint, Faults, INJECTED_FAULT, RngStream};
 use persist_core::envelope::Envelope;
 use persist_core::protocol::{
     AccessKey, ENTRIES_PER_MESSAGE_MAX, ErrorCode, Hello, LogEntry, MESSAGE_PAYLOAD_BYTES_TARGET,
@@ -144,6 +144,8 @@ pub struct SessionArgs {
     pub clock: Arc<dyn Clock>,
     /// Randomness for reconnect jitter.
     pub entropy: Arc<dyn Entropy>,
+    /// Fault points (simulations only).
+    pub faults: Faults,
     /// Largest accepted drift of remote stamps, in ms.
     pub max_drift_ms: u64,
     /// The StorageWriter's last change sequence number.
@@ -409,8 +411,8 @@ impl Actor for PeerSession {
                 if state.conn.is_none() {
                     // Joins the attempt in progress, or starts one now.
                     state.start_connect(&myself);
-                } else {
-                    state.pump().await;
+                } else if let Err(error) = state.pump().await {
+                    state.disconnect(&myself, error);
                 }
             }
             PeerMsg::Received { generation, msg } => {
@@ -446,8 +448,10 @@ impl Actor for PeerSession {
             }
             PeerMsg::LocalChange => {
                 state.publish();
-                if state.conn.is_some() {
-                    state.pump().await;
+                if state.conn.is_some()
+                    && let Err(error) = state.pump().await
+                {
+                    state.disconnect(&myself, error);
                 }
             }
         }
@@ -504,10 +508,13 @@ impl SessionState {
             })
         };
         let routes = self.args.routes.clone();
+        let faults = self.args.faults.clone();
         let me = myself.clone();
         self.connecting = Some(tokio::spawn(async move {
             let outcome = match access {
-                Some(access) => connect(connector.as_ref(), hello, access, next, &routes).await,
+                Some(access) => {
+                    connect(connector.as_ref(), hello, access, next, &routes, &faults).await
+                }
                 None => Err(SyncError::Refused {
                     remote: connector.remote(),
                     code: ErrorCode::Unauthorized,
@@ -561,7 +568,9 @@ impl SessionState {
                     self.disconnect(myself, error);
                     return;
                 }
-                self.pump().await;
+                if let Err(error) = self.pump().await {
+                    self.disconnect(myself, error);
+                }
             }
             Err(error) => {
                 tracing::info!(remote = %self.args.connector.remote(), %error, "sync: not connected");
@@ -633,16 +642,24 @@ impl SessionState {
             return;
         }
         self.reconnect_scheduled = true;
-        let delay = backoff(self.attempts, &mut self.rng);
+        let mut delay = backoff(self.attempts, &mut self.rng);
+        if let Some(extra) = self
+            .args
+            .faults
+            .delay(FaultPoint::ReconnectDelay, RECONNECT_DELAY_MAX)
+        {
+            delay += extra;
+        }
         self.attempts = self.attempts.saturating_add(1);
         myself.send_after(delay, || PeerMsg::Connect);
     }
 
     /// Starts a push and a pull if there is something to do and none is in
-    /// flight.
-    async fn pump(&mut self) {
+    /// flight. A push that cannot be sent ends the connection.
+    async fn pump(&mut self) -> Result<(), String> {
         if let Err(error) = self.start_push().await {
-            tracing::warn!(%error, "sync: push failed");
+            self.publish();
+            return Err(format!("push failed: {error}"));
         }
         let want_round = self.waiters.iter().any(|w| w.round > self.rounds_started)
             || self.pull_cursor < self.remote_head
@@ -654,6 +671,7 @@ impl SessionState {
             self.send_pull(self.pull_cursor).await;
         }
         self.publish();
+        Ok(())
     }
 
     /// Asks for the page after `since`.
@@ -701,6 +719,11 @@ impl SessionState {
                 .await
                 .map_err(|e| e.to_string())?;
             self.push_inflight.push_back((id, upto));
+            if self.args.faults.fire(FaultPoint::PushDrop) {
+                return Err(format!(
+                    "{INJECTED_FAULT}: the connection dropped after push {id} was sent"
+                ));
+            }
         }
         Ok(())
     }
@@ -791,7 +814,7 @@ impl SessionState {
                 self.remote_head = self.remote_head.max(head);
                 let acked = u64::from(accepted) + u64::from(stale);
                 self.args.status.send_modify(|s| s.pushed += acked);
-                self.pump().await;
+                self.pump().await?;
             }
             Message::Batch {
                 entries,
@@ -814,13 +837,13 @@ impl SessionState {
                     self.credential_retried = false;
                     self.remote_head = self.remote_head.max(cursor);
                     self.retry_pending().await?;
-                    self.pump().await;
+                    self.pump().await?;
                 }
             }
             Message::Notify { head } => {
                 self.remote_head = self.remote_head.max(head);
                 self.settle().await?;
-                self.pump().await;
+                self.pump().await?;
             }
             Message::Error { code, text } => {
                 return Err(format!("remote error {code:?}: {text}"));
@@ -1059,8 +1082,9 @@ async fn connect(
     access: AccessKey,
     next: Option<AccessKey>,
     routes: &Routes,
+    faults: &Faults,
 ) -> Result<Handshake, SyncError> {
-    let refused = match handshake(connector, &hello, access).await {
+    let refused = match handshake(connector, &hello, access, faults).await {
         Err(
             refused @ SyncError::Refused {
                 code: ErrorCode::Unauthorized,
@@ -1072,7 +1096,7 @@ async fn connect(
     let Some(next) = next else {
         return Err(refused);
     };
-    let handshake = match handshake(connector, &hello, next.clone()).await {
+    let handshake = match handshake(connector, &hello, next.clone(), faults).await {
         Ok(handshake) => handshake,
         Err(SyncError::Refused {
             code: ErrorCode::Unauthorized,
@@ -1106,6 +1130,7 @@ async fn handshake(
     connector: &dyn Connector,
     hello: impl Fn(AccessKey) -> Message,
     access: AccessKey,
+    faults: &Faults,
 ) -> Result<Handshake, SyncError> {
     let remote = connector.remote();
     let unreachable = |detail: String| SyncError::Unreachable {
@@ -1120,6 +1145,11 @@ async fn handshake(
     send.send(&hello(access.clone()))
         .await
         .map_err(|e| unreachable(e.to_string()))?;
+    if faults.fire(FaultPoint::HandshakeDrop) {
+        return Err(unreachable(format!(
+            "{INJECTED_FAULT}: the connection dropped after Hello was sent"
+        )));
+    }
     let answer = tokio::time::timeout(HELLO_TIMEOUT, recv.recv())
         .await
         .map_err(|_| unreachable("no answer to Hello".into()))?

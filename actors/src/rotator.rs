@@ -28,8 +28,9 @@
 //! and resumes from the persisted cursor.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use persist_core::env::{Entropy, RngStream};
+use persist_core::env::{Entropy, FaultPoint, Faults, INJECTED_FAULT, RngStream};
 use persist_core::envelope::{self, Envelope, Flags};
 use persist_core::{Epoch, Locator};
 use persist_storage::{LocalDb, Row};
@@ -51,6 +52,10 @@ pub const ROTATION_SLICE_RECORDS: usize = BACKGROUND_SLICE_WRITES_MAX;
 /// millisecond of CPU), so foreground puts are not stuck behind a slice.
 pub const RESEAL_YIELD_RECORDS: usize = 16;
 
+/// Longest wait between two slices that [`FaultPoint::RotationPause`]
+/// adds.
+const FAULT_PAUSE_MAX: Duration = Duration::from_secs(2);
+
 /// How far a rotation has come.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RotationProgress {
@@ -60,7 +65,7 @@ pub struct RotationProgress {
     /// `active` only for the epoch it finished, so a rotation started while
     /// another ends is never reported done.
     pub epoch: Epoch,
-    /// Records resealed since the Rotator (re)started.
+    /// Records resealed since the store opened.
     pub done: u64,
     /// `done` plus the records still under older epochs it holds keys for.
     pub total: u64,
@@ -90,6 +95,8 @@ pub struct RotatorArgs {
     pub entropy: Arc<dyn Entropy>,
     /// Where progress is published.
     pub progress: Arc<watch::Sender<RotationProgress>>,
+    /// Fault points (simulations only).
+    pub faults: Faults,
 }
 
 /// The Rotator actor.
@@ -135,12 +142,14 @@ impl Actor for Rotator {
             .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
             .map(Locator);
         let rng = args.entropy.stream("rotator");
+        // A restarted Rotator goes on counting where its predecessor was.
+        let done = args.progress.borrow().done;
         Ok(RotatorState {
             args,
             rng,
             running: false,
             cursor,
-            done: 0,
+            done,
             pass: Pass::default(),
             own_only: false,
         })
@@ -186,7 +195,17 @@ impl Actor for Rotator {
             }
             RotatorMsg::Step => {
                 if state.step().await? {
-                    myself.cast(RotatorMsg::Step)?;
+                    let faults = &state.args.faults;
+                    if faults.fire(FaultPoint::RotationStop) {
+                        return Err(format!(
+                            "{INJECTED_FAULT}: the rotator stopped between two slices"
+                        )
+                        .into());
+                    }
+                    match faults.delay(FaultPoint::RotationPause, FAULT_PAUSE_MAX) {
+                        Some(pause) => drop(myself.send_after(pause, || RotatorMsg::Step)),
+                        None => myself.cast(RotatorMsg::Step)?,
+                    }
                 } else {
                     state.running = false;
                 }
@@ -209,7 +228,12 @@ impl RotatorState {
         if self.cursor.is_some() || self.remaining(&keys)? > 0 {
             return Ok(false);
         }
-        self.finish(keys.current_epoch()).await?;
+        let epoch = keys.current_epoch();
+        self.finish(epoch).await?;
+        // A Rotator restarted after the last slice of a pass (whose
+        // predecessor failed before it could say so) ends the rotation
+        // here.
+        self.finish_progress(epoch, 0);
         Ok(true)
     }
 

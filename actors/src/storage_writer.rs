@@ -23,7 +23,9 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::time::Duration;
 
+use persist_core::env::{FaultPoint, Faults, INJECTED_FAULT};
 use persist_core::envelope::Envelope;
 use persist_core::hlc::Hlc;
 use persist_core::lww::{self, Precedence};
@@ -39,6 +41,9 @@ use crate::meta;
 /// Most writes one commit takes. Bounds a commit's memory and latency; a
 /// burst larger than this spreads over several commits.
 pub const COMMIT_WRITES_MAX: usize = 16 * 1024;
+
+/// Longest wait before a commit that [`FaultPoint::CommitDelay`] adds.
+const FAULT_COMMIT_DELAY_MAX: Duration = Duration::from_millis(200);
 
 /// Most background writes added to one commit while foreground writes wait.
 pub const BACKGROUND_SLICE_WRITES_MAX: usize = 256;
@@ -222,6 +227,8 @@ pub struct WriterArgs {
     /// Set to the last local change sequence number after every commit,
     /// so sync learns there is something to push.
     pub committed: Arc<watch::Sender<u64>>,
+    /// Fault points (simulations only).
+    pub faults: Faults,
 }
 
 /// The StorageWriter actor.
@@ -240,6 +247,7 @@ struct Pending {
 pub struct WriterState {
     db: Arc<LocalDb>,
     committed: Arc<watch::Sender<u64>>,
+    faults: Faults,
     foreground: VecDeque<Pending>,
     background: VecDeque<Pending>,
     flush_scheduled: bool,
@@ -259,6 +267,7 @@ impl Actor for StorageWriter {
         Ok(WriterState {
             db: args.db,
             committed: args.committed,
+            faults: args.faults,
             foreground: VecDeque::new(),
             background: VecDeque::new(),
             flush_scheduled: false,
@@ -322,6 +331,14 @@ impl Actor for StorageWriter {
                 state.enqueue(&myself, pending, Priority::Background)?;
             }
             WriterMsg::Flush => {
+                if let Some(delay) = state
+                    .faults
+                    .delay(FaultPoint::CommitDelay, FAULT_COMMIT_DELAY_MAX)
+                {
+                    // A slow disk: the commit starts late, and what arrives
+                    // meanwhile waits for the next one.
+                    tokio::time::sleep(delay).await;
+                }
                 state.flush_scheduled = false;
                 state.flush();
                 if !(state.foreground.is_empty() && state.background.is_empty()) {
@@ -391,7 +408,13 @@ impl WriterState {
             return;
         }
         let db = self.db.clone();
-        let outcome = run_blocking(|| commit(&db, &mut batch));
+        let outcome = if self.faults.fire(FaultPoint::CommitFail) {
+            Err(WriteError::Storage(format!(
+                "{INJECTED_FAULT}: the disk refused the transaction"
+            )))
+        } else {
+            run_blocking(|| commit(&db, &mut batch))
+        };
         self.commits += 1;
         match outcome {
             Ok((reports, last_change_seq)) => {

@@ -10,10 +10,13 @@
 //! **Messages.** [`SupervisorMsg::Shutdown`].
 //!
 //! **Supervisor.** None: the engine's `Store` owns it. **On failure** of a
-//! child it restarts that child, at most [`RESTARTS_MAX`] times over the
-//! store's life; past that it stops the store rather than loop, and the
-//! engine reports the store closed.
+//! child it restarts that child, at most [`RESTARTS_MAX`] times within
+//! [`RESTART_WINDOW_MS`] of the store's clock; past that it stops the store
+//! rather than loop, and the engine reports the store closed. A store that
+//! lives for months survives the odd failure; one that fails over and over
+//! stops.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use persist_core::StoreId;
@@ -32,8 +35,12 @@ use crate::routes::Routes;
 use crate::sealer::{Sealer, SealerArgs};
 use crate::storage_writer::{StorageWriter, WriterArgs};
 
-/// Most child restarts before the supervisor gives up on the store.
-pub const RESTARTS_MAX: u32 = 16;
+/// Most child restarts within [`RESTART_WINDOW_MS`] before the supervisor
+/// gives up on the store.
+pub const RESTARTS_MAX: usize = 16;
+
+/// The window over which restarts are counted, in ms.
+pub const RESTART_WINDOW_MS: u64 = 60_000;
 
 /// Everything a store's actor tree starts from.
 #[derive(Clone)]
@@ -82,7 +89,8 @@ pub struct StoreSupervisor;
 /// The supervisor's state.
 pub struct SupervisorState {
     args: StoreArgs,
-    restarts: u32,
+    /// When recent restarts happened (store clock, ms), oldest first.
+    restarts: VecDeque<u64>,
     shutting_down: bool,
 }
 
@@ -107,7 +115,7 @@ impl Actor for StoreSupervisor {
     ) -> Result<Self::State, ActorProcessingErr> {
         let state = SupervisorState {
             args,
-            restarts: 0,
+            restarts: VecDeque::new(),
             shutting_down: false,
         };
         for child in [
@@ -189,13 +197,23 @@ impl Actor for StoreSupervisor {
         let Some(child) = state.which(&cell) else {
             return Ok(());
         };
-        state.restarts += 1;
-        if state.restarts > RESTARTS_MAX {
+        let now = state.args.env.clock.now_ms();
+        // A clock that went back counts what came "after" it as recent.
+        while state
+            .restarts
+            .front()
+            .is_some_and(|&at| at.saturating_add(RESTART_WINDOW_MS) < now)
+        {
+            state.restarts.pop_front();
+        }
+        state.restarts.push_back(now);
+        if state.restarts.len() > RESTARTS_MAX {
             tracing::error!(?child, %err, "actor failed too often; closing the store");
             myself.stop(Some("too many actor failures".into()));
             return Ok(());
         }
-        tracing::warn!(?child, %err, restarts = state.restarts, "actor failed; restarting it");
+        tracing::warn!(?child, %err, recent_restarts = state.restarts.len(),
+            "actor failed; restarting it");
         state.start(myself.get_cell(), child).await
     }
 }
@@ -241,6 +259,7 @@ impl SupervisorState {
                 let args = WriterArgs {
                     db: a.db.clone(),
                     committed: a.committed.clone(),
+                    faults: a.env.faults.clone(),
                 };
                 let (r, _) = Actor::spawn_linked(None, StorageWriter, args, supervisor).await?;
                 a.routes.set_writer(Some(r));
@@ -266,6 +285,7 @@ impl SupervisorState {
                     routes: a.routes.clone(),
                     entropy: a.env.entropy.clone(),
                     progress: a.progress.clone(),
+                    faults: a.env.faults.clone(),
                 };
                 let (r, _) = Actor::spawn_linked(None, Rotator, args, supervisor).await?;
                 a.routes.set_rotator(Some(r));

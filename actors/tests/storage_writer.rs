@@ -43,6 +43,7 @@ async fn fixture() -> Fixture {
         WriterArgs {
             db: db.clone(),
             committed: Arc::new(tokio::sync::watch::channel(0).0),
+            faults: persist_core::env::Faults::OFF,
         },
     )
     .await

@@ -8,12 +8,14 @@
 //! pass a [`ManualClock`] and [`SeededEntropy`] and get byte-identical
 //! results from identical inputs.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use hkdf::Hkdf;
 use rand_chacha::ChaCha20Rng;
-use rand_core::{CryptoRng, SeedableRng};
+use rand_core::{CryptoRng, Rng, SeedableRng};
 use sha2::Sha256;
 
 /// Wall-clock milliseconds since the Unix epoch, as some clock sees them.
@@ -49,6 +51,8 @@ pub struct Env {
     pub clock: Arc<dyn Clock>,
     /// The randomness source.
     pub entropy: Arc<dyn Entropy>,
+    /// The fault points; off everywhere but in simulations.
+    pub faults: Faults,
 }
 
 impl Env {
@@ -59,6 +63,7 @@ impl Env {
         let env = Self {
             clock: Arc::new(clock.clone()),
             entropy: Arc::new(SeededEntropy::from_u64(seed)),
+            faults: Faults::OFF,
         };
         (env, clock)
     }
@@ -145,8 +150,207 @@ impl Entropy for SeededEntropy {
     }
 }
 
+/// Every error a fault point makes says this, so that a simulation can
+/// tell an injected failure from a real one.
+pub const INJECTED_FAULT: &str = "injected fault";
+
+/// A place in the product where a simulation may make a rare but legal
+/// event happen ("buggify", after FoundationDB): a slow or failing commit,
+/// long work stopping between two steps, a connection dropping at an
+/// awkward moment. The product must come through each of them; in
+/// production they never happen ([`Faults::OFF`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
+pub enum FaultPoint {
+    /// The StorageWriter waits before a commit, as on a slow disk, so
+    /// more writes join the group.
+    CommitDelay,
+    /// The StorageWriter fails a commit before it writes anything, as on
+    /// a transient disk error: every write of the group gets the error.
+    CommitFail,
+    /// The Rotator waits between two slices.
+    RotationPause,
+    /// The Rotator stops between two slices as if it had crashed; its
+    /// supervisor restarts it and it resumes at its persisted cursor.
+    RotationStop,
+    /// A sync connection drops after its `Hello` is sent, before the
+    /// `Welcome` is read.
+    HandshakeDrop,
+    /// A sync connection drops just after a push is sent, before the
+    /// remote acknowledges it.
+    PushDrop,
+    /// A reconnect waits much longer than its backoff.
+    ReconnectDelay,
+}
+
+impl FaultPoint {
+    /// Every fault point.
+    pub const ALL: [FaultPoint; 7] = [
+        FaultPoint::CommitDelay,
+        FaultPoint::CommitFail,
+        FaultPoint::RotationPause,
+        FaultPoint::RotationStop,
+        FaultPoint::HandshakeDrop,
+        FaultPoint::PushDrop,
+        FaultPoint::ReconnectDelay,
+    ];
+
+    /// Its name, for summaries and traces.
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultPoint::CommitDelay => "commit_delay",
+            FaultPoint::CommitFail => "commit_fail",
+            FaultPoint::RotationPause => "rotation_pause",
+            FaultPoint::RotationStop => "rotation_stop",
+            FaultPoint::HandshakeDrop => "handshake_drop",
+            FaultPoint::PushDrop => "push_drop",
+            FaultPoint::ReconnectDelay => "reconnect_delay",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Decides, each time a fault point is reached, whether its fault happens.
+pub trait FaultPlan: Send + Sync + 'static {
+    /// `Some(n)` if the fault at `point` happens now, with `n` a random
+    /// number that sizes it (a delay, say); `None` if it does not.
+    fn fire(&self, point: FaultPoint) -> Option<u64>;
+}
+
+/// The fault points as the product sees them: off, or driven by a plan.
+#[derive(Clone, Default)]
+pub struct Faults(Option<Arc<dyn FaultPlan>>);
+
+impl Faults {
+    /// No fault ever happens: production.
+    pub const OFF: Faults = Faults(None);
+
+    /// Faults as `plan` decides.
+    pub fn new(plan: Arc<dyn FaultPlan>) -> Self {
+        Self(Some(plan))
+    }
+
+    /// Whether the fault at `point` happens now.
+    pub fn fire(&self, point: FaultPoint) -> bool {
+        self.0.as_ref().is_some_and(|p| p.fire(point).is_some())
+    }
+
+    /// A delay between 1 ms and `max` if the fault at `point` happens now.
+    pub fn delay(&self, point: FaultPoint, max: Duration) -> Option<Duration> {
+        let draw = self.0.as_ref()?.fire(point)?;
+        let max_ms = u64::try_from(max.as_millis()).unwrap_or(u64::MAX).max(1);
+        Some(Duration::from_millis(1 + draw % max_ms))
+    }
+}
+
+impl core::fmt::Debug for Faults {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Faults(plan)"
+        } else {
+            "Faults(off)"
+        })
+    }
+}
+
+/// A seeded [`FaultPlan`], for simulations.
+///
+/// The seed switches each point on for the whole run with probability
+/// one in [`SeededFaults::ON_ONE_IN`], so that runs differ in which
+/// faults they combine; a point that is on fires at one in
+/// [`SeededFaults::FIRE_ONE_IN`] of the times it is reached, while the
+/// plan is active (a simulation deactivates it to set up and to let the
+/// devices calm down at the end).
+#[derive(Debug)]
+pub struct SeededFaults {
+    on: [bool; FaultPoint::ALL.len()],
+    active: AtomicBool,
+    state: Mutex<SeededState>,
+}
+
+#[derive(Debug)]
+struct SeededState {
+    rng: ChaCha20Rng,
+    fired: BTreeMap<FaultPoint, u64>,
+}
+
+impl SeededFaults {
+    /// A point is on in one run in this many.
+    pub const ON_ONE_IN: u32 = 3;
+    /// A point that is on fires at one in this many of its reaches.
+    pub const FIRE_ONE_IN: u32 = 8;
+
+    /// A plan whose points and firings are drawn from `seed`; active.
+    pub fn new(seed: [u8; 32]) -> Self {
+        let mut rng = ChaCha20Rng::from_seed(seed);
+        let on = core::array::from_fn(|_| rng.next_u32().is_multiple_of(Self::ON_ONE_IN));
+        Self::with_on(on, rng)
+    }
+
+    /// A plan with exactly `points` on, firing as drawn from `seed`; for
+    /// tests that need one fault.
+    pub fn with_points(seed: [u8; 32], points: &[FaultPoint]) -> Self {
+        let on = core::array::from_fn(|i| points.iter().any(|p| p.index() == i));
+        Self::with_on(on, ChaCha20Rng::from_seed(seed))
+    }
+
+    fn with_on(on: [bool; FaultPoint::ALL.len()], rng: ChaCha20Rng) -> Self {
+        Self {
+            on,
+            active: AtomicBool::new(true),
+            state: Mutex::new(SeededState {
+                rng,
+                fired: BTreeMap::new(),
+            }),
+        }
+    }
+
+    /// Turns every fault off (`false`) or back on as planned (`true`).
+    pub fn set_active(&self, active: bool) {
+        self.active.store(active, Ordering::SeqCst);
+    }
+
+    /// The points this plan switched on.
+    pub fn enabled(&self) -> Vec<FaultPoint> {
+        FaultPoint::ALL
+            .into_iter()
+            .filter(|p| self.on[p.index()])
+            .collect()
+    }
+
+    /// How often each point fired so far.
+    pub fn fired(&self) -> BTreeMap<FaultPoint, u64> {
+        self.lock().fired.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SeededState> {
+        // A panic elsewhere while holding the lock leaves a usable state:
+        // an RNG and counters.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl FaultPlan for SeededFaults {
+    fn fire(&self, point: FaultPoint) -> Option<u64> {
+        if !self.on[point.index()] || !self.active.load(Ordering::SeqCst) {
+            return None;
+        }
+        let mut state = self.lock();
+        if !state.rng.next_u32().is_multiple_of(Self::FIRE_ONE_IN) {
+            return None;
+        }
+        *state.fired.entry(point).or_default() += 1;
+        Some(state.rng.next_u64())
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     #[test]
@@ -166,6 +370,67 @@ mod tests {
             .stream("sealer")
             .fill_bytes(&mut w);
         assert_ne!(x, w, "different seeds must differ");
+    }
+
+    #[test]
+    fn seeded_faults_fire_only_where_on_and_while_active() {
+        let plan = SeededFaults::with_points([7; 32], &[FaultPoint::PushDrop]);
+        let faults = Faults::new(Arc::new(plan));
+        let fired = (0..800)
+            .filter(|_| faults.fire(FaultPoint::PushDrop))
+            .count();
+        assert!(
+            (50..150).contains(&fired),
+            "about one in {} reaches fire, got {fired} of 800",
+            SeededFaults::FIRE_ONE_IN
+        );
+        assert!(
+            (0..800).all(|_| !faults.fire(FaultPoint::CommitFail)),
+            "a point that is off never fires"
+        );
+        assert!(!Faults::OFF.fire(FaultPoint::PushDrop));
+        assert_eq!(
+            Faults::OFF.delay(FaultPoint::CommitDelay, Duration::from_secs(1)),
+            None
+        );
+
+        let plan = Arc::new(SeededFaults::with_points(
+            [7; 32],
+            &[FaultPoint::CommitDelay],
+        ));
+        let faults = Faults::new(plan.clone());
+        plan.set_active(false);
+        assert!((0..200).all(|_| !faults.fire(FaultPoint::CommitDelay)));
+        plan.set_active(true);
+        let max = Duration::from_millis(40);
+        let delays: Vec<_> = (0..400)
+            .filter_map(|_| faults.delay(FaultPoint::CommitDelay, max))
+            .collect();
+        assert!(!delays.is_empty());
+        assert!(
+            delays
+                .iter()
+                .all(|d| *d >= Duration::from_millis(1) && *d <= max)
+        );
+        assert_eq!(plan.fired()[&FaultPoint::CommitDelay], delays.len() as u64);
+    }
+
+    #[test]
+    fn seeded_faults_replay_from_their_seed() {
+        let run = |seed: [u8; 32]| {
+            let plan = Arc::new(SeededFaults::new(seed));
+            let faults = Faults::new(plan.clone());
+            let hits: Vec<bool> = (0..400)
+                .map(|i| faults.fire(FaultPoint::ALL[i % FaultPoint::ALL.len()]))
+                .collect();
+            (plan.enabled(), hits)
+        };
+        assert_eq!(run([1; 32]), run([1; 32]), "same seed, same faults");
+        let plans: BTreeSet<Vec<FaultPoint>> = (0..32u8).map(|b| run([b; 32]).0).collect();
+        assert!(
+            plans.len() > 8,
+            "seeds switch different points on: {plans:?}"
+        );
     }
 
     #[test]

@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use persist_actors::key_manager::{KeyManagerMsg, OutParcel, RelaySwitch, Taken};
+use persist_actors::key_manager::{KeyError, KeyManagerMsg, OutParcel, RelaySwitch, Taken};
 use persist_actors::keys::KeyHandle;
 use persist_actors::peer_session::{Connector, PeerMsg, SyncState};
 use persist_actors::routes::Routes;
@@ -279,6 +279,10 @@ impl Run {
         }
         let items = link.fetch(self.device, 0).await?;
         let mut new_key = false;
+        // The mailbox is acknowledged up to the last parcel dealt with: one
+        // taken, or refused for good. A parcel this device could not store
+        // stays, with those after it, for the next round.
+        let mut done = None;
         for item in &items {
             let taken = km
                 .call(
@@ -296,16 +300,21 @@ impl Run {
                         link.put(to, ack).await?;
                     }
                 }
+                Ok(CallResult::Success(Err(KeyError::Storage(e)))) => {
+                    tracing::warn!(error = %e, "could not store a parcel's key yet; retrying");
+                    break;
+                }
                 Ok(CallResult::Success(Err(e))) => {
                     tracing::warn!(error = %e, "ignored a parcel in this device's mailbox");
                 }
                 // The key manager is restarting: leave the parcel for the
                 // next round.
-                _ => return Ok(Found::Idle),
+                _ => break,
             }
+            done = Some(item.seq);
         }
-        if let Some(last) = items.last() {
-            link.ack(self.device, last.seq).await?;
+        if let Some(seq) = done {
+            link.ack(self.device, seq).await?;
         }
         if new_key && let Some(session) = self.routes.peer_session() {
             // A round retries the envelopes held for want of the key.

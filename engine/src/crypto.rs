@@ -6,6 +6,7 @@ use persist_actors::key_manager::{self, KeyManagerMsg};
 use persist_actors::rotator::RotationProgress;
 use persist_core::hlc::Hlc;
 use persist_core::invite;
+use persist_core::keyring::RevokeError;
 use persist_core::{DeviceId, InviteId};
 use ractor::rpc::CallResult;
 use tokio::sync::watch;
@@ -265,7 +266,9 @@ impl Crypto<'_> {
     ///
     /// Revocation is final for that device id. Errors: the device is not a
     /// member, is this device, or is revoked already
-    /// ([`KeyError::CannotRevoke`]); nothing changes then.
+    /// ([`KeyError::CannotRevoke`]); nothing changes then. When the
+    /// revocation's record could not be written ([`KeyError::Failed`]: the
+    /// device is revoked all the same), calling this again writes it.
     pub async fn revoke_device(&self, device: DeviceId) -> Result<Rotation, KeyError> {
         if self.store.is_read_only() {
             return Err(KeyError::ReadOnly);
@@ -276,9 +279,25 @@ impl Crypto<'_> {
             ms: self.store.now_ms(),
             counter: u16::MAX,
         };
-        let revocation = self
+        let revocation = match self
             .call(|reply| KeyManagerMsg::Revoke { device, at, reply })
-            .await?;
+            .await
+        {
+            Ok(revocation) => revocation,
+            Err(e @ KeyError::CannotRevoke(RevokeError::AlreadyRevoked(_))) => {
+                // Revoked before, but its record may have failed to be
+                // written: that is what is left to do.
+                let unrecorded = self
+                    .store
+                    .unrecorded_revocation(device)
+                    .map_err(|e| KeyError::Failed(e.to_string()))?;
+                match unrecorded {
+                    Some(revocation) => revocation,
+                    None => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        };
         self.store.kick_courier();
         self.store
             .record_revocation(&revocation)
@@ -287,7 +306,7 @@ impl Crypto<'_> {
                 KeyError::Failed(format!(
                     "device {device} is revoked and the new key is in place, but the \
                      revocation's record could not be written ({e}); devices that join \
-                     later will not know of it"
+                     later will not know of it until revoke_device is called again"
                 ))
             })?;
         Ok(Rotation {

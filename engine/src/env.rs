@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use getrandom::SysRng;
-use persist_core::env::{Clock, Entropy, Env, RngStream};
+use persist_core::env::{Clock, Entropy, Env, Faults, RngStream};
 use rand_chacha::ChaCha20Rng;
 use rand_core::{SeedableRng, TryRng};
 
@@ -21,6 +21,7 @@ pub(crate) fn system() -> Env {
     Env {
         clock: Arc::new(SystemClock),
         entropy: Arc::new(OsEntropy),
+        faults: Faults::OFF,
     }
 }
 

@@ -463,6 +463,7 @@ impl Store {
                 connector: sync.remote.connector(),
                 clock: env.clock.clone(),
                 entropy: env.entropy.clone(),
+                faults: env.faults.clone(),
                 max_drift_ms,
                 committed: committed.clone(),
                 on_applied: ingest.on_applied.clone(),
@@ -599,6 +600,25 @@ impl Store {
             value: membership::encode_revocation(revocation),
         }])
         .await
+    }
+
+    /// The revocation of `device`, if this store knows it and lacks its
+    /// record (writing the record failed after the revocation).
+    pub(crate) fn unrecorded_revocation(
+        &self,
+        device: DeviceId,
+    ) -> Result<Option<persist_core::keyring::Revocation>, ReadError> {
+        let keys = self.inner.keys.current();
+        let Some(revocation) = keys.revoked.get(&device) else {
+            return Ok(None);
+        };
+        let locator = keys.locator(&membership::revocation_path(&device));
+        let txn = self.inner.db.begin_read().map_err(storage_read_error)?;
+        let recorded = txn
+            .record(&locator)
+            .map_err(storage_read_error)?
+            .is_some_and(|row| !row.tombstone);
+        Ok((!recorded).then_some(*revocation))
     }
 
     /// Pushes every local change and pulls every remote one, once, and

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use persist::{Config, Env, KdfParams, ManualClock, OpenError, SeededEntropy, Store};
-use persist_core::env::Clock;
+use persist_core::env::{Clock, Faults, SeededFaults};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
@@ -127,6 +127,9 @@ pub struct Cluster {
     /// The simulated wall clock devices skew from.
     pub clock: ManualClock,
     seed: u64,
+    /// The product's fault points ("buggify"), shared by every device and
+    /// drawn from the seed; inactive until a workload turns them on.
+    pub faults: Arc<SeededFaults>,
     /// Whether a reboot draws fresh randomness (only a negative test
     /// turns this off, to prove the nonce checker catches reuse).
     pub fresh_entropy_on_boot: bool,
@@ -159,11 +162,14 @@ impl Cluster {
                 keys_epoch: 0,
             })
             .collect();
+        let faults = SeededFaults::new(derive_bytes(seed, "buggify", 0, 0));
+        faults.set_active(false);
         Self {
             devices,
             net: SimNet::new(derive(seed, "net", 0, 0), skews.len()),
             clock,
             seed,
+            faults: Arc::new(faults),
             fresh_entropy_on_boot: true,
         }
     }
@@ -202,6 +208,7 @@ impl Cluster {
         let env = Env {
             clock: Arc::new(device.clock.clone()),
             entropy: Arc::new(entropy),
+            faults: Faults::new(self.faults.clone()),
         };
         let mut config = Config::new(device.dir.join("store"))
             .key_file(device.dir.join("keys").join("device.key"))

@@ -110,6 +110,9 @@ pub struct SimConfig {
     /// Lets a run's revocation race the members' learning of it (`sync`
     /// only; see [`SyncOptions::revocation_races`]).
     pub revocation_races: bool,
+    /// Whether the product's fault points ("buggify") may fire (`sync`
+    /// only; see [`SyncOptions::fault_points`]).
+    pub fault_points: bool,
     /// A deliberate break of a sync property (tests only).
     pub sync_fault: Option<SyncFault>,
     /// Keep a readable line per trace event (for `replay --trace`).
@@ -130,6 +133,7 @@ impl SimConfig {
             devices: sync::DEVICES_DEFAULT,
             far_skew: false,
             revocation_races: false,
+            fault_points: true,
             sync_fault: None,
             keep_trace: false,
             net: NetProfile::Memory,
@@ -162,6 +166,13 @@ impl SimConfig {
     /// [`SyncOptions::revocation_races`]).
     pub fn revocation_races(mut self, races: bool) -> Self {
         self.revocation_races = races;
+        self
+    }
+
+    /// Lets the product's fault points fire as the seed switches them on
+    /// (the default), or keeps them all off.
+    pub fn fault_points(mut self, on: bool) -> Self {
+        self.fault_points = on;
         self
     }
 
@@ -210,7 +221,7 @@ impl SimConfig {
             ),
             WorkloadKind::Sync => {
                 format!(
-                    "cargo run -p persist-sim -- run --workload sync --seed {} --steps {} --devices {}{}{}{}",
+                    "cargo run -p persist-sim -- run --workload sync --seed {} --steps {} --devices {}{}{}{}{}",
                     self.seed,
                     self.ops,
                     self.devices,
@@ -224,6 +235,11 @@ impl SimConfig {
                         " --revocation-races"
                     } else {
                         ""
+                    },
+                    if self.fault_points {
+                        ""
+                    } else {
+                        " --no-fault-points"
                     }
                 )
             }
@@ -449,6 +465,7 @@ async fn run_sync_on(
         steps: config.ops,
         far_skew: config.far_skew,
         revocation_races: config.revocation_races,
+        fault_points: config.fault_points,
         fault: config.sync_fault,
     };
     let skews = sync::skews(&opts);

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! persist-sim run --seed 42 [--workload kv|sync] [--steps N] [--devices 3] [--far-skew]
-//!                 [--revocation-races] [--net memory|quic]
+//!                 [--revocation-races] [--net memory|quic] [--no-fault-points]
 //! persist-sim sweep --seeds 200 [--from S] [--jobs 2] [--twice] [--workload sync] [--steps N]
 //! persist-sim replay --seed 42 --trace [--workload sync] …
 //! ```
@@ -77,6 +77,12 @@ struct RunArgs {
     /// that loses, duplicates and reorders datagrams; slower.
     #[arg(long, alias = "profile", value_enum, default_value_t = NetProfile::Memory)]
     net: NetProfile,
+    /// Keep the product's own fault points off (sync): no injected commit
+    /// failures or delays, Rotator stops, or connections dropped
+    /// mid-handshake or mid-push. By default the seed switches each on or
+    /// off for the run; this tells whether a failure needs them.
+    #[arg(long)]
+    no_fault_points: bool,
     /// Where the store keeps its database (kv).
     #[arg(long, value_enum, default_value_t = BackendKind::File)]
     backend: BackendKind,
@@ -97,6 +103,7 @@ impl RunArgs {
             .devices(self.devices)
             .far_skew(self.far_skew)
             .revocation_races(self.revocation_races)
+            .fault_points(!self.no_fault_points)
             .net(self.net)
     }
 }

@@ -57,6 +57,7 @@ use std::time::Duration;
 
 use persist::{DeviceId, KeyError, RevokeError};
 use persist_core::Epoch;
+use persist_core::env::INJECTED_FAULT;
 use persist_core::export::ExportedKeys;
 use persist_storage::relay::RelayBackend;
 use rand_chacha::ChaCha8Rng;
@@ -208,6 +209,12 @@ pub struct SyncOptions {
     /// revocation's key from an export (which carries no revocations)
     /// passes it to the revoked device through its mailbox.
     pub revocation_races: bool,
+    /// Whether the product's own fault points (`persist_core::env::
+    /// FaultPoint`: failing and slow commits, the Rotator stopping between
+    /// slices, connections dropping mid-handshake and mid-push, long
+    /// reconnects) may fire in the run phase. The seed switches each on
+    /// for the run or not; off, none fires.
+    pub fault_points: bool,
     /// A deliberate break (tests only).
     pub fault: Option<SyncFault>,
 }
@@ -263,6 +270,9 @@ pub struct SyncWorkload {
     plan: Option<RevokePlan>,
     /// The revocation made.
     revoked: Option<RevokedDevice>,
+    /// When device 0 revoked, if writing the revocation's record failed
+    /// after it (the revocation stands; the retry only writes the record).
+    revoked_unrecorded_at: Option<u64>,
     /// Values members put once they held the revocation's epoch: the
     /// revoked device must never read one.
     written_after: BTreeSet<String>,
@@ -339,6 +349,7 @@ impl SyncWorkload {
             ids,
             plan,
             revoked: None,
+            revoked_unrecorded_at: None,
             written_after: BTreeSet::new(),
             revoked_later: BTreeSet::new(),
             isolated: false,
@@ -452,6 +463,11 @@ impl SyncWorkload {
         cluster
             .net
             .set_faults(NetFaults::from_intensity(self.switches.net));
+        if self.opts.fault_points {
+            let points: Vec<&str> = cluster.faults.enabled().iter().map(|p| p.name()).collect();
+            trace.note(format!("fault points on: {points:?}"));
+            cluster.faults.set_active(true);
+        }
         self.apply_fault_at_start(cluster, trace).await?;
         let n = self.opts.devices as u64;
         for step in 0..self.opts.steps {
@@ -599,6 +615,7 @@ impl SyncWorkload {
         trace: &mut Trace,
     ) -> Result<(), SyncRunError> {
         trace.note("quiesce");
+        cluster.faults.set_active(false);
         cluster.net.calm();
         for d in 0..self.opts.devices {
             if cluster.store(d).is_none() {
@@ -977,6 +994,9 @@ impl SyncWorkload {
         for (kind, n) in cluster.net.fired() {
             *summary.faults.entry(kind.to_owned()).or_default() += n;
         }
+        for (point, n) in cluster.faults.fired() {
+            *summary.faults.entry(point.name().to_owned()).or_default() += n;
+        }
         trace.note(format!(
             "connections={} relay_rows={} pushed={} faults={:?}",
             cluster.net.connections(),
@@ -1053,6 +1073,10 @@ impl SyncWorkload {
                 trace.note(format!("d{d} put {path} failed as the power went: {e}"));
                 Ok(())
             }
+            Err(e) if injected(&e) => {
+                trace.note(format!("d{d} put {path} failed: {e}"));
+                Ok(())
+            }
             Err(e) => Err(engine("run", format!("device {d} put {path:?}: {e}"))),
         }
     }
@@ -1070,10 +1094,14 @@ impl SyncWorkload {
         };
         let at_ms = cluster.device_now_ms(d);
         trace.note(format!("d{d} delete {path}"));
-        store
-            .delete(path)
-            .await
-            .map_err(|e| engine("run", format!("device {d} delete {path:?}: {e}")))?;
+        match store.delete(path).await {
+            Ok(()) => {}
+            Err(e) if injected(&e) => {
+                trace.note(format!("d{d} delete {path} failed: {e}"));
+                return Ok(());
+            }
+            Err(e) => return Err(engine("run", format!("device {d} delete {path:?}: {e}"))),
+        }
         self.acks.push(AckWrite {
             device: d,
             step: Some(step),
@@ -1245,8 +1273,16 @@ impl SyncWorkload {
                 trace.note(format!("d0 does not know d{victim} yet; revokes later"));
                 return Ok(());
             }
+            Err(e) if injected(&e) => {
+                trace.note(format!("d0 revoking d{victim} failed: {e}; tries again"));
+                if matches!(e, KeyError::Failed(_)) {
+                    self.revoked_unrecorded_at.get_or_insert(at_ms);
+                }
+                return Ok(());
+            }
             Err(e) => return Err(engine("run", format!("d0 revokes d{victim}: {e}"))),
         };
+        let at_ms = self.revoked_unrecorded_at.take().unwrap_or(at_ms);
         let epoch = rotation.epoch();
         trace.note(format!("d0 revokes d{victim} at {at_ms} ms: epoch {epoch}"));
         self.plan = None;
@@ -1364,11 +1400,14 @@ impl SyncWorkload {
         let Some(store) = cluster.store(d) else {
             return Ok(());
         };
-        let rotation = store
-            .crypto()
-            .rotate_key()
-            .await
-            .map_err(|e| engine("run", format!("rotate on device {d}: {e}")))?;
+        let rotation = match store.crypto().rotate_key().await {
+            Ok(rotation) => rotation,
+            Err(e) if injected(&e) => {
+                trace.note(format!("d{d} rotate failed: {e}"));
+                return Ok(());
+            }
+            Err(e) => return Err(engine("run", format!("rotate on device {d}: {e}"))),
+        };
         trace.note(format!("d{d} rotate to epoch {}", rotation.epoch()));
         cluster.devices[d].keys_epoch = rotation.epoch();
         self.fired("rotation");
@@ -1507,4 +1546,11 @@ fn current_announcement(status: &persist::Status) -> String {
         .find(|e| e.epoch == status.current_epoch)
         .map(|e| e.announcement.clone())
         .unwrap_or_default()
+}
+
+/// Whether `e` is a failure a product fault point made on purpose (see
+/// `persist_core::env::FaultPoint`): the operation it ended did not
+/// complete, and the run goes on.
+fn injected(e: &impl std::fmt::Display) -> bool {
+    e.to_string().contains(INJECTED_FAULT)
 }

@@ -118,7 +118,9 @@ fn randomness_reused_across_a_reboot_is_caught_as_nonce_reuse() {
 /// returned.
 #[test]
 fn regression_seed_12_session_wedges_after_two_lost_connections() {
-    let config = SimConfig::sync(12);
+    let config = SimConfig::sync(12)
+        // As when it was found: before the product's fault points.
+        .fault_points(false);
     harness::run(&config).unwrap_or_else(|f| panic!("{f}"));
 }
 
@@ -167,7 +169,10 @@ fn a_revocation_mid_run_replays_and_cuts_the_revoked_device_off() {
 /// such writes from the database when it learns of the revocation.
 #[test]
 fn bug_seed_21_a_reseal_launders_a_revoked_devices_later_write() {
-    let config = SimConfig::sync(21).revocation_races(true);
+    let config = SimConfig::sync(21)
+        .revocation_races(true)
+        // As when it was found: before the product's fault points.
+        .fault_points(false);
     harness::run(&config).unwrap_or_else(|f| panic!("{f}"));
 }
 
@@ -178,6 +183,37 @@ fn bug_seed_21_a_reseal_launders_a_revoked_devices_later_write() {
 /// store's revocations.
 #[test]
 fn bug_seed_19_an_export_import_hands_the_revoked_device_the_new_keys() {
-    let config = SimConfig::sync(19).revocation_races(true);
+    let config = SimConfig::sync(19)
+        .revocation_races(true)
+        // As when it was found: before the product's fault points.
+        .fault_points(false);
     harness::run(&config).unwrap_or_else(|f| panic!("{f}"));
+}
+
+/// Regressions the product's fault points found, each with the point that
+/// must fire in the seed for it to cover the bug still:
+/// - seed 26: the Rotator failed on a slice's injected commit failure
+///   after its last slice; restarted, it found nothing left to reseal and
+///   never said so, so the rotation stayed "active" for good.
+/// - seed 33: a key parcel whose storing failed (an injected commit
+///   failure) was acknowledged to the relay's mailbox all the same, so the
+///   epoch's key was lost to that device. The courier now leaves such a
+///   parcel for its next round.
+/// - seed 153: writing a revocation's record failed after the revocation
+///   itself was stored; calling `revoke_device` again said "already
+///   revoked" and never wrote the record. It now writes it.
+#[test]
+fn bugs_found_by_fault_points() {
+    for (seed, point) in [
+        (26, "commit_fail"),
+        (33, "commit_fail"),
+        (153, "commit_fail"),
+    ] {
+        let outcome = harness::run(&SimConfig::sync(seed)).unwrap_or_else(|f| panic!("{f}"));
+        assert!(
+            outcome.faults.get(point).is_some_and(|n| *n > 0),
+            "seed {seed} no longer fires {point}, so it no longer covers its bug: {:?}",
+            outcome.faults
+        );
+    }
 }
