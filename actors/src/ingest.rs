@@ -699,6 +699,8 @@ enum Decision {
 }
 
 fn park(plan: &mut Plan, item: Incoming, reason: PendingReason) {
+    tracing::debug!(locator = %item.locator, ?reason, again = item.from_pending,
+        "sync: holding an envelope");
     plan.pending.push((item.locator, reason));
     if item.from_pending {
         return;

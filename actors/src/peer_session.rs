@@ -971,8 +971,6 @@ impl SessionState {
         if known == self.retried_with && !due {
             return Ok(());
         }
-        self.retried_with = known;
-        self.retried_at_ms = now;
         let mut after = None;
         loop {
             let db = self.args.db.clone();
@@ -982,7 +980,7 @@ impl SessionState {
             })
             .map_err(|e| e.to_string())?;
             let Some((last, _)) = page.last() else {
-                return Ok(());
+                break;
             };
             after = Some(*last);
             let full = page.len() == PENDING_RETRY_PAGE;
@@ -994,11 +992,16 @@ impl SessionState {
                     from_pending: true,
                 })
                 .collect();
+            // A failed ingest leaves the marks as they were: the next
+            // round retries, not the one after the interval.
             self.ingest(batch, Vec::new()).await?;
             if !full {
-                return Ok(());
+                break;
             }
         }
+        self.retried_with = known;
+        self.retried_at_ms = now;
+        Ok(())
     }
 
     fn publish(&self) {

@@ -123,6 +123,8 @@ struct Pass {
     from_start: bool,
     /// Records it resealed.
     applied: u64,
+    /// Records per slice, when a fault point made them few.
+    slice: Option<usize>,
 }
 
 impl Actor for Rotator {
@@ -242,6 +244,7 @@ impl RotatorState {
             epoch: self.args.keys.current().current_epoch(),
             from_start: self.cursor.is_none(),
             applied: 0,
+            slice: None,
         };
     }
 
@@ -251,12 +254,16 @@ impl RotatorState {
         if keys.crypto.is_none() {
             return Ok(false);
         }
+        if let Some(n) = self.args.faults.draw(FaultPoint::RotationSmallSlice, 4) {
+            self.pass.slice = Some(1 + n as usize);
+        }
+        let slice = self.pass.slice.unwrap_or(ROTATION_SLICE_RECORDS);
         let page = self
             .args
             .db
             .begin_read()?
-            .records_page(self.cursor.as_ref(), ROTATION_SLICE_RECORDS)?;
-        let end_of_pass = page.len() < ROTATION_SLICE_RECORDS;
+            .records_page(self.cursor.as_ref(), slice)?;
+        let end_of_pass = page.len() < slice;
         let next_cursor = page.last().map(|(l, _)| *l);
         let writes = self.reseal(&keys, &page).await;
         let cursor_meta = match (end_of_pass, next_cursor) {

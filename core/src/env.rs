@@ -168,6 +168,10 @@ pub enum FaultPoint {
     /// The StorageWriter fails a commit before it writes anything, as on
     /// a transient disk error: every write of the group gets the error.
     CommitFail,
+    /// The slices of a rotation pass take only a few records from here
+    /// on, so that even a small store's rotation has several slices (and
+    /// the points between them).
+    RotationSmallSlice,
     /// The Rotator waits between two slices.
     RotationPause,
     /// The Rotator stops between two slices as if it had crashed; its
@@ -185,9 +189,10 @@ pub enum FaultPoint {
 
 impl FaultPoint {
     /// Every fault point.
-    pub const ALL: [FaultPoint; 7] = [
+    pub const ALL: [FaultPoint; 8] = [
         FaultPoint::CommitDelay,
         FaultPoint::CommitFail,
+        FaultPoint::RotationSmallSlice,
         FaultPoint::RotationPause,
         FaultPoint::RotationStop,
         FaultPoint::HandshakeDrop,
@@ -200,6 +205,7 @@ impl FaultPoint {
         match self {
             FaultPoint::CommitDelay => "commit_delay",
             FaultPoint::CommitFail => "commit_fail",
+            FaultPoint::RotationSmallSlice => "rotation_small_slice",
             FaultPoint::RotationPause => "rotation_pause",
             FaultPoint::RotationStop => "rotation_stop",
             FaultPoint::HandshakeDrop => "handshake_drop",
@@ -238,11 +244,18 @@ impl Faults {
         self.0.as_ref().is_some_and(|p| p.fire(point).is_some())
     }
 
+    /// A number below `bound` (at least 1) if the fault at `point`
+    /// happens now.
+    pub fn draw(&self, point: FaultPoint, bound: u64) -> Option<u64> {
+        let draw = self.0.as_ref()?.fire(point)?;
+        Some(draw % bound.max(1))
+    }
+
     /// A delay between 1 ms and `max` if the fault at `point` happens now.
     pub fn delay(&self, point: FaultPoint, max: Duration) -> Option<Duration> {
-        let draw = self.0.as_ref()?.fire(point)?;
-        let max_ms = u64::try_from(max.as_millis()).unwrap_or(u64::MAX).max(1);
-        Some(Duration::from_millis(1 + draw % max_ms))
+        let max_ms = u64::try_from(max.as_millis()).unwrap_or(u64::MAX);
+        self.draw(point, max_ms)
+            .map(|ms| Duration::from_millis(1 + ms))
     }
 }
 

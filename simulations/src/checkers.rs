@@ -157,12 +157,17 @@ pub fn accepted(opened: &[Opened], revoked: Option<&RevokedDevice>) -> Vec<Opene
 }
 
 /// The values members must refuse: those in `opened` that `revoked`
-/// signed after its revocation.
+/// signed after its revocation, less those an envelope members accept
+/// carries too (a revoked device that copies a member's value under its
+/// own signature makes that copy refused, not the member's value).
 pub fn refused_values(opened: &[Opened], revoked: &RevokedDevice) -> BTreeSet<String> {
-    opened
-        .iter()
-        .filter(|o| revoked.refuses(o))
+    let (refused, accepted): (Vec<&Opened>, Vec<&Opened>) =
+        opened.iter().partition(|o| revoked.refuses(o));
+    let accepted: BTreeSet<&str> = accepted.iter().filter_map(|o| o.value.as_deref()).collect();
+    refused
+        .into_iter()
         .filter_map(|o| o.value.clone())
+        .filter(|v| !accepted.contains(v.as_str()))
         .collect()
 }
 
@@ -665,6 +670,28 @@ mod tests {
         assert_eq!(
             refused,
             [
+                "mallory, later, resealed",
+                "mallory, stamped after",
+                "mallory, under the new epoch"
+            ]
+        );
+        // Mallory re-signs Alice's value with a later stamp (seed 107: a
+        // revoked device writing a member's record again): that copy is
+        // refused, but the value is Alice's, which members may hold.
+        let mut copied = all.clone();
+        copied.push(resealed(MALLORY, ALICE, 2, 1_500, "alice, after"));
+        copied.push(resealed(
+            MALLORY,
+            ALICE,
+            2,
+            1_500,
+            "alice, only ever copied",
+        ));
+        let refused: Vec<_> = refused_values(&copied, &r).into_iter().collect();
+        assert_eq!(
+            refused,
+            [
+                "alice, only ever copied",
                 "mallory, later, resealed",
                 "mallory, stamped after",
                 "mallory, under the new epoch"

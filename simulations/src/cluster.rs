@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use persist::{Config, Env, KdfParams, ManualClock, OpenError, SeededEntropy, Store};
-use persist_core::env::{Clock, Faults, SeededFaults};
+use persist_core::env::{Clock, FaultPoint, Faults, SeededFaults};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
@@ -172,6 +172,14 @@ impl Cluster {
             faults: Arc::new(faults),
             fresh_entropy_on_boot: true,
         }
+    }
+
+    /// Switches on exactly `points` of the product's fault points (instead
+    /// of those the seed draws); before any device boots.
+    pub fn only_fault_points(&mut self, points: &[FaultPoint]) {
+        let faults = SeededFaults::with_points(derive_bytes(self.seed, "buggify", 0, 0), points);
+        faults.set_active(false);
+        self.faults = Arc::new(faults);
     }
 
     /// The open store of device `index`, if it is up.

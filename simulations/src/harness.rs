@@ -11,6 +11,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use persist::{Config, Env, MemoryBackend, Store};
+use persist_core::env::FaultPoint;
 
 use crate::cluster::{Cluster, derive};
 use crate::net::SimNet;
@@ -88,6 +89,61 @@ impl fmt::Display for NetProfile {
     }
 }
 
+/// Which of the product's fault points (`persist_core::env::FaultPoint`)
+/// a `sync` run lets fire.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum FaultPoints {
+    /// Each on or off for the whole run, as the seed draws (the default).
+    #[default]
+    Seeded,
+    /// None.
+    Off,
+    /// Exactly these, each firing as often as a seeded one that is on.
+    Only(Vec<FaultPoint>),
+}
+
+impl std::str::FromStr for FaultPoints {
+    type Err = String;
+
+    /// `seeded`, `none`, or a comma-separated list of point names.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "seeded" => return Ok(FaultPoints::Seeded),
+            "none" => return Ok(FaultPoints::Off),
+            _ => {}
+        }
+        let names: Vec<&str> = FaultPoint::ALL.iter().map(|p| p.name()).collect();
+        s.split(',')
+            .map(|name| {
+                FaultPoint::ALL
+                    .into_iter()
+                    .find(|p| p.name() == name.trim())
+                    .ok_or_else(|| {
+                        format!(
+                            "no fault point {name:?}: say seeded, none, or a comma-separated \
+                             list of {}",
+                            names.join(", ")
+                        )
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(FaultPoints::Only)
+    }
+}
+
+impl std::fmt::Display for FaultPoints {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FaultPoints::Seeded => f.write_str("seeded"),
+            FaultPoints::Off => f.write_str("none"),
+            FaultPoints::Only(points) => {
+                let names: Vec<&str> = points.iter().map(|p| p.name()).collect();
+                f.write_str(&names.join(","))
+            }
+        }
+    }
+}
+
 /// What to run.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -110,9 +166,9 @@ pub struct SimConfig {
     /// Lets a run's revocation race the members' learning of it (`sync`
     /// only; see [`SyncOptions::revocation_races`]).
     pub revocation_races: bool,
-    /// Whether the product's fault points ("buggify") may fire (`sync`
+    /// Which of the product's fault points ("buggify") may fire (`sync`
     /// only; see [`SyncOptions::fault_points`]).
-    pub fault_points: bool,
+    pub fault_points: FaultPoints,
     /// A deliberate break of a sync property (tests only).
     pub sync_fault: Option<SyncFault>,
     /// Keep a readable line per trace event (for `replay --trace`).
@@ -133,7 +189,7 @@ impl SimConfig {
             devices: sync::DEVICES_DEFAULT,
             far_skew: false,
             revocation_races: false,
-            fault_points: true,
+            fault_points: FaultPoints::Seeded,
             sync_fault: None,
             keep_trace: false,
             net: NetProfile::Memory,
@@ -169,10 +225,9 @@ impl SimConfig {
         self
     }
 
-    /// Lets the product's fault points fire as the seed switches them on
-    /// (the default), or keeps them all off.
-    pub fn fault_points(mut self, on: bool) -> Self {
-        self.fault_points = on;
+    /// Sets which of the product's fault points may fire.
+    pub fn fault_points(mut self, points: FaultPoints) -> Self {
+        self.fault_points = points;
         self
     }
 
@@ -236,10 +291,9 @@ impl SimConfig {
                     } else {
                         ""
                     },
-                    if self.fault_points {
-                        ""
-                    } else {
-                        " --no-fault-points"
+                    match &self.fault_points {
+                        FaultPoints::Seeded => String::new(),
+                        other => format!(" --faults {other}"),
                     }
                 )
             }
@@ -465,11 +519,14 @@ async fn run_sync_on(
         steps: config.ops,
         far_skew: config.far_skew,
         revocation_races: config.revocation_races,
-        fault_points: config.fault_points,
+        fault_points: config.fault_points != FaultPoints::Off,
         fault: config.sync_fault,
     };
     let skews = sync::skews(&opts);
     let mut cluster = Cluster::new(config.seed, dir, START_MS, &skews);
+    if let FaultPoints::Only(points) = &config.fault_points {
+        cluster.only_fault_points(points);
+    }
     if config.net == NetProfile::Quic {
         trace.note("net quic");
         cluster.net = SimNet::quic(derive(config.seed, "quic net", 0, 0), skews.len())

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! persist-sim run --seed 42 [--workload kv|sync] [--steps N] [--devices 3] [--far-skew]
-//!                 [--revocation-races] [--net memory|quic] [--no-fault-points]
+//!                 [--revocation-races] [--net memory|quic] [--faults seeded|none|POINT,…]
 //! persist-sim sweep --seeds 200 [--from S] [--jobs 2] [--twice] [--workload sync] [--steps N]
 //! persist-sim replay --seed 42 --trace [--workload sync] …
 //! ```
@@ -10,6 +10,8 @@
 //! `run` prints the trace hash; `sweep` runs many seeds with a progress bar
 //! and prints a summary and, per failure, the command that replays it;
 //! `replay --trace` prints every event of one run. Any failure exits 1.
+//! With `PERSIST_SIM_LOG` set to a filter (`info`, `persist_actors=debug`,
+//! …) the product's own logs go to stderr.
 //!
 //! In most `sync` runs device 0 revokes another device mid-run; the
 //! revoked device keeps running with its old keys as the adversary, and
@@ -24,7 +26,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use persist_sim::harness::{
-    self, BackendKind, Failure, NetProfile, OPS_DEFAULT, Outcome, SimConfig, WorkloadKind,
+    self, BackendKind, Failure, FaultPoints, NetProfile, OPS_DEFAULT, Outcome, SimConfig,
+    WorkloadKind,
 };
 use persist_sim::sync::{DEVICES_DEFAULT, STEPS_DEFAULT};
 
@@ -77,12 +80,13 @@ struct RunArgs {
     /// that loses, duplicates and reorders datagrams; slower.
     #[arg(long, alias = "profile", value_enum, default_value_t = NetProfile::Memory)]
     net: NetProfile,
-    /// Keep the product's own fault points off (sync): no injected commit
-    /// failures or delays, Rotator stops, or connections dropped
-    /// mid-handshake or mid-push. By default the seed switches each on or
-    /// off for the run; this tells whether a failure needs them.
-    #[arg(long)]
-    no_fault_points: bool,
+    /// The product's own fault points that may fire in the run phase
+    /// (sync): `seeded` (each on or off for the run, as the seed draws),
+    /// `none`, or a comma-separated list of commit_delay, commit_fail,
+    /// rotation_small_slice, rotation_pause, rotation_stop, handshake_drop,
+    /// push_drop, reconnect_delay. `none` tells whether a failure needs them.
+    #[arg(long, default_value_t = FaultPoints::Seeded)]
+    faults: FaultPoints,
     /// Where the store keeps its database (kv).
     #[arg(long, value_enum, default_value_t = BackendKind::File)]
     backend: BackendKind,
@@ -103,7 +107,7 @@ impl RunArgs {
             .devices(self.devices)
             .far_skew(self.far_skew)
             .revocation_races(self.revocation_races)
-            .fault_points(!self.no_fault_points)
+            .fault_points(self.faults.clone())
             .net(self.net)
     }
 }
@@ -152,6 +156,16 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Ok(filter) = std::env::var("PERSIST_SIM_LOG") {
+        // No wall-clock timestamps: the log of a seed reads the same each
+        // time.
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .without_time()
+            .init();
+    }
     match cli.command {
         Command::Run { seed, args } => report(&args.config(seed), harness::run(&args.config(seed))),
         Command::Replay { seed, trace, args } => {

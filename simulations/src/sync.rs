@@ -174,6 +174,18 @@ pub enum SyncFault {
     /// revocation; before the quiet phase device 0 writes that same value
     /// under its own signature, so the members take it.
     MemberAdoptsRevokedWrite,
+    /// Device 0 writes at the start without the model knowing, then
+    /// reads it back: to the model, a value no device wrote.
+    UnrecordedWrite,
+    /// Device 0 rotates at the start with key parcels dropped, and writes
+    /// more paths than the workload's own; device 1, without the key,
+    /// holds them all.
+    HeldOverflow,
+    /// After the devices agree, device 1 rotates without syncing.
+    RotateAfterQuiesce,
+    /// In the quiet phase the relay drops every connection and then takes
+    /// a day to answer a dial.
+    HangingRelay,
 }
 
 impl SyncFault {
@@ -602,6 +614,30 @@ impl SyncWorkload {
                 self.advance(cluster, trace, 2 * SKEW_MS_MAX + 1).await;
                 self.put(cluster, trace, 1, SYNC_PATHS[4], None).await?;
             }
+            Some(SyncFault::UnrecordedWrite) => {
+                if let Some(store) = cluster.store(0) {
+                    let value = format!("{CANARY_VALUE}|unrecorded");
+                    store
+                        .put(SYNC_PATHS[2], &value)
+                        .await
+                        .map_err(|e| engine("run", e.to_string()))?;
+                }
+                self.read(cluster, trace, 0, SYNC_PATHS[2]).await?;
+            }
+            Some(SyncFault::HeldOverflow) => {
+                cluster.net.drop_mail();
+                self.rotate(cluster, trace, 0).await?;
+                let bound = held_bound(self.opts.devices, 0) as usize;
+                for i in 0..=bound {
+                    self.put(cluster, trace, 0, &format!("overflow/{i}"), None)
+                        .await?;
+                }
+                for d in [0, 1] {
+                    self.sync(cluster, trace, d)
+                        .await?
+                        .map_err(|e| engine("run", e))?;
+                }
+            }
             _ => {}
         }
         Ok(())
@@ -617,6 +653,15 @@ impl SyncWorkload {
         trace.note("quiesce");
         cluster.faults.set_active(false);
         cluster.net.calm();
+        if self.opts.fault == Some(SyncFault::HangingRelay) {
+            cluster.net.relay_down();
+            cluster.net.relay_up();
+            cluster.net.set_faults(NetFaults {
+                dial_delay_percent: 100,
+                dial_delay_ms_max: 24 * 3600 * 1000,
+                ..NetFaults::NONE
+            });
+        }
         for d in 0..self.opts.devices {
             if cluster.store(d).is_none() {
                 cluster
@@ -682,6 +727,10 @@ impl SyncWorkload {
         if self.opts.fault == Some(SyncFault::WriteAfterQuiesce) {
             cluster.net.partition(1);
             self.put(cluster, trace, 1, SYNC_PATHS[1], None).await?;
+        }
+        if self.opts.fault == Some(SyncFault::RotateAfterQuiesce) {
+            cluster.net.partition(1);
+            self.rotate(cluster, trace, 1).await?;
         }
         Ok(())
     }

@@ -56,6 +56,21 @@ fn datagrams_cross_the_faulty_network() {
     }
 }
 
+/// Regression (seed 11, found by the product's fault points): a retry of
+/// the envelopes held for want of a key failed on an injected commit
+/// failure, yet the session marked the keys it had as tried, so it did not
+/// retry until a minute later and the device still held them when the run
+/// ended. It now marks them only after a retry went through.
+#[test]
+fn bug_seed_11_a_failed_retry_of_held_envelopes_waits_a_minute() {
+    let outcome = run(&config(11));
+    assert!(
+        outcome.faults.contains_key("commit_fail"),
+        "seed 11 no longer fires commit_fail, so it no longer covers its bug: {:?}",
+        outcome.faults
+    );
+}
+
 #[test]
 fn the_replay_command_names_the_profile() {
     assert!(config(9).replay_command().contains("--net quic"));

@@ -2,8 +2,9 @@
 //! short sweep passes, and every checker fails when its property is broken
 //! on purpose.
 
+use persist_core::env::FaultPoint;
 use persist_sim::checkers;
-use persist_sim::harness::{self, FailureKind, SimConfig};
+use persist_sim::harness::{self, FailureKind, FaultPoints, SimConfig};
 use persist_sim::sync::{SyncFault, SyncRunError};
 
 /// Steps of the short runs here: enough for every kind of step to occur
@@ -112,6 +113,32 @@ fn randomness_reused_across_a_reboot_is_caught_as_nonce_reuse() {
     );
 }
 
+#[test]
+fn a_read_of_a_value_nobody_wrote_is_caught() {
+    assert_eq!(
+        violated(SyncFault::UnrecordedWrite, 7),
+        checkers::NO_PHANTOM_READ
+    );
+}
+
+#[test]
+fn more_held_envelopes_than_records_is_caught() {
+    assert_eq!(violated(SyncFault::HeldOverflow, 7), checkers::HELD_BOUNDED);
+}
+
+#[test]
+fn a_rotation_left_unfinished_is_caught() {
+    assert_eq!(
+        violated(SyncFault::RotateAfterQuiesce, 7),
+        checkers::ROTATION_FINISHES
+    );
+}
+
+#[test]
+fn a_sync_that_hangs_with_faults_off_is_caught() {
+    assert_eq!(violated(SyncFault::HangingRelay, 7), checkers::LIVENESS);
+}
+
 /// Regression: seed 12 found that after two lost connections a device's
 /// sync session stopped reading from the remote while reporting itself
 /// connected (each lost reader kept a frame permit), so `sync_now` never
@@ -120,7 +147,7 @@ fn randomness_reused_across_a_reboot_is_caught_as_nonce_reuse() {
 fn regression_seed_12_session_wedges_after_two_lost_connections() {
     let config = SimConfig::sync(12)
         // As when it was found: before the product's fault points.
-        .fault_points(false);
+        .fault_points(FaultPoints::Off);
     harness::run(&config).unwrap_or_else(|f| panic!("{f}"));
 }
 
@@ -172,7 +199,7 @@ fn bug_seed_21_a_reseal_launders_a_revoked_devices_later_write() {
     let config = SimConfig::sync(21)
         .revocation_races(true)
         // As when it was found: before the product's fault points.
-        .fault_points(false);
+        .fault_points(FaultPoints::Off);
     harness::run(&config).unwrap_or_else(|f| panic!("{f}"));
 }
 
@@ -186,7 +213,7 @@ fn bug_seed_19_an_export_import_hands_the_revoked_device_the_new_keys() {
     let config = SimConfig::sync(19)
         .revocation_races(true)
         // As when it was found: before the product's fault points.
-        .fault_points(false);
+        .fault_points(FaultPoints::Off);
     harness::run(&config).unwrap_or_else(|f| panic!("{f}"));
 }
 
@@ -216,4 +243,39 @@ fn bugs_found_by_fault_points() {
             outcome.faults
         );
     }
+}
+
+#[test]
+fn the_faults_option_picks_the_fault_points() {
+    let only: FaultPoints = "commit_fail, push_drop".parse().expect("two known points");
+    assert_eq!(
+        only,
+        FaultPoints::Only(vec![FaultPoint::CommitFail, FaultPoint::PushDrop])
+    );
+    assert_eq!(only.to_string(), "commit_fail,push_drop");
+    let err = "commit_fail,bogus"
+        .parse::<FaultPoints>()
+        .expect_err("an unknown point");
+    assert!(
+        err.contains("bogus") && err.contains("rotation_stop"),
+        "{err}"
+    );
+
+    let fired = |points: FaultPoints| {
+        let outcome = harness::run(&SimConfig::sync(2).fault_points(points))
+            .unwrap_or_else(|f| panic!("{f}"));
+        FaultPoint::ALL
+            .into_iter()
+            .filter(|p| outcome.faults.contains_key(p.name()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        fired(
+            "rotation_small_slice,rotation_pause"
+                .parse()
+                .expect("known")
+        ),
+        [FaultPoint::RotationSmallSlice, FaultPoint::RotationPause]
+    );
+    assert_eq!(fired(FaultPoints::Off), []);
 }
