@@ -280,6 +280,14 @@ struct Waiter {
     reply: RpcReplyPort<Result<SyncReport, SyncError>>,
 }
 
+/// Why a push did not go out.
+enum PushError {
+    /// The local change log could not be read.
+    Local(String),
+    /// The connection failed (or a fault point dropped it).
+    Link(String),
+}
+
 /// A pulled batch handed to the StorageWriter, and the cursor it moves to.
 struct Committing {
     submitted: Submitted,
@@ -655,11 +663,19 @@ impl SessionState {
     }
 
     /// Starts a push and a pull if there is something to do and none is in
-    /// flight. A push that cannot be sent ends the connection.
+    /// flight. A push that cannot be sent ends the connection; one that
+    /// cannot be read from the local database is tried again on the next
+    /// pump (the connection is fine).
     async fn pump(&mut self) -> Result<(), String> {
-        if let Err(error) = self.start_push().await {
-            self.publish();
-            return Err(format!("push failed: {error}"));
+        match self.start_push().await {
+            Ok(()) => {}
+            Err(PushError::Local(error)) => {
+                tracing::warn!(%error, "sync: could not read local changes to push");
+            }
+            Err(PushError::Link(error)) => {
+                self.publish();
+                return Err(format!("push failed: {error}"));
+            }
         }
         let want_round = self.waiters.iter().any(|w| w.round > self.rounds_started)
             || self.pull_cursor < self.remote_head
@@ -689,10 +705,10 @@ impl SessionState {
 
     /// Sends pushes until [`PUSHES_INFLIGHT_MAX`] are unacknowledged or
     /// the change log is all sent.
-    async fn start_push(&mut self) -> Result<(), String> {
+    async fn start_push(&mut self) -> Result<(), PushError> {
         while self.push_inflight.len() < PUSHES_INFLIGHT_MAX && self.conn.is_some() {
             let after = self.push_sent();
-            let (entries, upto) = self.next_push(after)?;
+            let (entries, upto) = self.next_push(after).map_err(PushError::Local)?;
             if upto == after {
                 return Ok(());
             }
@@ -717,12 +733,12 @@ impl SessionState {
             conn.send
                 .send(&Message::Push { id, entries })
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| PushError::Link(e.to_string()))?;
             self.push_inflight.push_back((id, upto));
             if self.args.faults.fire(FaultPoint::PushDrop) {
-                return Err(format!(
+                return Err(PushError::Link(format!(
                     "{INJECTED_FAULT}: the connection dropped after push {id} was sent"
-                ));
+                )));
             }
         }
         Ok(())

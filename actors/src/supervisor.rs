@@ -197,8 +197,13 @@ impl Actor for StoreSupervisor {
         let Some(child) = state.which(&cell) else {
             return Ok(());
         };
-        let now = state.args.env.clock.now_ms();
-        // A clock that went back counts what came "after" it as recent.
+        // A clock that went back does not make the budget last longer.
+        let now = state
+            .args
+            .env
+            .clock
+            .now_ms()
+            .max(state.restarts.back().copied().unwrap_or(0));
         while state
             .restarts
             .front()

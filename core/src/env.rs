@@ -162,8 +162,8 @@ pub const INJECTED_FAULT: &str = "injected fault";
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 #[non_exhaustive]
 pub enum FaultPoint {
-    /// The StorageWriter waits before a commit, as on a slow disk, so
-    /// more writes join the group.
+    /// The StorageWriter waits before a commit, as on a slow disk; what
+    /// arrives meanwhile waits for the next commit.
     CommitDelay,
     /// The StorageWriter fails a commit before it writes anything, as on
     /// a transient disk error: every write of the group gets the error.
@@ -188,7 +188,9 @@ pub enum FaultPoint {
 }
 
 impl FaultPoint {
-    /// Every fault point.
+    /// Every fault point. [`SeededFaults::new`] draws one "on" flag per
+    /// entry in this order from the stream it then fires from, so adding
+    /// a point changes which faults every seed's run sees.
     pub const ALL: [FaultPoint; 8] = [
         FaultPoint::CommitDelay,
         FaultPoint::CommitFail,

@@ -89,7 +89,9 @@ pub use crypto::{Crypto, DangerousCrypto, Device, InviteCode, KeyExport, Passphr
 pub use error::{Error, KeyError, OpenError, ReadError, SyncError, WriteError};
 pub use kek::{KekError, KeySource};
 pub use pairing::{JOIN_TIMEOUT_DEFAULT, JoinError};
-pub use persist_core::env::{Clock, Entropy, Env, ManualClock, SeededEntropy};
+pub use persist_core::env::{
+    Clock, Entropy, Env, FaultPlan, FaultPoint, Faults, ManualClock, SeededEntropy, SeededFaults,
+};
 pub use persist_core::export::{ExportError, KdfParams};
 pub use persist_core::invite::{InviteError, PairingError, Refusal};
 pub use persist_core::keyring::RevokeError;

@@ -602,14 +602,16 @@ impl Store {
         .await
     }
 
-    /// The revocation of `device`, if this store knows it and lacks its
-    /// record (writing the record failed after the revocation).
+    /// The revocation of `device`, if this device made it and the store
+    /// lacks its record (writing the record failed after the revocation).
+    /// A revocation learned from another member is that member's to
+    /// record: members refuse a record whose signer is not its revoker.
     pub(crate) fn unrecorded_revocation(
         &self,
         device: DeviceId,
     ) -> Result<Option<persist_core::keyring::Revocation>, ReadError> {
         let keys = self.inner.keys.current();
-        let Some(revocation) = keys.revoked.get(&device) else {
+        let Some(revocation) = keys.revoked.get(&device).filter(|r| r.by == keys.device_id) else {
             return Ok(None);
         };
         let locator = keys.locator(&membership::revocation_path(&device));

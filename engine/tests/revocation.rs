@@ -173,6 +173,13 @@ async fn a_revoked_device_reads_nothing_new_and_its_later_writes_are_refused() {
     })
     .await;
     assert!(revoked(&b, c_id).await, "b learned of the revocation");
+    assert!(
+        matches!(
+            b.crypto().revoke_device(c_id).await,
+            Err(KeyError::CannotRevoke(RevokeError::AlreadyRevoked(d))) if d == c_id
+        ),
+        "a revocation learned from a member is not this device's to record"
+    );
     assert_eq!(
         b.get::<String>("notes/shared").await.unwrap().as_deref(),
         Some("after")

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use persist_core::envelope::{self, Envelope};
 use persist_core::export::ExportedKeys;
 use persist_core::keys::IndexKey;
-use persist_core::lww::Precedence;
+use persist_core::lww::{Precedence, Version};
 use persist_core::protocol::Message;
 use persist_core::record::is_system_path;
 use persist_core::{DeviceId, Epoch, Locator};
@@ -156,18 +156,31 @@ pub fn accepted(opened: &[Opened], revoked: Option<&RevokedDevice>) -> Vec<Opene
         .collect()
 }
 
-/// The values members must refuse: those in `opened` that `revoked`
-/// signed after its revocation, less those an envelope members accept
-/// carries too (a revoked device that copies a member's value under its
-/// own signature makes that copy refused, not the member's value).
+/// The values members must refuse: those whose original write (the
+/// earliest version in `opened` carrying the value; every put writes a
+/// value of its own) is one `revoked` made after its revocation. A copy
+/// the revoked device signs of a member's write, stamped anew or not, does
+/// not make the member's value refused (seed 107); a member's copy of the
+/// revoked device's later write does not make it accepted.
 pub fn refused_values(opened: &[Opened], revoked: &RevokedDevice) -> BTreeSet<String> {
-    let (refused, accepted): (Vec<&Opened>, Vec<&Opened>) =
-        opened.iter().partition(|o| revoked.refuses(o));
-    let accepted: BTreeSet<&str> = accepted.iter().filter_map(|o| o.value.as_deref()).collect();
-    refused
+    let mut originals: BTreeMap<&str, (Version, bool)> = BTreeMap::new();
+    for o in opened {
+        let Some(value) = o.value.as_deref() else {
+            continue;
+        };
+        let (version, refused) = (o.precedence.version, revoked.refuses(o));
+        let entry = originals.entry(value).or_insert((version, refused));
+        if version < entry.0 {
+            *entry = (version, refused);
+        } else if version == entry.0 {
+            // Copies of one write: refused only if every one is.
+            entry.1 &= refused;
+        }
+    }
+    originals
         .into_iter()
-        .filter_map(|o| o.value.clone())
-        .filter(|v| !accepted.contains(v.as_str()))
+        .filter(|(_, (_, refused))| *refused)
+        .map(|(value, _)| value.to_owned())
         .collect()
 }
 
@@ -675,23 +688,17 @@ mod tests {
                 "mallory, under the new epoch"
             ]
         );
-        // Mallory re-signs Alice's value with a later stamp (seed 107: a
-        // revoked device writing a member's record again): that copy is
-        // refused, but the value is Alice's, which members may hold.
+        // Mallory signs a copy of Alice's write, stamped anew (seed 107):
+        // that copy is refused, but the value is Alice's, which members
+        // may hold. Alice's copy of Mallory's later write, stamped anew,
+        // does not make Mallory's value hers.
         let mut copied = all.clone();
-        copied.push(resealed(MALLORY, ALICE, 2, 1_500, "alice, after"));
-        copied.push(resealed(
-            MALLORY,
-            ALICE,
-            2,
-            1_500,
-            "alice, only ever copied",
-        ));
+        copied.push(resealed(MALLORY, ALICE, 2, 6_000, "alice, after"));
+        copied.push(resealed(ALICE, ALICE, 3, 7_000, "mallory, stamped after"));
         let refused: Vec<_> = refused_values(&copied, &r).into_iter().collect();
         assert_eq!(
             refused,
             [
-                "alice, only ever copied",
                 "mallory, later, resealed",
                 "mallory, stamped after",
                 "mallory, under the new epoch"
