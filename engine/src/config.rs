@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use persist_core::env::Env;
+use persist_core::env::{Env, Faults};
 use persist_core::export::KdfParams;
 use persist_core::hlc::MAX_DRIFT_MS_DEFAULT;
 use persist_storage::Backend;
@@ -31,6 +31,7 @@ pub struct Config {
     pub(crate) max_clock_drift: Duration,
     pub(crate) backend: Option<Box<dyn Backend>>,
     pub(crate) env: Option<Env>,
+    pub(crate) faults: Option<Faults>,
     pub(crate) import: Option<(Zeroizing<String>, Zeroizing<String>)>,
     pub(crate) invite: Option<Zeroizing<String>>,
     pub(crate) invite_timeout: Duration,
@@ -72,6 +73,7 @@ impl Config {
             max_clock_drift: Duration::from_millis(MAX_DRIFT_MS_DEFAULT),
             backend: None,
             env: None,
+            faults: None,
             import: None,
             invite: None,
             invite_timeout: crate::pairing::JOIN_TIMEOUT_DEFAULT,
@@ -231,6 +233,15 @@ impl DangerousConfig {
     /// the seed: only for tests and simulations.
     pub fn env(mut self, env: Env) -> Self {
         self.0.env = Some(env);
+        self
+    }
+
+    /// Lets `faults` inject failures at the product's fault points
+    /// ([`crate::FaultPoint`]: commits failing or slow, the Rotator
+    /// stopping, connections dropping), into the system environment or
+    /// the one [`Self::env`] gave: only for tests and simulations.
+    pub fn faults(mut self, faults: Faults) -> Self {
+        self.0.faults = Some(faults);
         self
     }
 

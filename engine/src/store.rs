@@ -338,7 +338,10 @@ impl Store {
     /// key and index key, and a new device key (KEK) in the OS keychain or
     /// a keyfile; an existing one loads its KEK and unseals its keyring.
     pub async fn open(config: Config) -> Result<Store, OpenError> {
-        let env = config.env.clone().unwrap_or_else(env::system);
+        let mut env = config.env.clone().unwrap_or_else(env::system);
+        if let Some(faults) = &config.faults {
+            env.faults = faults.clone();
+        }
         let dir = config.path.clone();
         let key_dir = config.default_key_dir();
         let Config {

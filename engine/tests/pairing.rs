@@ -6,12 +6,13 @@
 mod common;
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use persist::{
-    DeviceId, Entropy, InviteError, JoinError, KeyError, OpenError, PairingError, Refusal, Store,
-    SyncConfig,
+    DeviceId, Entropy, FaultPlan, FaultPoint, Faults, InviteError, JoinError, KeyError, OpenError,
+    PairingError, Refusal, Store, SyncConfig,
 };
 use persist_relay::{Admission, RelayHandle};
 use persist_storage::relay::{MemoryRelay, RelayBackend};
@@ -809,4 +810,71 @@ async fn concurrent_rotations_on_two_devices_converge() {
         s.close().await.unwrap();
     }
     relay.shutdown().await;
+}
+
+/// Fails every commit while `failing` is set, and counts the failures.
+#[derive(Default)]
+struct FailCommits {
+    failing: AtomicBool,
+    failed: AtomicU64,
+}
+
+impl FaultPlan for FailCommits {
+    fn fire(&self, point: FaultPoint) -> Option<u64> {
+        let fire = point == FaultPoint::CommitFail && self.failing.load(Ordering::SeqCst);
+        if fire {
+            self.failed.fetch_add(1, Ordering::SeqCst);
+        }
+        fire.then_some(0)
+    }
+}
+
+/// Regression (simulation seed 33): a key parcel whose key could not be
+/// stored was acknowledged to the mailbox anyway, so the device lost the
+/// epoch's key until the sender happened to post it again. It now stays
+/// in the mailbox for the next round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_parcel_that_cannot_be_stored_stays_in_the_mailbox() {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = relay(&tmp.path().join("relay")).await;
+    let (a, _, new_epoch) =
+        rotate_while_b_is_away(tmp.path(), SyncConfig::new(remote(&relay))).await;
+    // A posts the new key to B's mailbox, then leaves: nobody posts it
+    // again.
+    a.sync_now().await.unwrap();
+    a.close().await.unwrap();
+
+    let plan = Arc::new(FailCommits::default());
+    plan.failing.store(true, Ordering::SeqCst);
+    let b = Store::open(
+        device(tmp.path(), "b")
+            .dangerous()
+            .faults(Faults::new(plan.clone()))
+            .done()
+            .sync(SyncConfig::new(remote(&relay))),
+    )
+    .await
+    .unwrap();
+    // Each sync_now runs a courier round: B fetches the parcel and cannot
+    // store its key.
+    for _ in 0..3 {
+        let _ = b.sync_now().await;
+    }
+    assert!(plan.failed.load(Ordering::SeqCst) > 0, "no commit failed");
+    assert_ne!(
+        b.status().await.unwrap().current_epoch,
+        new_epoch,
+        "b took the key although every commit failed"
+    );
+
+    plan.failing.store(false, Ordering::SeqCst);
+    until("b takes the key it could not store before", async || {
+        let _ = b.sync_now().await;
+        b.status().await.unwrap().current_epoch == new_epoch
+    })
+    .await;
+    assert_eq!(
+        b.get::<String>("before").await.unwrap().as_deref(),
+        Some("written under the first epoch")
+    );
 }

@@ -222,8 +222,13 @@ fn bug_seed_19_an_export_import_hands_the_revoked_device_the_new_keys() {
     harness::run(&config).unwrap_or_else(|f| panic!("{f}"));
 }
 
-/// Regressions the product's fault points found, each with the point that
-/// must fire in the seed for it to cover the bug still:
+/// The seeds on which the product's fault points found these bugs, with
+/// the point that made each. They were found before `rotation_small_slice`
+/// joined the points, which redrew every seed's plan: the runs still pass
+/// and still fire that point, but need not reach the same paths again.
+/// Seed 33's bug also has a targeted test with a scripted plan
+/// (`engine/tests/pairing.rs`,
+/// `a_key_parcel_that_cannot_be_stored_stays_in_the_mailbox`).
 /// - seed 26: the Rotator failed on a slice's injected commit failure
 ///   after its last slice; restarted, it found nothing left to reseal and
 ///   never said so, so the rotation stayed "active" for good.
