@@ -1075,9 +1075,9 @@ impl SyncWorkload {
             .await
     }
 
-    /// Puts `value`; unless `power_failing`, a failed put fails the run.
-    /// A put the power fails under is acknowledged only if it returned
-    /// (it committed first), and may or may not survive otherwise.
+    /// Puts `value`; a failed put fails the run unless `power_failing` or
+    /// a fault point made it fail. Such a put is acknowledged only if it
+    /// returned (it committed first), and may or may not survive otherwise.
     #[allow(clippy::too_many_arguments)]
     async fn put_value(
         &mut self,
