@@ -162,24 +162,21 @@ impl Cluster {
                 keys_epoch: 0,
             })
             .collect();
-        let faults = SeededFaults::new(derive_bytes(seed, "buggify", 0, 0));
-        faults.set_active(false);
         Self {
             devices,
             net: SimNet::new(derive(seed, "net", 0, 0), skews.len()),
             clock,
             seed,
-            faults: Arc::new(faults),
+            faults: inactive(SeededFaults::new(derive_bytes(seed, "buggify", 0, 0))),
             fresh_entropy_on_boot: true,
         }
     }
 
     /// Switches on exactly `points` of the product's fault points (instead
-    /// of those the seed draws); before any device boots.
+    /// of those the seed draws; none if empty); before any device boots.
     pub fn only_fault_points(&mut self, points: &[FaultPoint]) {
-        let faults = SeededFaults::with_points(derive_bytes(self.seed, "buggify", 0, 0), points);
-        faults.set_active(false);
-        self.faults = Arc::new(faults);
+        let seed = derive_bytes(self.seed, "buggify", 0, 0);
+        self.faults = inactive(SeededFaults::with_points(seed, points));
     }
 
     /// The open store of device `index`, if it is up.
@@ -327,6 +324,12 @@ impl Cluster {
         }
         Ok(())
     }
+}
+
+/// A fault plan that fires nothing until a workload activates it.
+fn inactive(faults: SeededFaults) -> Arc<SeededFaults> {
+    faults.set_active(false);
+    Arc::new(faults)
 }
 
 /// The `label` stream of device `index`'s `crash`-th crash (from 1).

@@ -166,8 +166,8 @@ pub struct SimConfig {
     /// Lets a run's revocation race the members' learning of it (`sync`
     /// only; see [`SyncOptions::revocation_races`]).
     pub revocation_races: bool,
-    /// Which of the product's fault points ("buggify") may fire (`sync`
-    /// only; see [`SyncOptions::fault_points`]).
+    /// Which of the product's fault points ("buggify") may fire in the run
+    /// phase (`sync` only).
     pub fault_points: FaultPoints,
     /// A deliberate break of a sync property (tests only).
     pub sync_fault: Option<SyncFault>,
@@ -519,13 +519,14 @@ async fn run_sync_on(
         steps: config.ops,
         far_skew: config.far_skew,
         revocation_races: config.revocation_races,
-        fault_points: config.fault_points != FaultPoints::Off,
         fault: config.sync_fault,
     };
     let skews = sync::skews(&opts);
     let mut cluster = Cluster::new(config.seed, dir, START_MS, &skews);
-    if let FaultPoints::Only(points) = &config.fault_points {
-        cluster.only_fault_points(points);
+    match &config.fault_points {
+        FaultPoints::Seeded => {}
+        FaultPoints::Off => cluster.only_fault_points(&[]),
+        FaultPoints::Only(points) => cluster.only_fault_points(points),
     }
     if config.net == NetProfile::Quic {
         trace.note("net quic");

@@ -221,12 +221,6 @@ pub struct SyncOptions {
     /// revocation's key from an export (which carries no revocations)
     /// passes it to the revoked device through its mailbox.
     pub revocation_races: bool,
-    /// Whether the product's own fault points (`persist_core::env::
-    /// FaultPoint`: failing and slow commits, the Rotator stopping between
-    /// slices, connections dropping mid-handshake and mid-push, long
-    /// reconnects) may fire in the run phase. The seed switches each on
-    /// for the run or not; off, none fires.
-    pub fault_points: bool,
     /// A deliberate break (tests only).
     pub fault: Option<SyncFault>,
 }
@@ -475,11 +469,11 @@ impl SyncWorkload {
         cluster
             .net
             .set_faults(NetFaults::from_intensity(self.switches.net));
-        if self.opts.fault_points {
-            let points: Vec<&str> = cluster.faults.enabled().iter().map(|p| p.name()).collect();
-            trace.note(format!("fault points on: {points:?}"));
-            cluster.faults.set_active(true);
-        }
+        // The product's own fault points (`persist_core::env::FaultPoint`),
+        // as the seed or `SimConfig::fault_points` switched them on.
+        let points: Vec<&str> = cluster.faults.enabled().iter().map(|p| p.name()).collect();
+        trace.note(format!("fault points on: {points:?}"));
+        cluster.faults.set_active(true);
         self.apply_fault_at_start(cluster, trace).await?;
         let n = self.opts.devices as u64;
         for step in 0..self.opts.steps {
