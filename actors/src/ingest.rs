@@ -37,7 +37,7 @@ use persist_core::lww::{self, Precedence, Version};
 use persist_core::membership::{self, AnnouncementError};
 use persist_core::record::{Record, is_system_path};
 use persist_core::{DeviceId, Epoch, Locator, StoreId};
-use persist_storage::{LocalDb, Row};
+use persist_storage::{Held, LocalDb, Row};
 
 use std::sync::Arc;
 
@@ -512,8 +512,8 @@ fn precheck(keys: &KeySet, batch: &[Incoming]) -> Vec<Checked> {
 /// What an encrypted envelope's signature covers, as
 /// [`Envelope::verify_signature`] checks it (see the layout in
 /// [`persist_core::envelope`]): `DOMAIN_SIG ‖ store_id ‖ locator ‖ header ‖
-/// body_len ‖ ciphertext`, the ciphertext without its tag; the signature is
-/// the last [`SIGNATURE_LEN`] bytes.
+/// body_len ‖ body`, the tag included; the signature is the last
+/// [`SIGNATURE_LEN`] bytes.
 struct SignedParts {
     message: Vec<u8>,
     signature: Signature,
@@ -524,8 +524,8 @@ struct SignedParts {
 /// length does not leave room for them (then it is checked singly).
 fn signed_parts(store_id: &StoreId, item: &Incoming, key: VerifyingKey) -> Option<SignedParts> {
     let bytes = item.envelope.as_slice();
-    let signed_end = bytes.len().checked_sub(SIGNATURE_LEN + TAG_LEN)?;
-    if signed_end < HEADER_LEN + 4 {
+    let signed_end = bytes.len().checked_sub(SIGNATURE_LEN)?;
+    if signed_end < HEADER_LEN + 4 + TAG_LEN {
         return None;
     }
     let signature: [u8; SIGNATURE_LEN] = bytes[bytes.len() - SIGNATURE_LEN..].try_into().ok()?;
@@ -599,6 +599,11 @@ fn plan_checked(
     loop {
         let learned_before = plan.learned.len();
         for (mut item, checked) in work.drain(..) {
+            // A retried pending envelope is named by its bytes, which an
+            // applied one gives to its row.
+            let held = item
+                .from_pending
+                .then(|| Held::of(&item.locator, &item.envelope));
             let known = Known {
                 members: &members,
                 revoked: &revoked,
@@ -623,11 +628,8 @@ fn plan_checked(
                         plan.learned.push(member);
                     }
                     plan.newest = plan.newest.max(Some(record.hlc));
-                    if item.from_pending {
-                        plan.parks.push(Park::Release {
-                            locator: item.locator,
-                            precedence,
-                        });
+                    if let Some(held) = held {
+                        plan.parks.push(Park::Release { held });
                     }
                     plan.versions.push((item.locator, precedence.version));
                     plan.writes.push(SealedWrite {
@@ -638,25 +640,22 @@ fn plan_checked(
                         expect: None,
                     });
                 }
-                Decision::Defer(reason @ PendingReason::UnknownSigner(_)) => {
-                    deferred.push((item, reason));
+                Decision::Defer {
+                    reason: reason @ PendingReason::UnknownSigner(_),
+                    verified,
+                } => {
+                    deferred.push((item, reason, verified));
                 }
-                Decision::Defer(reason) => park(&mut plan, item, reason),
-                Decision::Refuse(refusal, precedence) => {
-                    if let (true, Some(precedence)) = (item.from_pending, precedence) {
-                        plan.parks.push(Park::Release {
-                            locator: item.locator,
-                            precedence,
-                        });
+                Decision::Defer { reason, verified } => park(&mut plan, item, reason, verified),
+                Decision::Refuse(refusal) => {
+                    if let Some(held) = held {
+                        plan.parks.push(Park::Release { held });
                     }
                     plan.refused.push((item.locator, refusal));
                 }
                 Decision::Overtaker(refusal, precedence) => {
-                    if item.from_pending {
-                        plan.parks.push(Park::Release {
-                            locator: item.locator,
-                            precedence,
-                        });
+                    if let Some(held) = held {
+                        plan.parks.push(Park::Release { held });
                     }
                     let known = plan.overtakers.iter().any(|(l, _)| *l == item.locator);
                     if !known && precedence.version.hlc.ms <= now_ms.saturating_add(max_drift_ms) {
@@ -673,11 +672,11 @@ fn plan_checked(
         }
         work = deferred
             .drain(..)
-            .map(|(item, _)| (item, Checked::default()))
+            .map(|(item, _, _)| (item, Checked::default()))
             .collect();
     }
-    for (item, reason) in deferred {
-        park(&mut plan, item, reason);
+    for (item, reason, verified) in deferred {
+        park(&mut plan, item, reason, verified);
     }
     plan
 }
@@ -691,14 +690,19 @@ enum Decision {
         member: Option<Box<Member>>,
         revocation: Option<Revocation>,
     },
-    Defer(PendingReason),
-    Refuse(Refusal, Option<Precedence>),
+    /// Held: it may apply later. `verified`: a known member's signature
+    /// on it checked (or the store does not sign).
+    Defer {
+        reason: PendingReason,
+        verified: bool,
+    },
+    Refuse(Refusal),
     /// Refused, and signed by a member: a revoked device's write, which
     /// may have taken its locator's place at the remote.
     Overtaker(Refusal, Precedence),
 }
 
-fn park(plan: &mut Plan, item: Incoming, reason: PendingReason) {
+fn park(plan: &mut Plan, item: Incoming, reason: PendingReason, verified: bool) {
     tracing::debug!(locator = %item.locator, ?reason, again = item.from_pending,
         "sync: holding an envelope");
     plan.pending.push((item.locator, reason));
@@ -711,6 +715,7 @@ fn park(plan: &mut Plan, item: Incoming, reason: PendingReason) {
             locator: item.locator,
             precedence,
             envelope: item.envelope,
+            verified,
         });
     }
 }
@@ -735,11 +740,11 @@ fn decide(
 ) -> Decision {
     let envelope = match Envelope::parse(&item.envelope) {
         Ok(envelope) => envelope,
-        Err(e) => return Decision::Refuse(e.into(), None),
+        Err(e) => return Decision::Refuse(e.into()),
     };
     let header = envelope.header;
     let precedence = header.precedence();
-    let refuse = |refusal| Decision::Refuse(refusal, Some(precedence));
+    let refuse = |refusal| Decision::Refuse(refusal);
     let encrypted = keys.crypto.is_some();
     match (encrypted, header.algorithm) {
         (true, Algorithm::Aes256GcmEd25519) | (false, Algorithm::Plain) => {}
@@ -763,6 +768,9 @@ fn decide(
     // remote (see `restate_overtaken`); only one whose signature verified
     // under a member's key counts, or a remote could forge them at will.
     let overtaker = |refusal| Decision::Overtaker(refusal, precedence);
+    // Past the check above, a known signer's signature verified.
+    let verified = !encrypted || signer_key.is_some();
+    let defer = |reason| Decision::Defer { reason, verified };
     if known
         .revoked
         .get(&header.signer)
@@ -788,10 +796,10 @@ fn decide(
         };
     }
     if encrypted && !keys.has_epoch(header.epoch) {
-        return Decision::Defer(PendingReason::UnknownEpoch(header.epoch));
+        return defer(PendingReason::UnknownEpoch(header.epoch));
     }
     if header.version.hlc.ms > now_ms.saturating_add(max_drift_ms) {
-        return Decision::Defer(PendingReason::FromTheFuture);
+        return defer(PendingReason::FromTheFuture);
     }
     let opened = match checked.opened {
         Some(opened) => opened,
@@ -800,19 +808,17 @@ fn decide(
     let record = match opened {
         Ok(record) => record,
         Err(OpenRecordError::UnknownEpoch(epoch)) => {
-            return Decision::Defer(PendingReason::UnknownEpoch(epoch));
+            return defer(PendingReason::UnknownEpoch(epoch));
         }
-        // A member that is not revoked signed the locator, header and
-        // ciphertext (checked above; the AEAD tag is not signed). If none of
-        // the epoch's keys held here opens them, they may be sealed under a
-        // concurrent rotation's key still on its way: held, not refused.
-        // Pending keeps one envelope per locator, so a relay that alters
-        // tags holds back no more than it could withhold; a revoked
-        // device's are refused, or it could fill pending at new locators.
+        // A member that is not revoked signed every byte (checked above),
+        // so no relay made this copy. If none of the epoch's keys held here
+        // opens it, it is sealed under a concurrent rotation's key still on
+        // its way: held, not refused. A revoked device's are refused, or it
+        // could fill pending at locators of its choosing.
         Err(OpenRecordError::Envelope(OpenError::Integrity))
             if signer_key.is_some() && !known.revoked.contains_key(&header.signer) =>
         {
-            return Decision::Defer(PendingReason::UnknownEpoch(header.epoch));
+            return defer(PendingReason::UnknownEpoch(header.epoch));
         }
         Err(OpenRecordError::Envelope(e)) => return refuse(integrity(e)),
     };
@@ -829,7 +835,7 @@ fn decide(
                 }
                 Some(Box::new(member))
             }
-            Err(_) => return Decision::Defer(PendingReason::UnknownSigner(header.signer)),
+            Err(_) => return defer(PendingReason::UnknownSigner(header.signer)),
         }
     } else {
         match membership::announced_member(&record) {
@@ -1094,7 +1100,8 @@ mod tests {
             3,
             40,
             90,
-            good.envelope.len() - 70,
+            // In the tag, then in the signature.
+            good.envelope.len() - SIGNATURE_LEN - 5,
             good.envelope.len() - 1,
         ] {
             let mut bad = Incoming {
@@ -1109,48 +1116,15 @@ mod tests {
                 1,
                 "only the announcement applies (byte {at})"
             );
-            // The AEAD tag is the one part the signature does not cover
-            // (the tag covers the signature). A member-signed envelope
-            // whose tag fails may be sealed under a concurrent rotation's
-            // key not here yet, so it is held, never applied; anything
-            // else altered is refused and not kept.
-            let tag = (good.envelope.len() - SIGNATURE_LEN - TAG_LEN..).contains(&at)
-                && at < good.envelope.len() - SIGNATURE_LEN;
-            if tag {
-                assert!(plan.refused.is_empty(), "byte {at}: {plan:?}");
-                assert_eq!(
-                    plan.pending.iter().map(|(_, r)| *r).collect::<Vec<_>>(),
-                    [PendingReason::UnknownEpoch(a.ring.current)],
-                    "byte {at}"
-                );
-                assert_eq!(plan.parks.len(), 1, "byte {at}");
-            } else {
-                assert_eq!(plan.refused.len(), 1, "byte {at}: {plan:?}");
-                assert!(
-                    plan.pending.is_empty() && plan.parks.is_empty(),
-                    "byte {at}"
-                );
-            }
+            // The signature covers every byte before it, the tag included,
+            // so any altered byte is refused, and none is held in place of
+            // the genuine copy.
+            assert_eq!(plan.refused.len(), 1, "byte {at}: {plan:?}");
+            assert!(
+                plan.pending.is_empty() && plan.parks.is_empty(),
+                "byte {at}"
+            );
         }
-        // A revoked device's envelope that no key opens is refused: held,
-        // it could fill pending with junk at locators of its choosing.
-        let mut revoked = b.keys();
-        let revocation = persist_core::keyring::Revocation {
-            device_id: a.ring.device_id(),
-            by: b.ring.device_id(),
-            epoch: Epoch(9),
-            at: Hlc {
-                ms: NOW + DRIFT,
-                counter: 0,
-            },
-        };
-        revoked.revoked.insert(a.ring.device_id(), revocation);
-        let mut junk = a.seal("notes/junk", b"x", NOW);
-        let tag_at = junk.envelope.len() - SIGNATURE_LEN - 1;
-        junk.envelope[tag_at] ^= 1;
-        let plan = super::plan(&revoked, vec![a.announcement(), junk], NOW, DRIFT);
-        assert_eq!(plan.refused.len(), 1, "{plan:?}");
-        assert!(plan.pending.is_empty() && plan.parks.is_empty(), "{plan:?}");
         // Moved to another locator: refused too.
         let mut moved = a.seal("notes/1", b"hi", NOW);
         moved.locator = a.ring.index_key.locator(&a.ring.store_id, "notes/2");
@@ -1169,6 +1143,46 @@ mod tests {
             plan.writes.is_empty() && plan.learned.is_empty(),
             "{plan:?}"
         );
+        // A revoked device's envelope that no key opens is refused: held,
+        // it could fill pending with junk at locators of its choosing. (It
+        // signs it: both rotate to an epoch 2 of their own, and a seals
+        // under its key, which b never gets.)
+        let (mut a, mut b) = (a, b);
+        let announcement = a.announcement();
+        let mut rng = SeededEntropy::from_u64(5).stream("rot");
+        a.ring.rotate(&mut rng);
+        b.ring.rotate(&mut rng);
+        let mut revoked = b.keys();
+        let revocation = persist_core::keyring::Revocation {
+            device_id: a.ring.device_id(),
+            by: b.ring.device_id(),
+            epoch: Epoch(9),
+            at: Hlc {
+                ms: NOW + DRIFT,
+                counter: 0,
+            },
+        };
+        revoked.revoked.insert(a.ring.device_id(), revocation);
+        let copy = |i: &Incoming| Incoming {
+            locator: i.locator,
+            envelope: i.envelope.clone(),
+            from_pending: i.from_pending,
+        };
+        let junk = a.seal("notes/junk", b"x", NOW);
+        let plan = super::plan(
+            &b.keys(),
+            vec![copy(&announcement), copy(&junk)],
+            NOW,
+            DRIFT,
+        );
+        assert_eq!(
+            plan.pending.iter().map(|(_, r)| *r).collect::<Vec<_>>(),
+            [PendingReason::UnknownEpoch(Epoch(2))],
+            "a member's is held: {plan:?}"
+        );
+        let plan = super::plan(&revoked, vec![announcement, junk], NOW, DRIFT);
+        assert_eq!(plan.refused.len(), 1, "{plan:?}");
+        assert!(plan.pending.is_empty() && plan.parks.is_empty(), "{plan:?}");
     }
 
     #[test]

@@ -995,16 +995,16 @@ impl SessionState {
                     .and_then(|t| t.pending_page(after.as_ref(), PENDING_RETRY_PAGE))
             })
             .map_err(|e| e.to_string())?;
-            let Some((last, _)) = page.last() else {
+            let Some(last) = page.last() else {
                 break;
             };
-            after = Some(*last);
+            after = Some(last.held);
             let full = page.len() == PENDING_RETRY_PAGE;
             let batch = page
                 .into_iter()
-                .map(|(locator, envelope)| Incoming {
-                    locator,
-                    envelope,
+                .map(|p| Incoming {
+                    locator: p.held.locator,
+                    envelope: p.envelope,
                     from_pending: true,
                 })
                 .collect();

@@ -31,7 +31,7 @@ use persist_core::hlc::Hlc;
 use persist_core::lww::{self, Precedence};
 use persist_core::record::PathError;
 use persist_core::{DeviceId, Locator};
-use persist_storage::{LocalDb, Row, StorageError};
+use persist_storage::{Held, LocalDb, Parked, Row, StorageError};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use tokio::sync::watch;
 
@@ -198,9 +198,13 @@ pub enum WriterMsg {
 /// A change to the pending table, applied with an ingest.
 #[derive(Debug)]
 pub enum Park {
-    /// Keep `envelope` pending at `locator`, unless the stored record or
-    /// the envelope already pending there has an equal or higher
-    /// precedence.
+    /// Keep `envelope` pending at `locator`, unless the stored record there
+    /// or a verified envelope pending there has an equal or higher
+    /// precedence. A `verified` envelope replaces the ones pending there
+    /// that it outranks; one whose signature could not be checked yet (its
+    /// signer is not known here) is kept beside them, replacing only older
+    /// unverified ones claiming the same signer: it may be a forgery, and
+    /// must not displace a genuine one.
     Keep {
         /// Where it belongs.
         locator: Locator,
@@ -208,14 +212,15 @@ pub enum Park {
         precedence: Precedence,
         /// The envelope.
         envelope: Vec<u8>,
+        /// Whether a known member's signature on it was checked (or the
+        /// store does not sign).
+        verified: bool,
     },
-    /// The envelope pending at `locator` with `precedence` was applied (or
-    /// refused for good): drop it, unless a newer one replaced it.
+    /// The pending envelope `held` was applied (or refused for good): drop
+    /// it, if it is still there.
     Release {
-        /// Where it was pending.
-        locator: Locator,
-        /// The precedence it had.
-        precedence: Precedence,
+        /// The envelope.
+        held: Held,
     },
 }
 
@@ -547,38 +552,49 @@ fn commit(db: &LocalDb, batch: &mut [Pending]) -> Result<(Vec<CommitReport>, u64
 
 /// Applies one change to the pending table.
 fn apply_park(txn: &mut persist_storage::WriteTxn, park: Park) -> Result<(), WriteError> {
-    let parked_precedence = |txn: &persist_storage::WriteTxn, locator: &Locator| {
-        Ok::<_, WriteError>(
-            txn.parked(locator)?
-                .and_then(|bytes| Envelope::parse(&bytes).ok().map(|e| e.header.precedence())),
-        )
-    };
     match park {
         Park::Keep {
             locator,
             precedence,
             envelope,
+            verified,
         } => {
             let stored = match txn.record(&locator) {
                 Ok(row) => row.as_ref().and_then(self::precedence),
                 Err(StorageError::CorruptRow { .. }) => None,
                 Err(e) => return Err(e.into()),
             };
-            let beaten = |other: Option<Precedence>| {
-                other.is_some_and(|other| !lww::wins(precedence, other))
-            };
-            if beaten(stored) || beaten(parked_precedence(txn, &locator)?) {
+            if stored.is_some_and(|stored| !lww::wins(precedence, stored)) {
                 return Ok(());
             }
-            txn.park(&locator, &envelope)?;
-        }
-        Park::Release {
-            locator,
-            precedence,
-        } => {
-            if parked_precedence(txn, &locator)? == Some(precedence) {
-                txn.unpark(&locator)?;
+            // A verified envelope held here that this one does not outrank
+            // makes it redundant; a verified one replaces what it outranks.
+            let parked = txn.parked(&locator)?;
+            let precedence_of =
+                |p: &Parked| Envelope::parse(&p.envelope).map(|e| e.header.precedence());
+            let covered = parked.iter().any(|p| {
+                p.verified && precedence_of(p).is_ok_and(|other| !lww::wins(precedence, other))
+            });
+            if covered {
+                return Ok(());
             }
+            // What this one replaces: if verified, whatever it outranks; if
+            // not, only what it outranks among the unverified envelopes
+            // claiming the same signer (the versions of one not yet known
+            // member's writes, so they do not pile up).
+            let signer = |bytes: &[u8]| Envelope::parse(bytes).ok().map(|e| e.header.signer);
+            let own_signer = signer(&envelope);
+            for p in &parked {
+                let replaced = (verified || (!p.verified && signer(&p.envelope) == own_signer))
+                    && precedence_of(p).map_or(true, |other| lww::wins(precedence, other));
+                if replaced {
+                    txn.unpark(&p.held)?;
+                }
+            }
+            txn.park(&locator, &envelope, verified)?;
+        }
+        Park::Release { held } => {
+            txn.unpark(&held)?;
         }
     }
     Ok(())

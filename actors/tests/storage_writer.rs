@@ -7,16 +7,17 @@
 use std::sync::Arc;
 
 use persist_actors::storage_writer::{
-    CommitReport, Forget, Marks, Priority, SealedWrite, StorageWriter, WriteError, WriterArgs,
-    WriterMsg,
+    CommitReport, Forget, Marks, Park, Priority, SealedWrite, StorageWriter, WriteError,
+    WriterArgs, WriterMsg,
 };
 use persist_core::env::{Entropy, SeededEntropy};
+use persist_core::envelope::Envelope;
 use persist_core::envelope::{self, Flags, SealContext};
 use persist_core::hlc::Hlc;
 use persist_core::keyring::Keyring;
 use persist_core::keys::DeviceIdentity;
 use persist_core::record::Record;
-use persist_storage::{LocalDb, Row};
+use persist_storage::{Held, LocalDb, Row};
 use ractor::concurrency::{OneshotReceiver, oneshot};
 use ractor::{Actor, ActorRef, RpcReplyPort};
 
@@ -284,4 +285,113 @@ async fn forget_removes_only_what_the_device_wrote_after_the_stamp() {
     assert!(txn.record(&locators[1]).unwrap().is_none());
     assert!(txn.record(&locators[2]).unwrap().is_some());
     assert_eq!(txn.live_count().unwrap(), 2);
+}
+
+fn park(f: &Fixture, parks: Vec<Park>) -> OneshotReceiver<Result<CommitReport, WriteError>> {
+    let (tx, rx) = oneshot();
+    f.writer
+        .cast(WriterMsg::Ingest {
+            writes: Vec::new(),
+            parks,
+            meta: Vec::new(),
+            reply: tx.into(),
+        })
+        .unwrap();
+    rx
+}
+
+fn keep(write: &SealedWrite, verified: bool) -> Park {
+    Park::Keep {
+        locator: write.locator,
+        precedence: Envelope::parse(&write.row.envelope)
+            .unwrap()
+            .header
+            .precedence(),
+        envelope: write.row.envelope.clone(),
+        verified,
+    }
+}
+
+fn held(f: &Fixture) -> Vec<Vec<u8>> {
+    let page = f.db.begin_read().unwrap().pending_page(None, 100).unwrap();
+    page.into_iter().map(|p| p.envelope).collect()
+}
+
+/// An envelope held unverified (its signer not known yet) may be a relay's
+/// forgery: it must not keep out the genuine one, whatever its precedence
+/// and whichever comes first. A verified one replaces what it outranks.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unverified_held_envelope_never_displaces_a_verified_one() {
+    let f = fixture().await;
+    let genuine = sealed(&f, "k", b"genuine", 2_000, 1);
+    // A forgery at the same locator claiming the same version, and one
+    // claiming a later one (as an unknown signer's would, unchecked).
+    let mut same = genuine.row.envelope.clone();
+    let last = same.len() - 1;
+    same[last] ^= 1;
+    let later = sealed(&f, "k", b"forged", 3_000, 2);
+    let forged = [same, later.row.envelope.clone()];
+    let unverified = |bytes: &Vec<u8>| Park::Keep {
+        locator: genuine.locator,
+        precedence: Envelope::parse(bytes).unwrap().header.precedence(),
+        envelope: bytes.clone(),
+        verified: false,
+    };
+
+    // Forgeries first: the genuine one is held beside them.
+    park(&f, forged.iter().map(unverified).collect())
+        .await
+        .unwrap()
+        .unwrap();
+    park(&f, vec![keep(&genuine, true)]).await.unwrap().unwrap();
+    let now = held(&f);
+    // The later forgery replaced the earlier one (both unverified, claiming
+    // the same signer); the genuine one is held beside it.
+    assert_eq!(now.len(), 2, "{now:?}");
+    assert!(now.contains(&genuine.row.envelope) && now.contains(&forged[1]));
+
+    // Released by bytes: dropping the forgery leaves the genuine one.
+    park(
+        &f,
+        vec![Park::Release {
+            held: Held::of(&genuine.locator, &forged[1]),
+        }],
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(held(&f), vec![genuine.row.envelope.clone()]);
+
+    // Genuine first: forgeries arriving later never take its place; one it
+    // outranks or equals is not even kept (it would lose to it), a later
+    // one is held beside it.
+    let f = fixture().await;
+    park(&f, vec![keep(&genuine, true)]).await.unwrap().unwrap();
+    park(&f, forged.iter().map(unverified).collect())
+        .await
+        .unwrap()
+        .unwrap();
+    let now = held(&f);
+    assert_eq!(now.len(), 2, "the genuine one and the later forgery");
+    assert!(now.contains(&genuine.row.envelope) && now.contains(&later.row.envelope));
+
+    // A verified newer version replaces the held ones it outranks, forged
+    // or not; the same bytes twice are held once.
+    let newest = sealed(&f, "k", b"newest", 4_000, 3);
+    park(&f, vec![keep(&newest, true), keep(&newest, true)])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(held(&f), vec![newest.row.envelope.clone()]);
+
+    // Nothing is held behind a stored record it does not outrank.
+    send(&f, vec![sealed(&f, "k", b"stored", 5_000, 4)])
+        .await
+        .unwrap()
+        .unwrap();
+    park(&f, vec![keep(&genuine, true), keep(&later, false)])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(held(&f), vec![newest.row.envelope.clone()]);
 }

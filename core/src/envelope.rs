@@ -16,23 +16,25 @@
 //!  85  body_len    u32 BE
 //!  89  body        body_len bytes: AES-256-GCM(padded record) ‖ 16-byte tag
 //! tail
-//!      signature   [64] Ed25519 over DOMAIN_SIG ‖ store_id ‖ locator ‖ header ‖ body_len ‖ ciphertext
+//!      signature   [64] Ed25519 over DOMAIN_SIG ‖ store_id ‖ locator ‖ header ‖ body_len ‖ body
 //! ```
 //!
 //! The message key is `HKDF-SHA256(ikm = DEK_epoch, salt = seed,
 //! info = "persist/rec/v1" ‖ store_id ‖ epoch)`. DESIGN.md explains why the
 //! seed and nonce are fresh per write rather than derived from the path.
 //!
-//! The signature covers the ciphertext without its tag, and the tag's
-//! associated data is `DOMAIN_AAD ‖ store_id ‖ locator ‖ header ‖
-//! signature`. So anyone can check who wrote an envelope without its key
-//! (a receiver before it holds the epoch key, a relay), while a key
-//! holder's one AEAD check covers every byte, signature included: a local
-//! read, which skips the costly Ed25519 verification, still rejects any
-//! altered byte. Sealing runs AES-GCM twice under one (key, nonce): once
-//! for the ciphertext to sign, once for the tag over the signature. Both
-//! passes produce the same ciphertext and the first pass's tag is never
-//! revealed, so no second tag under that nonce ever exists outside.
+//! The tag's associated data is `DOMAIN_AAD ‖ store_id ‖ locator ‖ header`,
+//! and the signature covers every byte before it, the tag included. So
+//! anyone can check who wrote an envelope, and that not one byte of it was
+//! altered, without its key: a receiver before it holds the epoch key can
+//! tell a member's envelope from one a relay edited, and holds only the
+//! former. (An earlier layout signed the ciphertext without its tag and
+//! bound the signature into the tag; a relay could then flip a tag bit and
+//! hand out a signed envelope that no key opens, which a receiver without
+//! the key had to hold in place of the genuine one.) A key holder's AEAD
+//! check covers everything but the signature, so a local read, which skips
+//! the costly Ed25519 verification, still rejects any altered header or
+//! body byte; an altered signature only makes receivers refuse the copy.
 //!
 //! The header carries both the `origin` (whose write this is) and the
 //! `signer` (who sealed this copy): after a rotation a member reseals other
@@ -49,10 +51,10 @@
 //! - [`open`] returns a record only if the tag verifies under the
 //!   epoch's key *and* the record's path hashes to the locator it was
 //!   stored under *and* its version equals the header's.
-//! - A seal never reveals two tags under one (message key, nonce) pair: the
-//!   key is derived from a fresh 128-bit seed, the nonce is a fresh 96-bit
-//!   value, and the internal first pass's tag is dropped.
-//! - Every byte of an encrypted envelope is covered by its AEAD tag.
+//! - A seal uses a (message key, nonce) pair once: the key is derived from
+//!   a fresh 128-bit seed and the nonce is a fresh 96-bit value.
+//! - Every byte of an encrypted envelope before its signature is covered by
+//!   its AEAD tag and by its signature.
 
 use aes_gcm::aead::AeadInOut;
 use aes_gcm::{Aes256Gcm, KeyInit};
@@ -326,7 +328,8 @@ pub struct Envelope<'a> {
     /// The decoded header.
     pub header: Header,
     header_bytes: &'a [u8; HEADER_LEN],
-    /// `header ‖ body_len ‖ body`: what the signature covers after the prefix.
+    /// `header ‖ body_len ‖ body` (the tag included): what the signature
+    /// covers after the prefix.
     signed: &'a [u8],
     body: &'a [u8],
     signature: Option<&'a [u8; SIGNATURE_LEN]>,
@@ -368,13 +371,7 @@ impl<'a> Envelope<'a> {
                 expected,
             });
         }
-        // The signature covers the ciphertext but not the tag, which in
-        // turn covers the signature (see the module docs).
-        let tag_len = match header.algorithm {
-            Algorithm::Plain => 0,
-            Algorithm::Aes256GcmEd25519 => TAG_LEN,
-        };
-        let signed = &bytes[..(min + body_len).saturating_sub(tag_len)];
+        let signed = &bytes[..min + body_len];
         let body = &bytes[min..min + body_len];
         let signature = match header.algorithm {
             Algorithm::Plain => None,
@@ -391,8 +388,9 @@ impl<'a> Envelope<'a> {
 
     /// Verifies the signature against the signer's public key.
     ///
-    /// A local read skips this (the AEAD tag already proves a key holder
-    /// sealed it); sync ingest does it before anything else.
+    /// The signature covers every byte before it, the AEAD tag included. A
+    /// local read skips this (the tag already proves a key holder sealed
+    /// it); sync ingest does it before anything else.
     pub fn verify_signature(
         &self,
         store_id: &StoreId,
@@ -486,25 +484,16 @@ pub fn seal_with_randomness(
     out.extend_from_slice(&plain);
 
     let cipher = message_cipher(ctx.data_key, &ctx.store_id, ctx.epoch, &seed);
-    // Pass 1: the ciphertext, to sign. GCM's ciphertext does not depend on
-    // the associated data; this pass's tag is dropped unseen.
-    cipher
-        .encrypt_inout_detached(&nonce.into(), &[], out[body_start..].as_mut().into())
+    let aad = aad(&ctx.store_id, locator, &header_bytes);
+    let tag = cipher
+        .encrypt_inout_detached(&nonce.into(), &aad, out[body_start..].as_mut().into())
         // Only inputs over ~64 GiB make AES-GCM refuse; the body is bounded far below.
         .unwrap_or_else(|_| unreachable!("body is within AES-GCM's length limit"));
+    out.extend_from_slice(&tag);
     let signature = ctx
         .signing_key
         .multipart_sign(&[DOMAIN_SIG, ctx.store_id.as_bytes(), &locator.0, &out])
         .to_bytes();
-    // Pass 2: the same ciphertext again, now with the tag over associated
-    // data that includes the signature, so the tag covers every byte.
-    out.truncate(body_start);
-    out.extend_from_slice(&plain);
-    let aad = aad(&ctx.store_id, locator, &header_bytes, &signature);
-    let tag = cipher
-        .encrypt_inout_detached(&nonce.into(), &aad, out[body_start..].as_mut().into())
-        .unwrap_or_else(|_| unreachable!("body is within AES-GCM's length limit"));
-    out.extend_from_slice(&tag);
     out.extend_from_slice(&signature);
     debug_assert!(
         out.len() <= ENVELOPE_BYTES_MAX,
@@ -541,8 +530,7 @@ pub fn open(
     let (ct, tag) = envelope.body.split_at(ct_len);
     let mut plain = Zeroizing::new(ct.to_vec());
     let cipher = message_cipher(data_key, store_id, h.epoch, &h.seed);
-    let signature = envelope.signature.ok_or(OpenError::Integrity)?;
-    let aad = aad(store_id, locator, envelope.header_bytes, signature);
+    let aad = aad(store_id, locator, envelope.header_bytes);
     let tag: [u8; TAG_LEN] = arr(tag);
     cipher
         .decrypt_inout_detached(
@@ -650,18 +638,12 @@ fn message_cipher(
     Aes256Gcm::new(&(*key).into())
 }
 
-fn aad(
-    store_id: &StoreId,
-    locator: &Locator,
-    header: &[u8; HEADER_LEN],
-    signature: &[u8; SIGNATURE_LEN],
-) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(DOMAIN_AAD.len() + 16 + 32 + HEADER_LEN + SIGNATURE_LEN);
+fn aad(store_id: &StoreId, locator: &Locator, header: &[u8; HEADER_LEN]) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(DOMAIN_AAD.len() + 16 + 32 + HEADER_LEN);
     aad.extend_from_slice(DOMAIN_AAD);
     aad.extend_from_slice(store_id.as_bytes());
     aad.extend_from_slice(&locator.0);
     aad.extend_from_slice(header);
-    aad.extend_from_slice(signature);
     aad
 }
 
@@ -761,22 +743,54 @@ mod tests {
         let r = record(&f, "p", &[0xaa; 300]);
         let (loc, bytes) = seal_with(&f, &r, 1);
         let vk = f.device.verifying_key();
+        let signature_at = bytes.len() - SIGNATURE_LEN;
         for i in 0..bytes.len() {
             let mut t = bytes.clone();
             t[i] ^= 0x01;
-            let opened = open_with(&f, &loc, &t);
-            let verified = Envelope::parse(&t).and_then(|e| {
-                e.verify_signature(&f.store_id, &loc, &vk)
-                    .map_err(|_| ParseError::UnknownFlags(0))
-            });
+            let verified = Envelope::parse(&t)
+                .map_err(OpenError::from)
+                .and_then(|e| e.verify_signature(&f.store_id, &loc, &vk));
             assert!(
-                opened.is_err(),
-                "flip at byte {i} must fail the AEAD or the parse"
+                verified.is_err(),
+                "flip at byte {i} must fail the signature"
             );
-            if i < bytes.len() - SIGNATURE_LEN - TAG_LEN {
+            let opened = open_with(&f, &loc, &t);
+            if i < signature_at {
                 assert!(
-                    verified.is_err(),
-                    "flip at byte {i} must fail the signature"
+                    opened.is_err(),
+                    "flip at byte {i} must fail the AEAD or the parse"
+                );
+            } else {
+                // The tag does not cover the signature (the signature covers
+                // the tag): a key holder still reads the record, and only
+                // the signature check refuses the copy.
+                assert_eq!(opened, Ok(r.clone()), "flip at byte {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_relay_cannot_make_a_signed_envelope_that_no_key_opens() {
+        // Without the epoch key a receiver can only check the signature; if
+        // the signature left any byte out, a relay could alter that byte
+        // and have the receiver hold a copy no key opens in place of the
+        // genuine one. The tag is the part an AEAD-bound layout might leave
+        // out, so check it byte by byte and bit by bit.
+        let f = fixture(2);
+        let (loc, bytes) = seal_with(&f, &record(&f, "q", b"v"), 2);
+        let vk = f.device.verifying_key();
+        let tag_at = bytes.len() - SIGNATURE_LEN - TAG_LEN;
+        for i in tag_at..tag_at + TAG_LEN {
+            for bit in 0..8 {
+                let mut t = bytes.clone();
+                t[i] ^= 1 << bit;
+                let env = Envelope::parse(&t).unwrap();
+                assert!(
+                    matches!(
+                        env.verify_signature(&f.store_id, &loc, &vk),
+                        Err(OpenError::BadSignature { .. })
+                    ),
+                    "tag byte {i} bit {bit}"
                 );
             }
         }

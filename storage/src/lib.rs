@@ -33,7 +33,7 @@
 //!
 //! # On-disk format, version 1
 //!
-//! A redb 4 database with four tables:
+//! A redb 4 database with four tables, and a fifth made on first use:
 //!
 //! | table | key | value |
 //! |---|---|---|
@@ -41,6 +41,7 @@
 //! | `changes` | local change sequence `u64` | locator `[u8; 32]` |
 //! | `epoch_counts` | epoch `u32` | number of rows sealed under it, `u64` |
 //! | `meta` | `&str` | `&[u8]` |
+//! | `held` | locator ‖ SHA-256(envelope) `[u8; 64]` | `[verified u8]` ‖ an envelope sync could not apply yet ([`Held`]) |
 //!
 //! A row is `[row_version u8 = 1][flags u8][epoch u32 LE][crc32c u32 LE][envelope]`,
 //! flags bit 0 marking a tombstone, the CRC-32C taken over the first six bytes
@@ -110,4 +111,4 @@ pub use backend::{Backend, MemoryBackend};
 pub use db::{CACHE_BYTES_MAX, FORMAT_VERSION, LocalDb};
 pub use error::{Error, OpenError, StorageError};
 pub use row::Row;
-pub use txn::{ENVELOPE_BYTES_MAX, ReadTxn, RecordsMut, WriteTxn};
+pub use txn::{ENVELOPE_BYTES_MAX, Held, Parked, ReadTxn, RecordsMut, WriteTxn};

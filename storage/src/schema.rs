@@ -12,10 +12,14 @@ pub(crate) const RECORDS: TableDefinition<'_, [u8; 32], &[u8]> = TableDefinition
 pub(crate) const CHANGES: TableDefinition<'_, u64, [u8; 32]> = TableDefinition::new("changes");
 /// Epoch → number of rows sealed under it.
 pub(crate) const EPOCH_COUNTS: TableDefinition<'_, u32, u64> = TableDefinition::new("epoch_counts");
-/// Locator → envelope that arrived by sync but cannot be applied yet (its
-/// epoch key or its signer is not known here). Created on first use, so a
-/// database made before it existed has none.
-pub(crate) const PENDING: TableDefinition<'_, [u8; 32], &[u8]> = TableDefinition::new("pending");
+/// Locator ‖ SHA-256(envelope) → whether its signature was checked (one
+/// byte, 0 or 1) ‖ envelope that arrived by sync but cannot be applied yet (its epoch key or its signer is not known here), several
+/// per locator: one whose signature could not be checked yet must not
+/// displace another. Created on first use, so a database made before it
+/// existed has none. (It replaces the `pending` table of earlier builds,
+/// which held one envelope per locator; their envelopes do not open in
+/// this build.)
+pub(crate) const PENDING: TableDefinition<'_, [u8; 64], &[u8]> = TableDefinition::new("held");
 /// Name → bytes: the format version, this crate's counters, and the engine's
 /// own entries.
 pub(crate) const META: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("meta");

@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use persist_core::{Epoch, Locator};
 use redb::{ReadableTable, ReadableTableMetadata};
+use sha2::{Digest, Sha256};
 
 use crate::contain::{Guarded, contain};
 use crate::error::StorageError;
@@ -31,6 +32,92 @@ use crate::schema::{
 pub const ENVELOPE_BYTES_MAX: usize = 16 * 1024 * 1024;
 // redb refuses values over 3 GiB; ours must always fit.
 const _: () = assert!(ENVELOPE_BYTES_MAX + row::HEADER_BYTES < 3 * 1024 * 1024 * 1024);
+
+/// A pending envelope, as [`ReadTxn::pending_page`] and
+/// [`WriteTxn::parked`] return it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Parked {
+    /// Its name.
+    pub held: Held,
+    /// The envelope.
+    pub envelope: Vec<u8>,
+    /// Whether its signature was checked when it was parked.
+    pub verified: bool,
+}
+
+impl Parked {
+    fn decode(key: [u8; 64], value: &[u8]) -> Result<Self, StorageError> {
+        let held = Held::from_key(key);
+        let (verified, envelope) = match value.split_first() {
+            Some((0, envelope)) => (false, envelope),
+            Some((1, envelope)) => (true, envelope),
+            _ => {
+                return Err(StorageError::CorruptRow {
+                    locator: held.locator,
+                });
+            }
+        };
+        Ok(Self {
+            held,
+            envelope: envelope.to_vec(),
+            verified,
+        })
+    }
+}
+
+/// Names one pending envelope: the locator it arrived for and the SHA-256
+/// of its bytes. Several envelopes may be pending at one locator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Held {
+    /// The locator the envelope arrived for.
+    pub locator: Locator,
+    digest: [u8; 32],
+}
+
+impl Held {
+    /// The name `envelope` is (or would be) pending under at `locator`.
+    pub fn of(locator: &Locator, envelope: &[u8]) -> Self {
+        Self {
+            locator: *locator,
+            digest: Sha256::digest(envelope).into(),
+        }
+    }
+
+    fn key(&self) -> [u8; 64] {
+        let mut key = [0; 64];
+        key[..32].copy_from_slice(&self.locator.0);
+        key[32..].copy_from_slice(&self.digest);
+        key
+    }
+
+    fn from_key(key: [u8; 64]) -> Self {
+        let (locator, digest) = key.split_at(32);
+        Self {
+            locator: Locator(arr32(locator)),
+            digest: arr32(digest),
+        }
+    }
+
+    /// The first and last keys at `locator`.
+    fn range(locator: &Locator) -> ([u8; 64], [u8; 64]) {
+        let first = Held {
+            locator: *locator,
+            digest: [0; 32],
+        };
+        let last = Held {
+            locator: *locator,
+            digest: [0xff; 32],
+        };
+        (first.key(), last.key())
+    }
+}
+
+/// A 32-byte half of a pending key as an array (only ever given one).
+fn arr32(s: &[u8]) -> [u8; 32] {
+    let mut out = [0; 32];
+    out.copy_from_slice(s);
+    out
+}
 
 type RecordsTable = redb::ReadOnlyTable<[u8; 32], &'static [u8]>;
 
@@ -186,18 +273,19 @@ impl ReadTxn {
         self.contained(|| meta_u64(&self.txn.open_table(META)?, LAST_CHANGE_SEQ_KEY))
     }
 
-    /// Up to `limit` pending envelopes (see [`WriteTxn::park`]) with a
-    /// locator after `after`, in locator order.
+    /// Up to `limit` pending envelopes (see [`WriteTxn::park`]) after
+    /// `after`, in key order (by locator, then digest). Continuing after
+    /// the last one returned visits every pending envelope once.
     pub fn pending_page(
         &self,
-        after: Option<&Locator>,
+        after: Option<&Held>,
         limit: usize,
-    ) -> Result<Vec<(Locator, Vec<u8>)>, StorageError> {
+    ) -> Result<Vec<Parked>, StorageError> {
         let mut page = Vec::new();
         if limit == 0 {
             return Ok(page);
         }
-        let start = after.map_or(Bound::Unbounded, |after| Bound::Excluded(after.0));
+        let start = after.map_or(Bound::Unbounded, |after| Bound::Excluded(after.key()));
         self.contained(|| {
             let table = match self.txn.open_table(PENDING) {
                 Ok(table) => table,
@@ -206,7 +294,7 @@ impl ReadTxn {
             };
             for entry in table.range((start, Bound::Unbounded))? {
                 let (key, value) = entry?;
-                page.push((Locator(key.value()), value.value().to_vec()));
+                page.push(Parked::decode(key.value(), value.value())?);
                 if page.len() == limit {
                     break;
                 }
@@ -362,38 +450,55 @@ impl WriteTxn {
     }
 
     /// Keeps `envelope`, which arrived by sync for `locator` but cannot be
-    /// applied yet, replacing any envelope pending there. The caller
-    /// decides which of two pending envelopes to keep.
-    pub fn park(&mut self, locator: &Locator, envelope: &[u8]) -> Result<(), StorageError> {
+    /// applied yet, beside any others pending there (the same bytes twice
+    /// are kept once), noting whether its signature was `verified`. The
+    /// caller decides which pending envelopes to drop.
+    pub fn park(
+        &mut self,
+        locator: &Locator,
+        envelope: &[u8],
+        verified: bool,
+    ) -> Result<Held, StorageError> {
         if envelope.len() > ENVELOPE_BYTES_MAX {
             return Err(StorageError::EnvelopeTooLarge {
                 bytes: envelope.len(),
                 max: ENVELOPE_BYTES_MAX,
             });
         }
+        let held = Held::of(locator, envelope);
         self.contained(|| {
+            let mut value = Vec::with_capacity(1 + envelope.len());
+            value.push(u8::from(verified));
+            value.extend_from_slice(envelope);
             let mut table = self.txn.open_table(PENDING)?;
             table
-                .insert(&locator.0, envelope)
+                .insert(&held.key(), value.as_slice())
                 .map_err(|err| failed(&self.failed, err))?;
             Ok(())
-        })
+        })?;
+        Ok(held)
     }
 
-    /// The envelope pending at `locator`, as this transaction sees it.
-    pub fn parked(&self, locator: &Locator) -> Result<Option<Vec<u8>>, StorageError> {
+    /// The envelopes pending at `locator`, as this transaction sees them.
+    pub fn parked(&self, locator: &Locator) -> Result<Vec<Parked>, StorageError> {
         self.contained(|| {
             let table = self.txn.open_table(PENDING)?;
-            Ok(table.get(&locator.0)?.map(|v| v.value().to_vec()))
+            let (first, last) = Held::range(locator);
+            let mut found = Vec::new();
+            for entry in table.range(first..=last)? {
+                let (key, value) = entry?;
+                found.push(Parked::decode(key.value(), value.value())?);
+            }
+            Ok(found)
         })
     }
 
-    /// Drops the envelope pending at `locator`; returns whether there was one.
-    pub fn unpark(&mut self, locator: &Locator) -> Result<bool, StorageError> {
+    /// Drops the pending envelope `held`; returns whether it was there.
+    pub fn unpark(&mut self, held: &Held) -> Result<bool, StorageError> {
         self.contained(|| {
             let mut table = self.txn.open_table(PENDING)?;
             let removed = table
-                .remove(&locator.0)
+                .remove(&held.key())
                 .map_err(|err| failed(&self.failed, err))?;
             Ok(removed.is_some())
         })
