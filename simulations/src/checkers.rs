@@ -26,7 +26,8 @@ use persist_core::protocol::Message;
 use persist_core::record::is_system_path;
 use persist_core::{DeviceId, Epoch, Locator};
 
-use crate::net::TappedConn;
+use crate::cluster::StoredRow;
+use crate::net::{Forged, TappedConn};
 
 /// An invariant that did not hold.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -53,6 +54,7 @@ pub const INVARIANTS: &[&str] = &[
     LIVENESS,
     REVOKED_READS_NOTHING_NEW,
     REVOKED_WRITES_REFUSED,
+    TAMPERED_NEVER_APPLIED,
 ];
 
 /// All devices hold the reference state once faults stop.
@@ -81,6 +83,10 @@ pub const REVOKED_READS_NOTHING_NEW: &str = "revoked_reads_nothing_new";
 /// What a revoked device writes stamped after its revocation is in no
 /// member's state.
 pub const REVOKED_WRITES_REFUSED: &str = "revoked_writes_refused";
+
+/// No envelope a relay forged (altered, cut short or moved to another
+/// locator) is ever stored or held by a device.
+pub const TAMPERED_NEVER_APPLIED: &str = "tampered_never_applied";
 
 pub(crate) fn violation(invariant: &'static str, detail: impl Into<String>) -> Violation {
     Violation {
@@ -594,9 +600,60 @@ pub fn check_nonce_reuse(envelopes: &[(Locator, Vec<u8>)]) -> Result<(), Violati
     Ok(())
 }
 
+/// Checks that no device stores or holds one of the relay's `forged`
+/// envelopes at the locator it was forged for; `rows` are each device's,
+/// read after the run.
+pub fn check_tampered_never_applied(
+    forged: &[Forged],
+    rows: &[(usize, Vec<StoredRow>)],
+) -> Result<(), Violation> {
+    let forged: BTreeMap<(&Locator, &[u8]), &str> = forged
+        .iter()
+        .map(|f| ((&f.locator, f.envelope.as_slice()), f.kind))
+        .collect();
+    for (device, rows) in rows {
+        for row in rows {
+            if let Some(kind) = forged.get(&(&row.locator, row.envelope.as_slice())) {
+                let how = if row.held { "holds" } else { "stores" };
+                return Err(violation(
+                    TAMPERED_NEVER_APPLIED,
+                    format!(
+                        "device {device} {how} an envelope the relay forged ({kind}) at \
+                         locator {}",
+                        row.locator
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_forged_envelope_stored_or_held_is_caught_at_its_locator_only() {
+        let forged = vec![Forged {
+            locator: Locator([1; 32]),
+            envelope: b"forged".to_vec(),
+            kind: "forged_flip",
+        }];
+        let row = |locator: u8, envelope: &[u8], held: bool| StoredRow {
+            locator: Locator([locator; 32]),
+            envelope: envelope.to_vec(),
+            held,
+        };
+        let clean = vec![(0, vec![row(1, b"genuine", false), row(2, b"forged", false)])];
+        assert!(check_tampered_never_applied(&forged, &clean).is_ok());
+        for held in [false, true] {
+            let rows = vec![(0, vec![]), (1, vec![row(1, b"forged", held)])];
+            let err = check_tampered_never_applied(&forged, &rows).unwrap_err();
+            assert_eq!(err.invariant, TAMPERED_NEVER_APPLIED);
+            assert!(err.detail.contains("device 1"), "{}", err.detail);
+        }
+    }
 
     #[test]
     fn plaintext_scan_finds_a_needle_anywhere() {

@@ -16,7 +16,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use persist::{Config, Env, KdfParams, ManualClock, OpenError, SeededEntropy, Store};
+use persist_core::Locator;
 use persist_core::env::{Clock, FaultPoint, Faults, SeededFaults};
+use persist_storage::LocalDb;
 use rand_chacha::ChaCha8Rng;
 use rand_core::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
@@ -116,6 +118,20 @@ pub enum Keys<'a> {
     Export(&'a str),
     /// An invite code from device 0 (joins by pairing).
     Invite(&'a str),
+}
+
+/// Rows read per page by [`Cluster::rows`].
+const ROWS_PAGE: usize = 256;
+
+/// One row of a device's database, as [`Cluster::rows`] reads it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredRow {
+    /// Its locator.
+    pub locator: Locator,
+    /// The envelope.
+    pub envelope: Vec<u8>,
+    /// Held for later (a key or signer it waits for), not stored.
+    pub held: bool,
 }
 
 /// Every device of a run, and what they share.
@@ -315,6 +331,53 @@ impl Cluster {
             .await
             .map_err(|e| e.to_string())?;
         Ok(invite.code().to_owned())
+    }
+
+    /// Every row device `index` stores (`held` false) or holds for later
+    /// (`held` true), read from its disk; the device must be shut down.
+    pub fn rows(&self, index: usize) -> Result<Vec<StoredRow>, String> {
+        let device = &self.devices[index];
+        if device.store.is_some() || device.disk.in_use() {
+            return Err(format!("device {index} is still running"));
+        }
+        let path = device.dir.join("store").join(persist::DB_FILE);
+        let db = LocalDb::open(&path, Some(device.disk.handle()))
+            .map_err(|e| format!("device {index}'s database: {e}"))?;
+        let read = db
+            .begin_read()
+            .map_err(|e| format!("device {index}'s database: {e}"))?;
+        let failed = |e: persist_storage::StorageError| format!("device {index}'s rows: {e}");
+        let mut rows = Vec::new();
+        let mut after = None;
+        loop {
+            let page = read
+                .records_page(after.as_ref(), ROWS_PAGE)
+                .map_err(failed)?;
+            let Some((last, _)) = page.last() else { break };
+            after = Some(*last);
+            rows.extend(page.into_iter().map(|(locator, row)| StoredRow {
+                locator,
+                envelope: row.envelope,
+                held: false,
+            }));
+        }
+        let mut after = None;
+        loop {
+            let page = read
+                .pending_page(after.as_ref(), ROWS_PAGE)
+                .map_err(failed)?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.held);
+            rows.extend(page.into_iter().map(|p| StoredRow {
+                locator: p.held.locator,
+                envelope: p.envelope,
+                held: true,
+            }));
+        }
+        drop(read);
+        db.close()
+            .map_err(|e| format!("device {index}'s database: {e}"))?;
+        Ok(rows)
     }
 
     /// Closes every device that is up.

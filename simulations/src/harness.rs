@@ -542,8 +542,9 @@ async fn run_sync_on(
     };
     let outcome = phases.await;
     let closed = cluster.close_all().await;
-    let summary = outcome.map_err(FailureKind::Sync)?;
+    let mut summary = outcome.map_err(FailureKind::Sync)?;
     closed.map_err(FailureKind::Close)?;
+    sync::check_closed(&cluster, &mut summary).map_err(FailureKind::Sync)?;
     Ok(summary)
 }
 

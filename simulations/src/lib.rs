@@ -21,12 +21,14 @@
 //! - [`trace`]: the SHA-256 trace of everything a run did and observed.
 //! - [`sync`]: the multi-device workload — several devices of one store
 //!   syncing through [`net`] (a seeded, faulty, tapped in-memory network
-//!   around the relay's own session code), on [`disk`]s whose power fails
+//!   around the relay's own session code, the relay forging entries in
+//!   half the runs), on [`disk`]s whose power fails
 //!   when a device crashes (keeping what was fsynced and a seeded subset of
 //!   later writes, some torn at sector boundaries), arranged by
 //!   [`cluster`], and judged by
 //!   [`checkers`] (convergence, no lost write, no plaintext, no nonce
-//!   reuse, epochs, rotation, held envelopes, liveness, revocation).
+//!   reuse, epochs, rotation, held envelopes, liveness, revocation,
+//!   forgeries never applied).
 //! - [`quicnet`] and [`udp`]: the sync workload's quic profile
 //!   (`--net quic`): the same devices and relay over real quinn
 //!   connections, every QUIC and TLS secret seeded, on a simulated UDP

@@ -21,6 +21,19 @@
 //!   until it is up again; its stored state (the [`MemoryRelay`]) is kept,
 //!   as a relay restarting on its database.
 //!
+//! # A forging relay
+//! In half the runs (drawn from the seed, on its own stream) the relay
+//! also forges while the run's faults are on: in front of a seeded share
+//! of the entries it serves, it puts one it made up for the same locator
+//! and sequence number — the genuine envelope with one bit flipped
+//! (header, ciphertext, tag or signature alike), cut short, another
+//! locator's envelope moved here, or an older envelope of this locator
+//! replayed. Genuine entries always follow, so a device that refuses every
+//! forgery still converges. The forgeries (all but replays, which are
+//! genuine bytes that last-write-wins must order) are kept for the
+//! `tampered_never_applied` checker, which looks for them among every
+//! device's stored and held rows at the end.
+//!
 //! Within a stream bytes stay in order (the protocol needs it, as QUIC
 //! gives it). Duplication happens the way it does in the product: a push
 //! cut before its acknowledgement is pushed again after the reconnect.
@@ -41,12 +54,13 @@
 //! - Every draw from the network's RNG happens in an order fixed by the
 //!   (single-threaded, paused) runtime, so a seed replays the same faults.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use persist::{DeviceId, StoreId};
-use persist_core::protocol::MailboxItem;
+use persist_core::Locator;
+use persist_core::protocol::{LogEntry, MailboxItem};
 use persist_storage::relay::{
     Appended, Incoming, MemoryRelay, Page, RelayBackend, RelayError, RelayStats, StoreAccess,
 };
@@ -136,11 +150,163 @@ pub struct SimNet {
 }
 
 /// The relay's storage, with a switch that drops every mailbox item (so
-/// that key parcels never arrive: a sabotage the checkers must catch).
+/// that key parcels never arrive: a sabotage the checkers must catch), and
+/// the forger in front of what it serves.
 struct SimRelay {
     store: MemoryRelay,
     drop_mail: std::sync::atomic::AtomicBool,
+    forger: Mutex<Forger>,
 }
+
+/// Where an envelope's header names its signer (see
+/// `persist_core::envelope`).
+const SIGNER_BYTES: std::ops::Range<usize> = 33..49;
+
+/// Most genuine envelopes kept per locator for replays.
+const SERVED_KEPT: usize = 2;
+
+/// A forgery the relay served.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Forged {
+    /// The locator it was served for.
+    pub locator: Locator,
+    /// Its bytes.
+    pub envelope: Vec<u8>,
+    /// How it was made (`forged_flip`, `forged_signer` for a flip in the
+    /// signer's id, `forged_cut`, `forged_moved`, or `forged_copy` under
+    /// the sabotage).
+    pub kind: &'static str,
+}
+
+/// What the relay forges (see "A forging relay" in the module docs).
+struct Forger {
+    rng: ChaCha8Rng,
+    /// Percent of served entries that get a forgery in front, when active.
+    percent: u32,
+    /// Whether the run's faults are on (forgeries are one of them).
+    active: bool,
+    /// The sabotage: forgeries are exact copies of the genuine entry, as
+    /// a forgery the product could not detect would be.
+    copies: bool,
+    /// Per locator, the last genuine envelopes served (for replays).
+    served: BTreeMap<Locator, Vec<Vec<u8>>>,
+    forged: BTreeSet<Forged>,
+    fired: BTreeMap<&'static str, u64>,
+}
+
+impl Forger {
+    fn new(seed: u64) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(FORGER_STREAM);
+        let percent = if rng.next_u32() % 2 == 0 {
+            5 + rng.next_u32() % 21
+        } else {
+            0
+        };
+        Self {
+            rng,
+            percent,
+            active: false,
+            copies: false,
+            served: BTreeMap::new(),
+            forged: BTreeSet::new(),
+            fired: BTreeMap::new(),
+        }
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.rng.next_u64() % n.max(1) as u64) as usize
+    }
+
+    /// `entries` with forgeries put in front of some, as served now.
+    fn serve(&mut self, entries: Vec<LogEntry>) -> Vec<LogEntry> {
+        let on = self.active && self.percent > 0;
+        let mut out = Vec::with_capacity(entries.len());
+        for (i, entry) in entries.iter().enumerate() {
+            if on && (self.rng.next_u32() % 100) < self.percent {
+                let other = (entries.len() > 1).then(|| {
+                    let j = (i + 1 + self.below(entries.len() - 1)) % entries.len();
+                    &entries[j].envelope
+                });
+                if let Some(forgery) = self.forge(entry, other) {
+                    out.push(forgery);
+                }
+            }
+            let kept = self.served.entry(entry.locator).or_default();
+            if kept.last() != Some(&entry.envelope) {
+                kept.push(entry.envelope.clone());
+                if kept.len() > SERVED_KEPT {
+                    kept.remove(0);
+                }
+            }
+            out.push(entry.clone());
+        }
+        out
+    }
+
+    /// One forgery for `entry`, `other` another entry's envelope of the
+    /// same page.
+    fn forge(&mut self, entry: &LogEntry, other: Option<&Vec<u8>>) -> Option<LogEntry> {
+        let genuine = &entry.envelope;
+        let (kind, envelope) = if self.copies {
+            ("forged_copy", genuine.clone())
+        } else {
+            match self.below(4) {
+                1 if genuine.len() > 1 => {
+                    let len = self.below(genuine.len());
+                    ("forged_cut", genuine[..len].to_vec())
+                }
+                2 if other.is_some_and(|o| o != genuine) => {
+                    ("forged_moved", other.cloned().unwrap_or_default())
+                }
+                3 => {
+                    let older = self
+                        .served
+                        .get(&entry.locator)
+                        .and_then(|kept| kept.iter().find(|e| *e != genuine))
+                        .cloned()?;
+                    *self.fired.entry("relay_replayed").or_default() += 1;
+                    return Some(LogEntry {
+                        seq: entry.seq,
+                        locator: entry.locator,
+                        envelope: older,
+                    });
+                }
+                _ => {
+                    let bit = self.below(genuine.len() * 8);
+                    let mut flipped = genuine.clone();
+                    flipped[bit / 8] ^= 1 << (bit % 8);
+                    // A flip in the signer's id names a device no member
+                    // knows, whose signature cannot be checked: the one
+                    // forgery a device holds (while it lacks the epoch's
+                    // key, whose tag then refuses it) rather than refuses
+                    // at once.
+                    let kind = if SIGNER_BYTES.contains(&(bit / 8)) {
+                        "forged_signer"
+                    } else {
+                        "forged_flip"
+                    };
+                    (kind, flipped)
+                }
+            }
+        };
+        *self.fired.entry(kind).or_default() += 1;
+        self.forged.insert(Forged {
+            locator: entry.locator,
+            envelope: envelope.clone(),
+            kind,
+        });
+        Some(LogEntry {
+            seq: entry.seq,
+            locator: entry.locator,
+            envelope,
+        })
+    }
+}
+
+/// The forger's ChaCha stream of the network's seed (the faults draw from
+/// stream 0), so that it draws nothing the rest of the network does.
+const FORGER_STREAM: u64 = 1;
 
 impl RelayBackend for SimRelay {
     async fn open_store(
@@ -167,7 +333,9 @@ impl RelayBackend for SimRelay {
         limit: usize,
         bytes_target: usize,
     ) -> Result<Page, RelayError> {
-        self.store.pull(store, since, limit, bytes_target).await
+        let mut page = self.store.pull(store, since, limit, bytes_target).await?;
+        page.entries = lock(&self.forger).serve(page.entries);
+        Ok(page)
     }
 
     async fn head(&self, store: &StoreId) -> Result<u64, RelayError> {
@@ -268,6 +436,7 @@ impl SimNet {
             relay: Arc::new(SimRelay {
                 store: MemoryRelay::new(),
                 drop_mail: std::sync::atomic::AtomicBool::new(false),
+                forger: Mutex::new(Forger::new(seed)),
             }),
             quic: None,
         }
@@ -313,9 +482,7 @@ impl SimNet {
     }
 
     fn lock(&self) -> MutexGuard<'_, NetState> {
-        // No code panics while holding the lock; a poisoned lock still
-        // holds consistent state.
-        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.inner)
     }
 
     /// The dial device `device` syncs through.
@@ -337,6 +504,43 @@ impl SimNet {
         self.relay
             .drop_mail
             .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether the relay forges this run (its share drawn from the seed).
+    pub fn forges(&self) -> bool {
+        lock(&self.relay.forger).percent > 0
+    }
+
+    /// Lets the relay forge (as the seed drew) while `on`: the run's
+    /// faults are on.
+    pub fn set_forging(&self, on: bool) {
+        lock(&self.relay.forger).active = on;
+    }
+
+    /// The sabotage of the `tampered_never_applied` checker: from now on
+    /// the relay puts an exact copy of every entry it serves in front of
+    /// it and counts it as a forgery, as one the product could not tell
+    /// from the genuine would be.
+    pub fn forge_copies(&self) {
+        let mut forger = lock(&self.relay.forger);
+        forger.copies = true;
+        forger.percent = 100;
+        forger.active = true;
+    }
+
+    /// Forgeries served whose signer no member knows: a device may hold
+    /// each (once) while it lacks the key of its epoch.
+    pub fn forged_signers(&self) -> u64 {
+        lock(&self.relay.forger)
+            .fired
+            .get("forged_signer")
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Every forgery the relay served (not its replays).
+    pub fn forgeries(&self) -> Vec<Forged> {
+        lock(&self.relay.forger).forged.iter().cloned().collect()
     }
 
     /// Sets the per-connection faults for dials from now on.
@@ -449,6 +653,9 @@ impl SimNet {
     /// Faults that fired, by kind.
     pub fn fired(&self) -> BTreeMap<&'static str, u64> {
         let mut fired = self.lock().fired.clone();
+        for (kind, n) in &lock(&self.relay.forger).fired {
+            *fired.entry(kind).or_default() += n;
+        }
         if let Some(quic) = &self.quic {
             for (kind, n) in quic.udp.fired() {
                 *fired.entry(kind).or_default() += n;
@@ -692,4 +899,10 @@ impl persist::Dial for DeviceDial {
     fn dial(&self) -> persist::DialFuture<'_> {
         Box::pin(self.net.dial(self.device))
     }
+}
+
+/// Locks `m`. No code panics while holding one of the network's locks, so
+/// a poisoned lock still holds consistent state.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }

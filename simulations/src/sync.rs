@@ -94,11 +94,14 @@ const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 /// Rounds of "everyone syncs" the quiet phase allows before it checks
 /// anyway.
 const QUIESCE_ROUNDS_MAX: usize = 12;
-/// Held envelopes a device may have: one per path plus one announcement
-/// per device and one record per revocation (the pending table is keyed
-/// by locator).
+/// Genuine held envelopes a device may have. Per locator (a path, a
+/// device's announcement, a revocation's record) one verified envelope (it
+/// replaces those it outranks and keeps out those it does not), and one
+/// per signer it does not know yet (at most every other device), whose
+/// envelopes it cannot verify. A forgery whose signer no member knows may
+/// be held besides (see [`crate::net::SimNet::forged_signers`]).
 fn held_bound(devices: usize, revocations: usize) -> u64 {
-    (SYNC_PATHS.len() + devices + revocations) as u64
+    ((SYNC_PATHS.len() + devices + revocations) * devices) as u64
 }
 
 /// Which fault classes a run switches on.
@@ -186,6 +189,10 @@ pub enum SyncFault {
     /// In the quiet phase the relay drops every connection and then takes
     /// a day to answer a dial.
     HangingRelay,
+    /// During the run the relay puts an exact copy in front of every entry
+    /// it serves and counts it as a forgery, as it would one the product
+    /// could not tell from the genuine.
+    ForgedCopies,
 }
 
 impl SyncFault {
@@ -474,6 +481,10 @@ impl SyncWorkload {
         let points: Vec<&str> = cluster.faults.enabled().iter().map(|p| p.name()).collect();
         trace.note(format!("fault points on: {points:?}"));
         cluster.faults.set_active(true);
+        if cluster.net.forges() {
+            trace.note("the relay forges");
+        }
+        cluster.net.set_forging(true);
         self.apply_fault_at_start(cluster, trace).await?;
         let n = self.opts.devices as u64;
         for step in 0..self.opts.steps {
@@ -569,6 +580,7 @@ impl SyncWorkload {
         trace: &mut Trace,
     ) -> Result<(), SyncRunError> {
         match self.opts.fault {
+            Some(SyncFault::ForgedCopies) => cluster.net.forge_copies(),
             Some(SyncFault::WithholdKeys) => {
                 // Key parcels would bring the key through the mailboxes.
                 cluster.net.drop_mail();
@@ -646,6 +658,7 @@ impl SyncWorkload {
     ) -> Result<(), SyncRunError> {
         trace.note("quiesce");
         cluster.faults.set_active(false);
+        cluster.net.set_forging(false);
         cluster.net.calm();
         if self.opts.fault == Some(SyncFault::HangingRelay) {
             cluster.net.relay_down();
@@ -1255,7 +1268,8 @@ impl SyncWorkload {
         };
         if let Some(status) = store.sync_status() {
             self.checked(checkers::HELD_BOUNDED);
-            let bound = held_bound(self.opts.devices, usize::from(self.revoked.is_some()));
+            let bound = held_bound(self.opts.devices, usize::from(self.revoked.is_some()))
+                + cluster.net.forged_signers();
             if status.held > bound {
                 return Err(violation(
                     checkers::HELD_BOUNDED,
@@ -1560,6 +1574,23 @@ async fn zero_switched(cluster: &Cluster) -> Result<bool, SyncRunError> {
 }
 
 /// Every live entry the relay keeps for the run's store.
+/// The checks that read the devices' databases, once every device is shut
+/// down (after [`SyncWorkload::check`]): no device stores or holds an
+/// envelope the relay forged.
+pub fn check_closed(cluster: &Cluster, summary: &mut SyncSummary) -> Result<(), SyncRunError> {
+    let forged = cluster.net.forgeries();
+    let mut rows = Vec::with_capacity(cluster.devices.len());
+    for d in 0..cluster.devices.len() {
+        rows.push((d, cluster.rows(d).map_err(|e| engine("check", e))?));
+    }
+    *summary
+        .checks
+        .entry(checkers::TAMPERED_NEVER_APPLIED)
+        .or_default() += 1;
+    checkers::check_tampered_never_applied(&forged, &rows)?;
+    Ok(())
+}
+
 async fn relay_log(
     cluster: &Cluster,
     keys: &ExportedKeys,

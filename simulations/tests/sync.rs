@@ -140,6 +140,14 @@ fn a_rotation_left_unfinished_is_caught() {
 }
 
 #[test]
+fn a_forged_envelope_a_device_takes_is_caught() {
+    assert_eq!(
+        violated(SyncFault::ForgedCopies, 7),
+        checkers::TAMPERED_NEVER_APPLIED
+    );
+}
+
+#[test]
 fn a_sync_that_hangs_with_faults_off_is_caught() {
     assert_eq!(violated(SyncFault::HangingRelay, 7), checkers::LIVENESS);
 }
