@@ -30,7 +30,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
-use crate::bootstrap::{BootConfig, Joined, bootstrap, stored_store};
+use crate::bootstrap::{BootConfig, Joined, bootstrap, stored_store, unfinished_join};
 use crate::config::Config;
 use crate::courier::{Courier, CourierArgs};
 use crate::error::{OpenError, ReadError, SyncError, WriteError};
@@ -393,13 +393,7 @@ impl Store {
         ensure_dir(&dir)?;
         let db = Arc::new(LocalDb::open(&db_path, backend)?);
         let booted = async {
-            let joined = match &invite {
-                Some((invite, remote)) => {
-                    Some(join(&db, &dir, invite, remote, &name, &env, invite_timeout).await?)
-                }
-                None => None,
-            };
-            let boot_config = BootConfig {
+            let mut boot_config = BootConfig {
                 path: dir.clone(),
                 name,
                 encrypt,
@@ -407,8 +401,12 @@ impl Store {
                 key_dir,
                 import,
                 may_create,
-                joined,
+                joined: None,
             };
+            if let Some((invite, remote)) = &invite {
+                boot_config.joined =
+                    join(&db, &boot_config, invite, remote, &env, invite_timeout).await?;
+            }
             bootstrap(&db, boot_config, &env)
         };
         let boot = match booted.await {
@@ -547,12 +545,17 @@ impl Store {
                 relay_switch_grace: sync.as_ref().map(|s| s.relay_switch_grace),
             }),
         };
-        if store.inner.sync.is_some() {
-            store.announce().await.map_err(|e| {
-                OpenError::Start(format!(
-                    "could not record this device's member entry for sync: {e}"
-                ))
-            })?;
+        if store.inner.sync.is_some()
+            && let Err(e) = store.announce().await
+        {
+            // Stopped before the error returns, so that a retry finds the
+            // database free; the next open writes the entry (a join
+            // resumes: see `join`).
+            let _ = store.close().await;
+            return Err(OpenError::Start(format!(
+                "could not record this device's member entry for sync: {e}; opening again \
+                 retries it"
+            )));
         }
         if let Some(responders) = &store.inner.responders {
             responders.resume().await;
@@ -1161,19 +1164,28 @@ fn prepare_invite(
 }
 
 /// Pairs through `remote` as a new device of `invite`'s store; `db` must
-/// hold no store.
+/// hold no store, or the unfinished join of this one (see
+/// [`unfinished_join`]), which is resumed instead: `None`, nothing paired.
 async fn join(
     db: &LocalDb,
-    dir: &Path,
+    cfg: &BootConfig,
     invite: &Invite,
     remote: &Remote,
-    name: &str,
     env: &Env,
     timeout: Duration,
-) -> Result<Joined, OpenError> {
-    if let Some(store) = stored_store(db, dir)? {
+) -> Result<Option<Joined>, OpenError> {
+    if let Some(store) = stored_store(db, &cfg.path)? {
+        if store == invite.store_id && unfinished_join(db, cfg)? {
+            // The inviter of that earlier join made this device a member
+            // before it granted the keys stored here: pairing again would
+            // only make a second member, and this invite stays unused.
+            tracing::info!(store = %store, path = %cfg.path.display(),
+                "this directory holds an earlier join of the invite's store that did not \
+                 finish opening; resuming it without pairing again");
+            return Ok(None);
+        }
         return Err(OpenError::InviteIntoExistingStore {
-            path: dir.to_path_buf(),
+            path: cfg.path.clone(),
             store,
             invite_store: invite.store_id,
         });
@@ -1182,12 +1194,20 @@ async fn join(
     tracing::info!(relay = %remote.url(), inviter = %invite.inviter,
         "waiting for the inviting device to answer");
     let connector = remote.connector();
-    let grant = pairing::join(invite, &identity, name, connector.as_ref(), env, timeout).await?;
-    Ok(Joined {
+    let grant = pairing::join(
+        invite,
+        &identity,
+        &cfg.name,
+        connector.as_ref(),
+        env,
+        timeout,
+    )
+    .await?;
+    Ok(Some(Joined {
         identity,
         keys: grant.keys,
         members: grant.members,
-    })
+    }))
 }
 
 fn ensure_dir(dir: &Path) -> Result<(), OpenError> {
