@@ -50,6 +50,13 @@ pub const DB_FILE: &str = "persist.redb";
 /// writers wait: this bounds the actors' mailboxes.
 pub const WRITES_IN_FLIGHT_MAX: usize = 4096;
 
+/// How long an open that failed after its actors started waits for the
+/// last of their tasks to let go of the database, so that opening again
+/// at once finds it free; tasks end within a scheduling round or two.
+const DB_RELEASE_WAIT_MAX: Duration = Duration::from_secs(5);
+/// The poll interval of that wait.
+const DB_RELEASE_POLL: Duration = Duration::from_millis(10);
+
 /// Most changes buffered for a slow watcher before it is told it lagged.
 pub const WATCH_BUFFER_MAX: usize = 1024;
 
@@ -514,9 +521,16 @@ impl Store {
             )
             .unwrap_or(u64::MAX),
         };
-        let (supervisor, supervisor_done) = Actor::spawn(None, StoreSupervisor, args)
-            .await
-            .map_err(|e| OpenError::Start(e.to_string()))?;
+        let (supervisor, supervisor_done) = match Actor::spawn(None, StoreSupervisor, args).await {
+            Ok(spawned) => spawned,
+            Err(e) => {
+                // Children that started before one failed still hold the
+                // database for a moment.
+                drop(ingest);
+                await_release(&db).await;
+                return Err(OpenError::Start(e.to_string()));
+            }
+        };
         let courier = courier_args.map(Courier::start);
         tracing::info!(
             store = %boot.info.store_id,
@@ -551,7 +565,9 @@ impl Store {
             // Stopped before the error returns, so that a retry finds the
             // database free; the next open writes the entry (a join
             // resumes: see `join`).
+            let db = store.inner.db.clone();
             let _ = store.close().await;
+            await_release(&db).await;
             return Err(OpenError::Start(format!(
                 "could not record this device's member entry for sync: {e}; opening again \
                  retries it"
@@ -1208,6 +1224,17 @@ async fn join(
         keys: grant.keys,
         members: grant.members,
     }))
+}
+
+/// Waits, at most [`DB_RELEASE_WAIT_MAX`], until `db` is the last handle
+/// on the database (the caller's, which it then drops), so that a failed
+/// open returns with the database free for the next.
+async fn await_release(db: &Arc<LocalDb>) {
+    let mut waited = Duration::ZERO;
+    while Arc::strong_count(db) > 1 && waited < DB_RELEASE_WAIT_MAX {
+        tokio::time::sleep(DB_RELEASE_POLL).await;
+        waited += DB_RELEASE_POLL;
+    }
 }
 
 fn ensure_dir(dir: &Path) -> Result<(), OpenError> {
