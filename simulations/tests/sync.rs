@@ -371,3 +371,15 @@ fn bug_seed_14_a_revoked_devices_late_write_stays_under_the_old_epoch() {
         outcome.faults
     );
 }
+
+/// Regression (seed 40 at 120 steps, a bug of the workload): writing the
+/// revocation's record failed after device 0 revoked device 2, and before
+/// the retry wrote it the workload handed device 2 a key export (with the
+/// revocation's key), as if it were still a member.
+#[test]
+fn bug_seed_40_the_workload_gave_keys_to_a_device_revoked_but_unrecorded() {
+    for late_joins in [false, true] {
+        let config = config(40).late_joins(late_joins);
+        harness::run(&config).unwrap_or_else(|f| panic!("{f}"));
+    }
+}
