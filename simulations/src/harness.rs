@@ -535,9 +535,10 @@ async fn run_sync_on(
         steps: config.ops,
         far_skew: config.far_skew,
         revocation_races: config.revocation_races,
-        // Not over QUIC yet: there, a join that timed out dialling a relay
-        // that was down (`--net quic --seed 1 --steps 60`) replays
-        // differently, a nondeterminism not found yet.
+        // Not over QUIC yet: with them on there, a run whose join timed
+        // out dialling a relay that was down (`--net quic --seed 1 --steps
+        // 60`, three runs, three trace hashes) replays differently, from
+        // a source of nondeterminism not found yet.
         late_joins: config.late_joins && config.net == NetProfile::Memory,
         fault: config.sync_fault,
     };

@@ -78,7 +78,7 @@
 //!
 //! In four runs in five the sync workload's last device joins mid-run
 //! rather than at setup ([`sync::JoinPlan`]; `--no-late-joins` turns it
-//! off): device 0 makes an invite at a seeded step and the device pairs
+//! off; the quic profile has none yet, see the README): device 0 makes an invite at a seeded step and the device pairs
 //! with it up to a dozen steps later, device 0 perhaps having rotated or
 //! revoked in between. A join the faults make fail (the inviter
 //! unreachable within two simulated minutes, a fault point) is tried

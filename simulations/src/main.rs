@@ -81,7 +81,8 @@ struct RunArgs {
     /// Every device joins at setup (sync). Without it, in four runs in
     /// five the last device joins by invite at a step drawn from the seed,
     /// trying again later when the faults make the join fail (and with
-    /// every fault off in the quiet phase, if it still has not).
+    /// every fault off in the quiet phase, if it still has not). Late
+    /// joins run only with `--net memory` for now (README, "Simulations").
     #[arg(long)]
     no_late_joins: bool,
     /// What carries the devices' connections (sync): in-memory pipes, or
