@@ -107,6 +107,11 @@
 //!   14 with `--revocation-races`): written before its revocation, it
 //!   reached the revoker after its rotation pass, and nobody resealed it.
 //!   Ingest now has the Rotator reseal it.
+//! - **A revocation learned before its device was dropped** (seed 236):
+//!   a member away while the late joiner joined and was revoked took the
+//!   revocation's record before the joiner's announcement, ignored it (not
+//!   a member yet), and never knew the joiner as revoked. Keyrings now keep
+//!   revocations of devices not known yet.
 //!
 //! # Example
 //!

@@ -383,3 +383,24 @@ fn bug_seed_40_the_workload_gave_keys_to_a_device_revoked_but_unrecorded() {
         harness::run(&config).unwrap_or_else(|f| panic!("{f}"));
     }
 }
+
+/// Regression (seed 236, late joins; seeds 114 and 136 failed the same
+/// check, device 1 keeping a record under an old epoch, and pass with the
+/// fix): device 1 was partitioned while the late joiner joined and device
+/// 0 revoked it. Back, device 1 took the revocation's record before the
+/// joiner's announcement and dropped it (not a member yet), then took the
+/// announcement: it never knew the joiner as revoked, and kept its
+/// announcement under the old epoch for good. A revocation of a device not
+/// yet known is now kept.
+#[test]
+fn bug_seed_236_a_revocation_learned_before_its_device_is_dropped() {
+    for seed in [236, 114, 136] {
+        let outcome = harness::run(&SimConfig::sync(seed)).unwrap_or_else(|f| panic!("{f}"));
+        let fired = |kind: &str| outcome.faults.get(kind).copied().unwrap_or_default();
+        assert!(
+            fired("late_join") == 1,
+            "seed {seed} no longer joins late: {:?}",
+            outcome.faults
+        );
+    }
+}
