@@ -48,6 +48,7 @@ use crate::blocking::run_blocking;
 use crate::forget;
 use crate::key_manager::KeyManagerMsg;
 use crate::keys::{KeyHandle, KeySet, OpenRecordError};
+use crate::rotator::RotatorMsg;
 use crate::routes::Routes;
 use crate::sealer::{SealerMsg, WriteOp};
 use crate::storage_writer::{
@@ -107,6 +108,7 @@ pub struct Prepared {
     parks: Vec<Park>,
     overtakers: Vec<(Locator, Precedence)>,
     versions: Vec<(Locator, Version)>,
+    reseal_revoked: bool,
     held: u64,
     refused: u64,
 }
@@ -157,6 +159,7 @@ pub async fn prepare(ctx: &IngestContext, batch: Vec<Incoming>) -> Result<Prepar
         writes: plan.writes,
         parks: plan.parks,
         overtakers: plan.overtakers,
+        reseal_revoked: plan.reseal_revoked,
     })
 }
 
@@ -181,6 +184,7 @@ pub fn submit(
         outcome,
         overtakers: prepared.overtakers,
         versions: prepared.versions,
+        reseal_revoked: prepared.reseal_revoked,
         held: prepared.held,
         refused: prepared.refused,
     })
@@ -192,6 +196,8 @@ pub struct Submitted {
     overtakers: Vec<(Locator, Precedence)>,
     /// The version of each write handed to the writer.
     versions: Vec<(Locator, Version)>,
+    /// See [`Plan::reseal_revoked`].
+    reseal_revoked: bool,
     held: u64,
     refused: u64,
 }
@@ -217,6 +223,16 @@ impl Submitted {
             (ctx.on_applied)(report.applied);
         }
         forget_disowned(ctx, &self.versions).await?;
+        if self.reseal_revoked
+            && applied.applied > 0
+            && let Some(rotator) = ctx.routes.rotator()
+        {
+            // Its signer never reseals it, and this device's rotation pass
+            // may have ended before it came (regression: simulation seed
+            // 14 with `--revocation-races`, a device revoked just after it
+            // joined, its member entry pushed after the revoker's pass).
+            let _ = rotator.cast(RotatorMsg::ResealOwn);
+        }
         if !self.overtakers.is_empty() {
             restate_overtaken(ctx, &self.overtakers).await?;
         }
@@ -407,6 +423,12 @@ pub struct Plan {
     /// the drift allows: where they outrank this device's record, it is
     /// written again after the commit (see [`Submitted::finish`]).
     pub overtakers: Vec<(Locator, Precedence)>,
+    /// Whether a write signed by a revoked device (before its revocation,
+    /// or it would be refused) comes sealed under an epoch other than the
+    /// current one: no one reseals what a revoked device signed but the
+    /// members holding it, so after the commit the Rotator reseals it
+    /// here ([`crate::rotator::RotatorMsg::ResealOwn`]).
+    pub reseal_revoked: bool,
     /// The newest stamp among the writes, for the Sealer to observe.
     pub newest: Option<Hlc>,
 }
@@ -632,6 +654,12 @@ fn plan_checked(
                         plan.parks.push(Park::Release { held });
                     }
                     plan.versions.push((item.locator, precedence.version));
+                    if row.epoch != keys.current_epoch()
+                        && Envelope::parse(&row.envelope)
+                            .is_ok_and(|e| revoked.contains_key(&e.header.signer))
+                    {
+                        plan.reseal_revoked = true;
+                    }
                     plan.writes.push(SealedWrite {
                         locator: item.locator,
                         path: record.path,

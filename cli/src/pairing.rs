@@ -138,8 +138,9 @@ pub(crate) async fn create(target: Target, options: CreateOptions) -> anyhow::Re
 }
 
 /// `persist invite accept [--name N] [--timeout D] [--ca FILE] CODE`: joins
-/// the store of the invite from an empty directory, keeps the code's relay
-/// as the store's remote, and prints the new ids like `persist init`.
+/// the store of the invite from an empty directory (or completes a join
+/// there that failed after it stored the store's keys), keeps the code's
+/// relay as the store's remote, and prints the new ids like `persist init`.
 pub(crate) async fn accept(
     target: Target,
     name: &str,
@@ -148,9 +149,10 @@ pub(crate) async fn accept(
     ca: Option<PathBuf>,
 ) -> anyhow::Result<String> {
     target.check_is_dir()?;
-    if target.has_db() {
-        return Err(CliError::StoreExists { dir: target.dir }.into());
-    }
+    // A directory that holds a store is left to the engine: it resumes a
+    // join of the invite's store that stored its keys and then failed to
+    // open (see `Config::invite`), and refuses anything else.
+    let had_db = target.has_db();
     let code = if code.as_str() == "-" {
         read_code_stdin()?
     } else {
@@ -161,10 +163,13 @@ pub(crate) async fn accept(
     // expiry with its own clock.
     let spec = remote_of(&code, ca)?;
     let remote = spec.remote(None)?;
-    eprintln!(
-        "waiting for the inviting device to answer through {} (it must be online with sync)",
-        spec.url
-    );
+    if !had_db {
+        // With a store there it does not pair (it resumes, or refuses).
+        eprintln!(
+            "waiting for the inviting device to answer through {} (it must be online with sync)",
+            spec.url
+        );
+    }
     let dir_existed = target.dir.exists();
     let config = target
         .config()
@@ -175,10 +180,18 @@ pub(crate) async fn accept(
     drop(code);
     let store = match Store::open(config).await {
         Ok(store) => store,
+        Err(persist::OpenError::InviteIntoExistingStore { .. }) => {
+            return Err(CliError::StoreExists { dir: target.dir }.into());
+        }
         Err(error) => {
-            // The engine removes the database it made; the directory, if
-            // this command made it, goes too: a failed join leaves nothing.
-            commands::remove_failed_init(&target.dir, &target.db_file(), dir_existed);
+            // The engine removes a database it made unless the join stored
+            // its keys there, which a retry then resumes (removing it would
+            // make the retry pair again, and leave the inviter a member
+            // that never comes). The directory, if this command made it
+            // and nothing is in it, goes too.
+            if !had_db && !target.has_db() && !dir_existed {
+                let _ = std::fs::remove_dir(&target.dir);
+            }
             return Err(error.into());
         }
     };

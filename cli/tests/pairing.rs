@@ -484,3 +484,75 @@ fn device_revoke_wait_names_whom_the_relay_switch_waits_for_and_their_syncs_rele
     c.run("sync", &[]).expect(OK);
     assert_eq!(c.run("get", &["notes/2"]).expect(OK).stdout, "\"after\"\n");
 }
+
+/// Fails every commit: the joining store's startup or its member entry.
+struct FailCommits;
+
+impl persist::FaultPlan for FailCommits {
+    fn fire(&self, point: persist::FaultPoint) -> Option<u64> {
+        (point == persist::FaultPoint::CommitFail).then_some(0)
+    }
+}
+
+/// A join that failed after it stored the store's keys (here in process,
+/// its commits failing) is completed by `invite accept` with a new code,
+/// without pairing again: the inviter lists the device once. The command
+/// used to refuse the directory ("a store already exists"), and had the
+/// database been removed, a retry stopped at "a device key already
+/// exists".
+#[test]
+fn invite_accept_completes_a_join_that_failed_after_storing_its_keys() {
+    let relay = Relay::start();
+    let a = Sandbox::new();
+    a.run("init", &relay.args()).expect(OK);
+    a.put("k", "1");
+    a.run("sync", &[]).expect(OK);
+    let mut codes = Vec::new();
+    for _ in 0..2 {
+        let out = a.run("invite create", &["--no-wait", "--json"]).expect(OK);
+        codes.push(out.json()["code"].as_str().unwrap().to_owned());
+    }
+    let mut watch = a.spawn("sync", &["--watch"]);
+    let watch_lines = lines(&mut watch);
+    assert!(
+        watch_lines
+            .recv_timeout(SETTLE)
+            .unwrap()
+            .starts_with("pushed ")
+    );
+
+    let b = Sandbox::new();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let failed = runtime.block_on(persist::Store::open(
+        persist::Config::new(b.store())
+            .key_file(b.key())
+            .invite(&codes[0])
+            .dangerous()
+            .faults(persist::Faults::new(std::sync::Arc::new(FailCommits)))
+            .done(),
+    ));
+    let Err(err) = failed else {
+        panic!("b joined although every commit fails");
+    };
+    assert!(err.to_string().contains("injected fault"), "{err}");
+
+    let out = b.run_with_stdin(
+        "invite accept",
+        &b.store(),
+        &b.key(),
+        &["-"],
+        format!("{}\n", codes[1]).as_bytes(),
+    );
+    let out = out.expect(OK);
+    assert!(out.stdout.contains("joined store"), "{out:#?}");
+    b.run("sync", &[]).expect(OK);
+    assert_eq!(b.run("get", &["k"]).expect(OK).stdout, "1\n");
+    interrupt(&watch);
+    let (code_watch, stderr) = finished(watch);
+    assert_eq!(code_watch, OK, "{stderr}");
+    let list = a.run("device list", &[]).expect(OK).stdout;
+    assert_eq!(list.lines().count(), 2, "b is a member once: {list}");
+}

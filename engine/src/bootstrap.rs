@@ -13,6 +13,7 @@ use persist_core::export::ExportedKeys;
 use persist_core::hlc::Hlc;
 use persist_core::keyring::{Keyring, Member};
 use persist_core::keys::{DeviceIdentity, Secret32};
+use persist_core::membership;
 use persist_core::{DeviceId, StoreId};
 use persist_storage::{LocalDb, StorageError};
 use rand_core::Rng;
@@ -284,7 +285,13 @@ fn create(
         Some(keys) => Keyring::from_export(identity, keys, &cfg.name, now),
         None => Keyring::create(identity, &cfg.name, now, &mut rng),
     };
-    let boot = seal_and_write(db, cfg, &ring, &mut rng)?;
+    // A new store's id is new: a key already under it was not made for it.
+    let kek = if imported {
+        KekChoice::AdoptLeftover
+    } else {
+        KekChoice::New
+    };
+    let boot = seal_and_write(db, cfg, &ring, kek, &mut rng)?;
     if imported {
         tracing::info!(store = %ring.store_id, device = %device_id,
             "joined a store from a key export; its records arrive with sync");
@@ -311,6 +318,28 @@ pub(crate) fn stored_store(
         .try_into()
         .map_err(|_| bad("store id is not 16 bytes".into()))?;
     Ok(Some(StoreId(id)))
+}
+
+/// Whether `db` holds a store this device joined (by invite or export)
+/// whose first open stopped before it wrote this device's member
+/// announcement: the keys are stored and this device's key opens them,
+/// but the store never came up. Such a join is resumed by opening the
+/// store; anything else the directory holds is left to its error.
+pub(crate) fn unfinished_join(db: &LocalDb, cfg: &BootConfig) -> Result<bool, OpenError> {
+    let Some(found) = read_existing(db, cfg)? else {
+        return Ok(false);
+    };
+    if !found.encrypted {
+        return Ok(false);
+    }
+    let Ok((ring, _, _)) = open_keyring(cfg, &found) else {
+        return Ok(false);
+    };
+    // A device announces itself at every open until the announcement is
+    // stored, and nothing else writes at its path.
+    let locator = KeySet::from_keyring(&ring).locator(&membership::member_path(&found.device_id));
+    let txn = db.begin_read().map_err(storage(cfg))?;
+    Ok(txn.record(&locator).map_err(storage(cfg))?.is_none())
 }
 
 /// A new store joined with an invite: this device's identity, the
@@ -344,7 +373,7 @@ fn create_joined(
     for member in joined.members {
         ring.add_member(member);
     }
-    let boot = seal_and_write(db, cfg, &ring, &mut rng)?;
+    let boot = seal_and_write(db, cfg, &ring, KekChoice::AdoptLeftover, &mut rng)?;
     tracing::info!(store = %ring.store_id, device = %ring.device_id(),
         "joined a store with an invite; its records arrive with sync");
     Ok(boot)
@@ -381,26 +410,47 @@ fn rekey(
         may_create: false,
         joined: None,
     };
-    let boot = seal_and_write(db, &cfg_named, &ring, &mut rng)?;
+    let boot = seal_and_write(db, &cfg_named, &ring, KekChoice::New, &mut rng)?;
     tracing::info!(store = %ring.store_id, device = %ring.device_id(),
         "opened a copied store with imported keys under a new device identity");
     Ok(boot)
 }
 
-/// Makes a KEK, seals `ring` under it, and writes the identity and keyring.
-/// The KEK is made first, so a failure leaves nothing half-written.
+/// Whether [`seal_and_write`] may seal under a device key it finds
+/// already stored for the store.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum KekChoice {
+    /// Only a key it makes; an existing one is an error.
+    New,
+    /// A key already where this store's key goes is, most likely, one an
+    /// earlier join of this store made before it failed or crashed (the
+    /// key is stored before the keyring, and the database holds no store):
+    /// seal under it rather than refuse, so that the join can be retried.
+    /// Nothing is replaced, so whatever else that key seals still opens.
+    AdoptLeftover,
+}
+
+/// Makes a KEK (or, see [`KekChoice`], takes the one an unfinished join
+/// left), seals `ring` under it, and writes the identity and keyring.
+/// The KEK is stored first, so a failure leaves at most a key that a retry
+/// of a join adopts.
 fn seal_and_write(
     db: &LocalDb,
     cfg: &BootConfig,
     ring: &Keyring,
+    choice: KekChoice,
     rng: &mut persist_core::env::RngStream,
 ) -> Result<Boot, OpenError> {
-    let (kek, location) = kek::create(
-        &cfg.key_source,
-        &cfg.key_dir,
-        &ring.store_id.to_string(),
-        rng,
-    )?;
+    let account = ring.store_id.to_string();
+    let (kek, location) = match kek::create(&cfg.key_source, &cfg.key_dir, &account, rng) {
+        Err(kek::KekError::AlreadyExists { location }) if choice == KekChoice::AdoptLeftover => {
+            tracing::info!(%location,
+                "a device key for this store is already there, left by an earlier join that \
+                 did not finish; sealing the keys under it");
+            kek::load(&cfg.key_source, &cfg.key_dir, &account)?
+        }
+        made => made?,
+    };
     let kek = Secret32::from_bytes(*kek.as_bytes());
     let mut txn = db.begin_write().map_err(storage(cfg))?;
     txn.set_meta(meta::KEYRING, &ring.seal(&kek, rng))

@@ -181,6 +181,14 @@ impl Config {
     /// in the code. A damaged, expired or already used code, a code for
     /// another store or relay, or a handshake the relay tampered with is an
     /// error, and nothing is written.
+    ///
+    /// A join can fail after pairing, once it stored the store's keys
+    /// (the device key goes first, then the keyring): opening again with
+    /// any invite to the same store then completes it. A directory that
+    /// holds the keys but never finished opening resumes without pairing
+    /// again (the inviter made this device a member already, and the new
+    /// invite stays unused); a device key left without a keyring seals the
+    /// keys a new pairing brings.
     pub fn invite(mut self, code: &str) -> Self {
         self.invite = Some(Zeroizing::new(code.to_owned()));
         self

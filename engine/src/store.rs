@@ -30,7 +30,7 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 
-use crate::bootstrap::{BootConfig, Joined, bootstrap, stored_store};
+use crate::bootstrap::{BootConfig, Joined, bootstrap, stored_store, unfinished_join};
 use crate::config::Config;
 use crate::courier::{Courier, CourierArgs};
 use crate::error::{OpenError, ReadError, SyncError, WriteError};
@@ -49,6 +49,13 @@ pub const DB_FILE: &str = "persist.redb";
 /// Most writes in flight (sent, not yet acknowledged) per store. Past it,
 /// writers wait: this bounds the actors' mailboxes.
 pub const WRITES_IN_FLIGHT_MAX: usize = 4096;
+
+/// How long an open that failed after its actors started waits for the
+/// last of their tasks to let go of the database, so that opening again
+/// at once finds it free; tasks end within a scheduling round or two.
+const DB_RELEASE_WAIT_MAX: Duration = Duration::from_secs(5);
+/// The poll interval of that wait.
+const DB_RELEASE_POLL: Duration = Duration::from_millis(10);
 
 /// Most changes buffered for a slow watcher before it is told it lagged.
 pub const WATCH_BUFFER_MAX: usize = 1024;
@@ -393,13 +400,7 @@ impl Store {
         ensure_dir(&dir)?;
         let db = Arc::new(LocalDb::open(&db_path, backend)?);
         let booted = async {
-            let joined = match &invite {
-                Some((invite, remote)) => {
-                    Some(join(&db, &dir, invite, remote, &name, &env, invite_timeout).await?)
-                }
-                None => None,
-            };
-            let boot_config = BootConfig {
+            let mut boot_config = BootConfig {
                 path: dir.clone(),
                 name,
                 encrypt,
@@ -407,8 +408,12 @@ impl Store {
                 key_dir,
                 import,
                 may_create,
-                joined,
+                joined: None,
             };
+            if let Some((invite, remote)) = &invite {
+                boot_config.joined =
+                    join(&db, &boot_config, invite, remote, &env, invite_timeout).await?;
+            }
             bootstrap(&db, boot_config, &env)
         };
         let boot = match booted.await {
@@ -516,9 +521,16 @@ impl Store {
             )
             .unwrap_or(u64::MAX),
         };
-        let (supervisor, supervisor_done) = Actor::spawn(None, StoreSupervisor, args)
-            .await
-            .map_err(|e| OpenError::Start(e.to_string()))?;
+        let (supervisor, supervisor_done) = match Actor::spawn(None, StoreSupervisor, args).await {
+            Ok(spawned) => spawned,
+            Err(e) => {
+                // Children that started before one failed still hold the
+                // database for a moment.
+                drop(ingest);
+                await_release(&db).await;
+                return Err(OpenError::Start(e.to_string()));
+            }
+        };
         let courier = courier_args.map(Courier::start);
         tracing::info!(
             store = %boot.info.store_id,
@@ -547,12 +559,19 @@ impl Store {
                 relay_switch_grace: sync.as_ref().map(|s| s.relay_switch_grace),
             }),
         };
-        if store.inner.sync.is_some() {
-            store.announce().await.map_err(|e| {
-                OpenError::Start(format!(
-                    "could not record this device's member entry for sync: {e}"
-                ))
-            })?;
+        if store.inner.sync.is_some()
+            && let Err(e) = store.announce().await
+        {
+            // Stopped before the error returns, so that a retry finds the
+            // database free; the next open writes the entry (a join
+            // resumes: see `join`).
+            let db = store.inner.db.clone();
+            let _ = store.close().await;
+            await_release(&db).await;
+            return Err(OpenError::Start(format!(
+                "could not record this device's member entry for sync: {e}; opening again \
+                 retries it"
+            )));
         }
         if let Some(responders) = &store.inner.responders {
             responders.resume().await;
@@ -1161,19 +1180,28 @@ fn prepare_invite(
 }
 
 /// Pairs through `remote` as a new device of `invite`'s store; `db` must
-/// hold no store.
+/// hold no store, or the unfinished join of this one (see
+/// [`unfinished_join`]), which is resumed instead: `None`, nothing paired.
 async fn join(
     db: &LocalDb,
-    dir: &Path,
+    cfg: &BootConfig,
     invite: &Invite,
     remote: &Remote,
-    name: &str,
     env: &Env,
     timeout: Duration,
-) -> Result<Joined, OpenError> {
-    if let Some(store) = stored_store(db, dir)? {
+) -> Result<Option<Joined>, OpenError> {
+    if let Some(store) = stored_store(db, &cfg.path)? {
+        if store == invite.store_id && unfinished_join(db, cfg)? {
+            // The inviter of that earlier join made this device a member
+            // before it granted the keys stored here: pairing again would
+            // only make a second member, and this invite stays unused.
+            tracing::info!(store = %store, path = %cfg.path.display(),
+                "this directory holds an earlier join of the invite's store that did not \
+                 finish opening; resuming it without pairing again");
+            return Ok(None);
+        }
         return Err(OpenError::InviteIntoExistingStore {
-            path: dir.to_path_buf(),
+            path: cfg.path.clone(),
             store,
             invite_store: invite.store_id,
         });
@@ -1182,12 +1210,31 @@ async fn join(
     tracing::info!(relay = %remote.url(), inviter = %invite.inviter,
         "waiting for the inviting device to answer");
     let connector = remote.connector();
-    let grant = pairing::join(invite, &identity, name, connector.as_ref(), env, timeout).await?;
-    Ok(Joined {
+    let grant = pairing::join(
+        invite,
+        &identity,
+        &cfg.name,
+        connector.as_ref(),
+        env,
+        timeout,
+    )
+    .await?;
+    Ok(Some(Joined {
         identity,
         keys: grant.keys,
         members: grant.members,
-    })
+    }))
+}
+
+/// Waits, at most [`DB_RELEASE_WAIT_MAX`], until `db` is the last handle
+/// on the database (the caller's, which it then drops), so that a failed
+/// open returns with the database free for the next.
+async fn await_release(db: &Arc<LocalDb>) {
+    let mut waited = Duration::ZERO;
+    while Arc::strong_count(db) > 1 && waited < DB_RELEASE_WAIT_MAX {
+        tokio::time::sleep(DB_RELEASE_POLL).await;
+        waited += DB_RELEASE_POLL;
+    }
 }
 
 fn ensure_dir(dir: &Path) -> Result<(), OpenError> {

@@ -878,3 +878,180 @@ async fn a_key_parcel_that_cannot_be_stored_stays_in_the_mailbox() {
         Some("written under the first epoch")
     );
 }
+
+/// Device A, syncing through `relay`, writes `before`, makes an invite
+/// and closes, so that a joiner waits for it; returns the invite's code.
+async fn offline_inviter(tmp: &Path, relay: &RelayHandle) -> String {
+    let a = Store::open(device(tmp, "a").sync(SyncConfig::new(remote(relay))))
+        .await
+        .unwrap();
+    a.put("before", "written before b joined").await.unwrap();
+    let invite = a.crypto().create_invite().await.unwrap();
+    a.sync_now().await.unwrap();
+    a.close().await.unwrap();
+    invite.code().to_owned()
+}
+
+/// Regression (simulation, a join at a mid-run step): a join whose open
+/// failed after it stored the store's keys (here, writing this device's
+/// member entry) left a store that any retry refused ("the directory
+/// already holds a store"). A retry with a new invite now resumes it,
+/// without pairing again: the inviter lists the device once, and the
+/// new invite stays unused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_that_failed_after_storing_its_keys_resumes_on_retry() {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = relay(&tmp.path().join("relay")).await;
+    let a = Store::open(device(tmp.path(), "a").sync(SyncConfig::new(remote(&relay))))
+        .await
+        .unwrap();
+    a.put("before", "written before b joined").await.unwrap();
+    a.sync_now().await.unwrap();
+    let first = a.crypto().create_invite().await.unwrap();
+
+    let plan = Arc::new(FailCommits::default());
+    plan.failing.store(true, Ordering::SeqCst);
+    let b_config = |code: &str| {
+        device(tmp.path(), "b")
+            .invite(code)
+            .dangerous()
+            .faults(Faults::new(plan.clone()))
+            .done()
+    };
+    let err = Store::open(b_config(first.code())).await.unwrap_err();
+    assert!(matches!(err, OpenError::Start(_)), "{err}");
+    assert!(plan.failed.load(Ordering::SeqCst) > 0, "no commit failed");
+    let joined = tokio::time::timeout(SETTLE, a.crypto().invite_used(&first))
+        .await
+        .expect("a granted the first invite")
+        .unwrap();
+
+    plan.failing.store(false, Ordering::SeqCst);
+    let second = a.crypto().create_invite().await.unwrap();
+    let b = Store::open(b_config(second.code()))
+        .await
+        .expect("the retry resumes the join");
+    assert_eq!(b.info().device_id, joined, "the device a made a member");
+    let devices = a.crypto().devices().await.unwrap();
+    assert_eq!(devices.len(), 2, "b is a member once: {devices:?}");
+    until("b reads what a wrote before it joined", async || {
+        let _ = b.sync_now().await;
+        b.get::<String>("before").await.unwrap().as_deref() == Some("written before b joined")
+    })
+    .await;
+    b.put("from-b", "b writes after resuming").await.unwrap();
+    until("a reads what b wrote", async || {
+        let _ = b.sync_now().await;
+        let _ = a.sync_now().await;
+        a.get::<String>("from-b").await.unwrap().is_some()
+    })
+    .await;
+
+    // A store that opened is joined: an invite into it is still refused.
+    b.close().await.unwrap();
+    let err = Store::open(device(tmp.path(), "b").invite(second.code()))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, OpenError::InviteIntoExistingStore { .. }),
+        "{err}"
+    );
+    a.close().await.unwrap();
+    relay.shutdown().await;
+}
+
+/// A database whose writes fail while `failing` is set.
+#[derive(Debug, Clone, Default)]
+struct FailingDisk {
+    bytes: persist::MemoryBackend,
+    failing: Arc<AtomicBool>,
+}
+
+impl FailingDisk {
+    fn check(&self) -> std::io::Result<()> {
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other("injected disk failure"));
+        }
+        Ok(())
+    }
+}
+
+impl persist::Backend for FailingDisk {
+    fn len(&self) -> std::io::Result<u64> {
+        persist::Backend::len(&self.bytes)
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        persist::Backend::read(&self.bytes, offset, out)
+    }
+
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.check()?;
+        persist::Backend::set_len(&self.bytes, len)
+    }
+
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.check()?;
+        persist::Backend::sync_data(&self.bytes)
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.check()?;
+        persist::Backend::write(&self.bytes, offset, data)
+    }
+}
+
+/// Regression: a join whose keyring could not be written after its
+/// device key was stored (the key goes first) left the key behind, and
+/// every retry failed with "a device key already exists". A retry now
+/// seals the keys under the key that join left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_that_failed_after_storing_its_device_key_can_be_retried() {
+    let tmp = tempfile::tempdir().unwrap();
+    let relay = relay(&tmp.path().join("relay")).await;
+    let code = offline_inviter(tmp.path(), &relay).await;
+    let a_config = || device(tmp.path(), "a").sync(SyncConfig::new(remote(&relay)));
+    let disk = FailingDisk::default();
+    let b_config = |code: &str| {
+        device(tmp.path(), "b")
+            .invite(code)
+            .storage_backend(Box::new(disk.clone()))
+    };
+
+    // B waits for A; its disk fails before A answers, so the keyring B is
+    // granted cannot be written.
+    let joining = tokio::spawn(Store::open(b_config(&code)));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!joining.is_finished(), "b cannot join while a is offline");
+    disk.failing.store(true, Ordering::SeqCst);
+    let a = Store::open(a_config()).await.unwrap();
+    let err = joining.await.unwrap().expect_err("b's disk fails");
+    assert!(err.to_string().contains("injected disk failure"), "{err}");
+    assert!(
+        tmp.path().join("b").join("keys").join("k.key").exists(),
+        "the failed join stored its device key first"
+    );
+
+    disk.failing.store(false, Ordering::SeqCst);
+    let invite = a.crypto().create_invite().await.unwrap();
+    let b = Store::open(b_config(invite.code()))
+        .await
+        .expect("the retry joins");
+    until("b reads what a wrote before it joined", async || {
+        let _ = b.sync_now().await;
+        b.get::<String>("before").await.unwrap().as_deref() == Some("written before b joined")
+    })
+    .await;
+    b.close().await.unwrap();
+    // Reopened as it is: its keyring opens with the key it adopted.
+    let b = Store::open(
+        device(tmp.path(), "b")
+            .storage_backend(Box::new(disk.clone()))
+            .sync(SyncConfig::new(remote(&relay))),
+    )
+    .await
+    .expect("b reopens");
+    b.close().await.unwrap();
+    a.close().await.unwrap();
+    relay.shutdown().await;
+}

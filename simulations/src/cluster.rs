@@ -1,7 +1,7 @@
 //! The devices of one simulated store: their clocks, disks and lives.
 //!
 //! Device 0 creates the store; every other device joins from its key
-//! export. Each device has its own skewed view of one simulated wall clock
+//! export or with an invite from it ([`Keys`]). Each device has its own skewed view of one simulated wall clock
 //! ([`SkewedClock`]), its own disk ([`SimDisk`]) and, for each time it boots,
 //! fresh randomness derived from the seed (a rebooted device draws new
 //! nonces, as a real one does). A device can be closed and reopened, crash
@@ -28,6 +28,11 @@ use crate::net::SimNet;
 
 /// The passphrase of every export in a run (the KDF is cheap under test).
 const EXPORT_PASSPHRASE: &str = "simulated export passphrase";
+/// How long, in simulated time, a device joining with an invite waits
+/// for its inviter: long enough for a reconnect or two through the faults
+/// of a run, short enough that a join cut off by a partition fails and is
+/// retried at a later step.
+pub const JOIN_WAIT_MAX: Duration = Duration::from_secs(120);
 /// How long a crashed device waits, in simulated time, for its old
 /// actors to let go of the disk before it gives up.
 const RELEASE_WAIT_MAX: Duration = Duration::from_secs(60);
@@ -238,7 +243,7 @@ impl Cluster {
         match keys {
             Keys::Held => {}
             Keys::Export(export) => config = config.key(export, EXPORT_PASSPHRASE),
-            Keys::Invite(code) => config = config.invite(code),
+            Keys::Invite(code) => config = config.invite(code).invite_timeout(JOIN_WAIT_MAX),
         }
         let config = config
             .dangerous()

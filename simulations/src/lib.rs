@@ -76,6 +76,22 @@
 //! carried no revocations, posting the new keys to the revoked device;
 //! exports carry the revocations now, and the seed is a regression test.
 //!
+//! # Late joins
+//!
+//! In four runs in five the sync workload's last device joins mid-run
+//! rather than at setup ([`sync::JoinPlan`]; `--no-late-joins` turns it
+//! off; the quic profile has none yet, see the README): device 0 makes an invite at a seeded step and the device pairs
+//! with it up to a dozen steps later, device 0 perhaps having rotated or
+//! revoked in between. A join the faults make fail (the inviter
+//! unreachable within two simulated minutes, a fault point) is tried
+//! again later with a new invite, and in the quiet phase with every fault
+//! off it must succeed. Until it joins the device is no member and no
+//! checker counts it; then the end-state checks hold it to the whole
+//! history. Sweeps count `late_join`, `late_join_failed`,
+//! `late_join_behind` (it joined on an older epoch than a member held: a
+//! concurrent rotation whose key must reach it through its mailbox) and `ghost_member` (a member device 0 lists that is no
+//! device: a join that timed out after its inviter granted it).
+//!
 //! # Bugs the simulations found
 //!
 //! - **A sync session wedged after two lost connections** (seed 12 of the
@@ -83,6 +99,21 @@
 //!   was aborted kept a frame permit of a semaphore shared by all of a
 //!   session's connections, so after two no permit was left. Fixed by a
 //!   semaphore per connection.
+//! - **A join that failed after storing its keys could not be retried**
+//!   (seeds 20 and 41, late joins): an injected commit failure on the
+//!   joiner's member entry failed its open after the keyring was stored,
+//!   and every retry was refused as an invite into an existing store (or,
+//!   had the keyring's write failed instead, "a device key already
+//!   exists"). The engine now resumes such a join and adopts such a key.
+//! - **A revoked device's late write stayed under the old epoch** (seed
+//!   14 with `--revocation-races`): written before its revocation, it
+//!   reached the revoker after its rotation pass, and nobody resealed it.
+//!   Ingest now has the Rotator reseal it.
+//! - **A revocation learned before its device was dropped** (seed 236):
+//!   a member away while the late joiner joined and was revoked took the
+//!   revocation's record before the joiner's announcement, ignored it (not
+//!   a member yet), and never knew the joiner as revoked. Keyrings now keep
+//!   revocations of devices not known yet.
 //!
 //! # Example
 //!

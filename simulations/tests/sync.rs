@@ -5,7 +5,7 @@
 use persist_core::env::FaultPoint;
 use persist_sim::checkers;
 use persist_sim::harness::{self, FailureKind, FaultPoints, SimConfig};
-use persist_sim::sync::{SyncFault, SyncRunError};
+use persist_sim::sync::{JoinPlan, SyncFault, SyncOptions, SyncRunError};
 
 /// Steps of the short runs here: enough for every kind of step to occur
 /// on most seeds, few enough for a debug build on two shared cores.
@@ -159,8 +159,10 @@ fn a_sync_that_hangs_with_faults_off_is_caught() {
 #[test]
 fn regression_seed_12_session_wedges_after_two_lost_connections() {
     let config = SimConfig::sync(12)
-        // As when it was found: before the product's fault points.
-        .fault_points(FaultPoints::Off);
+        // As when it was found: before the product's fault points and
+        // late joins.
+        .fault_points(FaultPoints::Off)
+        .late_joins(false);
     harness::run(&config).unwrap_or_else(|f| panic!("{f}"));
 }
 
@@ -184,7 +186,7 @@ fn a_member_taking_a_revoked_devices_later_write_is_caught() {
 /// pushes writes the members refuse, and device 0 switches the relay.
 #[test]
 fn a_revocation_mid_run_replays_and_cuts_the_revoked_device_off() {
-    let c = config(2);
+    let c = config(2).late_joins(false);
     let first = harness::run(&c).unwrap_or_else(|f| panic!("{f}"));
     let again = harness::run(&c).unwrap_or_else(|f| panic!("{f}"));
     assert_eq!(first.trace_hash, again.trace_hash);
@@ -211,8 +213,10 @@ fn a_revocation_mid_run_replays_and_cuts_the_revoked_device_off() {
 fn bug_seed_21_a_reseal_launders_a_revoked_devices_later_write() {
     let config = SimConfig::sync(21)
         .revocation_races(true)
-        // As when it was found: before the product's fault points.
-        .fault_points(FaultPoints::Off);
+        // As when it was found: before the product's fault points and
+        // late joins.
+        .fault_points(FaultPoints::Off)
+        .late_joins(false);
     harness::run(&config).unwrap_or_else(|f| panic!("{f}"));
 }
 
@@ -225,8 +229,10 @@ fn bug_seed_21_a_reseal_launders_a_revoked_devices_later_write() {
 fn bug_seed_19_an_export_import_hands_the_revoked_device_the_new_keys() {
     let config = SimConfig::sync(19)
         .revocation_races(true)
-        // As when it was found: before the product's fault points.
-        .fault_points(FaultPoints::Off);
+        // As when it was found: before the product's fault points and
+        // late joins.
+        .fault_points(FaultPoints::Off)
+        .late_joins(false);
     harness::run(&config).unwrap_or_else(|f| panic!("{f}"));
 }
 
@@ -254,7 +260,9 @@ fn bugs_found_by_fault_points() {
         (33, "commit_fail"),
         (153, "commit_fail"),
     ] {
-        let outcome = harness::run(&SimConfig::sync(seed)).unwrap_or_else(|f| panic!("{f}"));
+        // As when they were found: before late joins.
+        let config = SimConfig::sync(seed).late_joins(false);
+        let outcome = harness::run(&config).unwrap_or_else(|f| panic!("{f}"));
         assert!(
             outcome.faults.get(point).is_some_and(|n| *n > 0),
             "seed {seed} no longer fires {point}, so it no longer covers its bug: {:?}",
@@ -296,4 +304,111 @@ fn the_faults_option_picks_the_fault_points() {
         [FaultPoint::RotationSmallSlice, FaultPoint::RotationPause]
     );
     assert_eq!(fired(FaultPoints::Off), []);
+}
+
+/// In most runs the last device joins by invite mid-run, with an invite
+/// device 0 made some steps before; until then it is no member. Once
+/// joined it must hold the whole history: the end-state checks compare it
+/// with the others and the reference. Without late joins it joins at
+/// setup.
+#[test]
+fn a_device_that_joins_mid_run_reads_the_full_history() {
+    let mut joined = 0;
+    for seed in 41..45 {
+        let c = config(seed);
+        let opts = SyncOptions {
+            seed,
+            devices: c.devices,
+            steps: c.ops,
+            far_skew: false,
+            revocation_races: false,
+            late_joins: true,
+            fault: None,
+        };
+        let Some(plan) = JoinPlan::draw(&opts) else {
+            continue;
+        };
+        assert_eq!(plan.device, c.devices - 1, "the last device joins late");
+        assert!(plan.invite_step <= plan.at_step && plan.at_step < c.ops);
+        let outcome = harness::run(&c).unwrap_or_else(|f| panic!("{f}"));
+        let fired = |kind: &str| outcome.faults.get(kind).copied().unwrap_or_default();
+        assert_eq!(fired("late_join"), 1, "seed {seed}: {:?}", outcome.faults);
+        assert!(outcome.checks.contains_key(checkers::CONVERGENCE));
+        joined += 1;
+
+        let at_setup = harness::run(&c.clone().late_joins(false)).unwrap_or_else(|f| panic!("{f}"));
+        assert!(!at_setup.faults.contains_key("late_join"));
+        assert_ne!(at_setup.trace_hash, outcome.trace_hash);
+    }
+    assert!(joined >= 2, "too few of these seeds join late");
+}
+
+/// Regression (seeds 20 and 41, late joins): the late joiner's open failed
+/// on an injected commit failure after its join had stored the store's
+/// keys (writing its member entry), and every later try was refused: "the
+/// directory already holds a store". The engine now resumes such a join
+/// (targeted test: `engine/tests/pairing.rs`,
+/// `a_join_that_failed_after_storing_its_keys_resumes_on_retry`).
+#[test]
+fn bug_seeds_20_41_a_join_that_failed_after_storing_its_keys_could_not_be_retried() {
+    for seed in [20, 41] {
+        let outcome = harness::run(&SimConfig::sync(seed)).unwrap_or_else(|f| panic!("{f}"));
+        let fired = |kind: &str| outcome.faults.get(kind).copied().unwrap_or_default();
+        assert!(
+            fired("late_join_failed") > 0 && fired("late_join") == 1,
+            "seed {seed} no longer retries its join: {:?}",
+            outcome.faults
+        );
+    }
+}
+
+/// Regression (seed 14, `--revocation-races`, found by late joins): device
+/// 0 revoked the late joiner right after it joined; a write the joiner
+/// signed before its revocation reached device 0 after device 0's
+/// rotation pass had ended, and stayed sealed under the old epoch for
+/// good: a revoked device never reseals, and nothing else did. Ingest now
+/// has the Rotator reseal such a write.
+#[test]
+fn bug_seed_14_a_revoked_devices_late_write_stays_under_the_old_epoch() {
+    let config = SimConfig::sync(14).revocation_races(true);
+    let outcome = harness::run(&config).unwrap_or_else(|f| panic!("{f}"));
+    let fired = |kind: &str| outcome.faults.get(kind).copied().unwrap_or_default();
+    assert!(
+        fired("late_join") == 1 && fired("revocation") == 1,
+        "seed 14 no longer revokes its late joiner: {:?}",
+        outcome.faults
+    );
+}
+
+/// Regression (seed 40 at 120 steps, a bug of the workload): writing the
+/// revocation's record failed after device 0 revoked device 2, and before
+/// the retry wrote it the workload handed device 2 a key export (with the
+/// revocation's key), as if it were still a member.
+#[test]
+fn bug_seed_40_the_workload_gave_keys_to_a_device_revoked_but_unrecorded() {
+    for late_joins in [false, true] {
+        let config = config(40).late_joins(late_joins);
+        harness::run(&config).unwrap_or_else(|f| panic!("{f}"));
+    }
+}
+
+/// Regression (seed 236, late joins; seeds 114 and 136 failed the same
+/// check, device 1 keeping a record under an old epoch, and pass with the
+/// fix): device 1 was partitioned while the late joiner joined and device
+/// 0 revoked it. Back, device 1 took the revocation's record before the
+/// joiner's announcement and dropped it (not a member yet), then took the
+/// announcement: it never knew the joiner as revoked, and kept its
+/// announcement under the old epoch for good. A revocation of a device not
+/// yet known is now kept.
+#[test]
+fn bug_seed_236_a_revocation_learned_before_its_device_is_dropped() {
+    for seed in [236, 114, 136] {
+        let outcome = harness::run(&SimConfig::sync(seed)).unwrap_or_else(|f| panic!("{f}"));
+        let fired = |kind: &str| outcome.faults.get(kind).copied().unwrap_or_default();
+        assert!(
+            fired("late_join") == 1,
+            "seed {seed} no longer joins late: {:?}",
+            outcome.faults
+        );
+    }
 }
