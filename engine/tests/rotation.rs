@@ -356,3 +356,66 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A fault plan that makes every rotation slice one record and stops the
+/// Rotator between every two slices (its supervisor restarts it each
+/// time), counting the stops.
+#[derive(Default)]
+struct StopRotator {
+    stops: std::sync::atomic::AtomicU64,
+}
+
+impl persist::FaultPlan for StopRotator {
+    fn fire(&self, point: persist::FaultPoint) -> Option<u64> {
+        match point {
+            persist::FaultPoint::RotationStop => {
+                self.stops.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Some(0)
+            }
+            persist::FaultPoint::RotationSmallSlice => Some(0),
+            _ => None,
+        }
+    }
+}
+
+/// A Rotator that fails after every slice (its supervisor restarts it
+/// each time, and it resumes from its persisted cursor) still reseals
+/// everything, finishes, and says so: `wait` returns and status reports
+/// no rotation running.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rotation_finishes_when_the_rotator_restarts_after_every_slice() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = std::sync::Arc::new(StopRotator::default());
+    let store = Store::open(
+        config(dir.path())
+            .dangerous()
+            .faults(persist::Faults::new(plan.clone()))
+            .done(),
+    )
+    .await
+    .unwrap();
+    for i in 0..10 {
+        store
+            .put(&format!("r/{i}"), &format!("value {i}"))
+            .await
+            .unwrap();
+    }
+    let rotation = store.crypto().rotate_key().await.unwrap();
+    let done = tokio::time::timeout(std::time::Duration::from_secs(60), rotation.wait())
+        .await
+        .expect("the rotation never reported finishing")
+        .unwrap();
+    assert!(!done.active);
+    assert!(
+        plan.stops.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "the Rotator was never stopped"
+    );
+    let status = store.status().await.unwrap();
+    assert!(!status.rotation.active, "{:?}", status.rotation);
+    assert_eq!(epochs(&status)[&1], ("retired", 0));
+    for i in 0..10 {
+        let v: Option<String> = store.get(&format!("r/{i}")).await.unwrap();
+        assert_eq!(v.as_deref(), Some(format!("value {i}").as_str()));
+    }
+    store.close().await.unwrap();
+}
