@@ -15,6 +15,10 @@ pub const KEYRING: &str = "keyring";
 pub const EPOCH_ACKS: &str = "epoch_acks";
 /// This device's name (UTF-8).
 pub const NAME: &str = "name";
+/// Where a join by invite paired: the relay address (UTF-8), then the
+/// certificate pin's 32 bytes if the invite had one. Resuming a join that
+/// did not finish takes only an invite naming the same.
+pub const JOINED_VIA: &str = "joined_via";
 /// The Sealer's HLC high-water mark.
 pub const HLC: &str = "hlc";
 /// The Sealer's last sequence number.

@@ -373,6 +373,7 @@ fn open_exit(error: &OpenError) -> Exit {
         // already holds a store, or for another relay than the one given.
         | OpenError::Invite(_)
         | OpenError::InviteIntoExistingStore { .. }
+        | OpenError::ResumeThroughOtherRelay { .. }
         | OpenError::InviteForOtherRelay { .. }
         | OpenError::InviteNeedsTrust { .. } => Exit::Usage,
         OpenError::Join(e) => join_exit(e),

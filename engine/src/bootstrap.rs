@@ -43,6 +43,8 @@ pub(crate) struct Joined {
     pub(crate) identity: DeviceIdentity,
     pub(crate) keys: ExportedKeys,
     pub(crate) members: Vec<Member>,
+    /// The invite's relay and pin ([`meta::JOINED_VIA`]).
+    pub(crate) via: Vec<u8>,
 }
 
 /// What an open store starts from.
@@ -291,7 +293,7 @@ fn create(
     } else {
         KekChoice::New
     };
-    let boot = seal_and_write(db, cfg, &ring, kek, &mut rng)?;
+    let boot = seal_and_write(db, cfg, &ring, kek, None, &mut rng)?;
     if imported {
         tracing::info!(store = %ring.store_id, device = %device_id,
             "joined a store from a key export; its records arrive with sync");
@@ -320,26 +322,32 @@ pub(crate) fn stored_store(
     Ok(Some(StoreId(id)))
 }
 
-/// Whether `db` holds a store this device joined (by invite or export)
-/// whose first open stopped before it wrote this device's member
-/// announcement: the keys are stored and this device's key opens them,
-/// but the store never came up. Such a join is resumed by opening the
-/// store; anything else the directory holds is left to its error.
-pub(crate) fn unfinished_join(db: &LocalDb, cfg: &BootConfig) -> Result<bool, OpenError> {
+/// Where `db`'s store was joined by invite ([`meta::JOINED_VIA`]), if it
+/// is a join whose first open stopped before it wrote this device's member
+/// announcement: the keys are stored and this device's key opens them, but
+/// the store never came up. Such a join is resumed by opening the store
+/// (with an invite naming the same relay); anything else the directory
+/// holds is left to its error.
+pub(crate) fn unfinished_join(
+    db: &LocalDb,
+    cfg: &BootConfig,
+) -> Result<Option<Vec<u8>>, OpenError> {
     let Some(found) = read_existing(db, cfg)? else {
-        return Ok(false);
+        return Ok(None);
+    };
+    let txn = db.begin_read().map_err(storage(cfg))?;
+    let Some(via) = txn.meta(meta::JOINED_VIA).map_err(storage(cfg))? else {
+        return Ok(None);
     };
     if !found.encrypted {
-        return Ok(false);
+        return Ok(None);
     }
-    let Ok((ring, _, _)) = open_keyring(cfg, &found) else {
-        return Ok(false);
-    };
+    let (ring, _, _) = open_keyring(cfg, &found)?;
     // A device announces itself at every open until the announcement is
     // stored, and nothing else writes at its path.
     let locator = KeySet::from_keyring(&ring).locator(&membership::member_path(&found.device_id));
-    let txn = db.begin_read().map_err(storage(cfg))?;
-    Ok(txn.record(&locator).map_err(storage(cfg))?.is_none())
+    let announced = txn.record(&locator).map_err(storage(cfg))?.is_some();
+    Ok((!announced).then_some(via))
 }
 
 /// A new store joined with an invite: this device's identity, the
@@ -373,7 +381,8 @@ fn create_joined(
     for member in joined.members {
         ring.add_member(member);
     }
-    let boot = seal_and_write(db, cfg, &ring, KekChoice::AdoptLeftover, &mut rng)?;
+    let via = Some(joined.via.as_slice());
+    let boot = seal_and_write(db, cfg, &ring, KekChoice::AdoptLeftover, via, &mut rng)?;
     tracing::info!(store = %ring.store_id, device = %ring.device_id(),
         "joined a store with an invite; its records arrive with sync");
     Ok(boot)
@@ -410,7 +419,7 @@ fn rekey(
         may_create: false,
         joined: None,
     };
-    let boot = seal_and_write(db, &cfg_named, &ring, KekChoice::New, &mut rng)?;
+    let boot = seal_and_write(db, &cfg_named, &ring, KekChoice::New, None, &mut rng)?;
     tracing::info!(store = %ring.store_id, device = %ring.device_id(),
         "opened a copied store with imported keys under a new device identity");
     Ok(boot)
@@ -431,7 +440,8 @@ enum KekChoice {
 }
 
 /// Makes a KEK (or, see [`KekChoice`], takes the one an unfinished join
-/// left), seals `ring` under it, and writes the identity and keyring.
+/// left), seals `ring` under it, and writes the identity and keyring (and
+/// for a join by invite, where it paired: `joined_via`).
 /// The KEK is stored first, so a failure leaves at most a key that a retry
 /// of a join adopts.
 fn seal_and_write(
@@ -439,6 +449,7 @@ fn seal_and_write(
     cfg: &BootConfig,
     ring: &Keyring,
     choice: KekChoice,
+    joined_via: Option<&[u8]>,
     rng: &mut persist_core::env::RngStream,
 ) -> Result<Boot, OpenError> {
     let account = ring.store_id.to_string();
@@ -457,6 +468,9 @@ fn seal_and_write(
         .map_err(storage(cfg))?;
     write_identity(&mut txn, ring.store_id, ring.device_id(), true, &cfg.name)
         .map_err(storage(cfg))?;
+    if let Some(via) = joined_via {
+        txn.set_meta(meta::JOINED_VIA, via).map_err(storage(cfg))?;
+    }
     txn.commit().map_err(storage(cfg))?;
     Ok(Boot {
         keys: KeySet::from_keyring(ring),

@@ -182,6 +182,19 @@ pub enum OpenError {
         /// The store of the invite.
         invite_store: persist_core::StoreId,
     },
+    /// The directory holds a join by invite that did not finish, made
+    /// through another relay (or certificate) than this invite names.
+    #[error(
+        "{path} holds a join of this invite's store that did not finish, made through another \
+         relay or certificate than {relay}: retry with an invite from the same relay, or remove \
+         the directory to pair again; nothing was changed"
+    )]
+    ResumeThroughOtherRelay {
+        /// The store directory.
+        path: PathBuf,
+        /// The relay the invite names.
+        relay: String,
+    },
     /// The invite names another relay than the one [`Config::sync`](crate::Config::sync) gives.
     #[error(
         "the invite is for the relay {invite}, but this store is set to sync with {configured}: \

@@ -1191,7 +1191,21 @@ async fn join(
     timeout: Duration,
 ) -> Result<Option<Joined>, OpenError> {
     if let Some(store) = stored_store(db, &cfg.path)? {
-        if store == invite.store_id && unfinished_join(db, cfg)? {
+        let unfinished = if store == invite.store_id {
+            unfinished_join(db, cfg)?
+        } else {
+            None
+        };
+        if let Some(via) = unfinished {
+            // Resuming sends this device's relay credential wherever the
+            // invite points: only where the first attempt paired, or a
+            // made-up invite with this store's (public) id would get it.
+            if via != joined_via(invite) {
+                return Err(OpenError::ResumeThroughOtherRelay {
+                    path: cfg.path.clone(),
+                    relay: invite.relay.clone(),
+                });
+            }
             // The inviter of that earlier join made this device a member
             // before it granted the keys stored here: pairing again would
             // only make a second member, and this invite stays unused.
@@ -1223,7 +1237,16 @@ async fn join(
         identity,
         keys: grant.keys,
         members: grant.members,
+        via: joined_via(invite),
     }))
+}
+
+/// What a join by `invite` records of where it paired
+/// ([`persist_actors::meta::JOINED_VIA`]): its relay address, then its pin.
+fn joined_via(invite: &Invite) -> Vec<u8> {
+    let mut via = invite.relay.as_bytes().to_vec();
+    via.extend(invite.pin.iter().flatten());
+    via
 }
 
 /// Waits, at most [`DB_RELEASE_WAIT_MAX`], until `db` is the last handle

@@ -928,6 +928,16 @@ async fn a_join_that_failed_after_storing_its_keys_resumes_on_retry() {
 
     plan.failing.store(false, Ordering::SeqCst);
     let second = a.crypto().create_invite().await.unwrap();
+    // A made-up invite for the same (public) store id through another
+    // relay must not resume: resuming syncs, and would hand that relay
+    // this device's credential.
+    let mut forged = persist_core::invite::Invite::decode(second.code()).unwrap();
+    forged.relay = "quic://127.0.0.1:9".into();
+    let err = Store::open(b_config(&forged.encode())).await.unwrap_err();
+    assert!(
+        matches!(err, OpenError::ResumeThroughOtherRelay { .. }),
+        "{err}"
+    );
     let b = Store::open(b_config(second.code()))
         .await
         .expect("the retry resumes the join");
