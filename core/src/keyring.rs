@@ -376,7 +376,8 @@ pub struct Keyring {
     pub members: Vec<Member>,
     /// Invites this device made that have not expired.
     pub invites: Vec<OpenInvite>,
-    /// Members revoked, in the order this device learned of them.
+    /// Devices revoked (members, or devices this one has not met yet), in
+    /// the order this device learned of them.
     pub revoked: Vec<Revocation>,
 }
 
@@ -740,8 +741,32 @@ impl Keyring {
     /// revoked while another member was partitioned, whose announcement
     /// that member then kept under the old epoch, and whose revocation it
     /// never learned).
+    ///
+    /// Made-up revocations of devices nobody knows must not crowd out a
+    /// member's: at the cap, a member's revocation takes the place of one
+    /// of a device that is not a member, and one of a device that is not a
+    /// member takes no place.
     pub fn learn_revocations(&mut self, learned: &[Revocation]) -> Vec<Revocation> {
-        self.adopt_revocations(learned)
+        let mut added = Vec::new();
+        for r in learned {
+            if self.revocation(&r.device_id).is_some() {
+                continue;
+            }
+            if self.revoked.len() >= REVOCATIONS_MAX {
+                let is_member = |id: &DeviceId| self.members.iter().any(|m| m.device_id == *id);
+                if !is_member(&r.device_id) {
+                    continue;
+                }
+                let Some(stranger) = self.revoked.iter().position(|x| !is_member(&x.device_id))
+                else {
+                    continue;
+                };
+                self.revoked.remove(stranger);
+            }
+            self.revoked.push(*r);
+            added.push(*r);
+        }
+        added
     }
 
     /// Keeps `invite` open, after dropping those expired at `now_ms`.
@@ -1392,6 +1417,28 @@ mod tests {
         third.add_member(other.clone());
         assert!(third.learn_revocations(&[revocation]).is_empty());
         assert_eq!(third.revocation(&other.device_id), Some(&revocation));
+
+        // At the cap, revocations of strangers give way to a member's, and
+        // take no place themselves.
+        let mut full = ring(4);
+        let stranger = |i: usize| {
+            let mut id = [0xee; 16];
+            id[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            Revocation {
+                device_id: DeviceId(id),
+                ..revocation
+            }
+        };
+        let strangers: Vec<Revocation> = (0..REVOCATIONS_MAX).map(stranger).collect();
+        assert_eq!(full.learn_revocations(&strangers).len(), REVOCATIONS_MAX);
+        assert!(
+            full.learn_revocations(&[stranger(REVOCATIONS_MAX)])
+                .is_empty()
+        );
+        full.add_member(other.clone());
+        assert_eq!(full.learn_revocations(&[revocation]), [revocation]);
+        assert_eq!(full.revoked.len(), REVOCATIONS_MAX);
+        assert_eq!(full.revocation(&other.device_id), Some(&revocation));
     }
 
     #[test]
