@@ -719,7 +719,8 @@ enum Decision {
         revocation: Option<Revocation>,
     },
     /// Held: it may apply later. `verified`: a known member's signature
-    /// on it checked (or the store does not sign).
+    /// on it checked, or it opened under a key held here (or the store
+    /// does not sign): a relay did not make it.
     Defer {
         reason: PendingReason,
         verified: bool,
@@ -796,9 +797,14 @@ fn decide(
     // remote (see `restate_overtaken`); only one whose signature verified
     // under a member's key counts, or a remote could forge them at will.
     let overtaker = |refusal| Decision::Overtaker(refusal, precedence);
-    // Past the check above, a known signer's signature verified.
+    // Past the check above, a known signer's signature verified; an
+    // envelope that opens under a key held here is a key holder's too.
     let verified = !encrypted || signer_key.is_some();
     let defer = |reason| Decision::Defer { reason, verified };
+    let defer_opened = |reason| Decision::Defer {
+        reason,
+        verified: true,
+    };
     if known
         .revoked
         .get(&header.signer)
@@ -826,9 +832,6 @@ fn decide(
     if encrypted && !keys.has_epoch(header.epoch) {
         return defer(PendingReason::UnknownEpoch(header.epoch));
     }
-    if header.version.hlc.ms > now_ms.saturating_add(max_drift_ms) {
-        return defer(PendingReason::FromTheFuture);
-    }
     let opened = match checked.opened {
         Some(opened) => opened,
         None => keys.open(&item.locator, &item.envelope),
@@ -850,6 +853,11 @@ fn decide(
         }
         Err(OpenRecordError::Envelope(e)) => return refuse(integrity(e)),
     };
+    // Checked once opened, so that what is held for its stamp is known to
+    // be a key holder's, whoever signed it.
+    if header.version.hlc.ms > now_ms.saturating_add(max_drift_ms) {
+        return defer_opened(PendingReason::FromTheFuture);
+    }
     let member = if !encrypted {
         None
     } else if signer_key.is_none() {
@@ -863,7 +871,7 @@ fn decide(
                 }
                 Some(Box::new(member))
             }
-            Err(_) => return defer(PendingReason::UnknownSigner(header.signer)),
+            Err(_) => return defer_opened(PendingReason::UnknownSigner(header.signer)),
         }
     } else {
         match membership::announced_member(&record) {

@@ -201,10 +201,10 @@ pub enum Park {
     /// Keep `envelope` pending at `locator`, unless the stored record there
     /// or a verified envelope pending there has an equal or higher
     /// precedence. A `verified` envelope replaces the ones pending there
-    /// that it outranks; one whose signature could not be checked yet (its
-    /// signer is not known here) is kept beside them, replacing only older
-    /// unverified ones claiming the same signer: it may be a forgery, and
-    /// must not displace a genuine one.
+    /// that it outranks; one that could not be checked yet (its signer is
+    /// not known here and its epoch key is not held) is kept beside them
+    /// and replaces nothing: it may be a forgery, and must not displace a
+    /// genuine one.
     Keep {
         /// Where it belongs.
         locator: Locator,
@@ -212,8 +212,8 @@ pub enum Park {
         precedence: Precedence,
         /// The envelope.
         envelope: Vec<u8>,
-        /// Whether a known member's signature on it was checked (or the
-        /// store does not sign).
+        /// Whether a known member's signature on it was checked, or it
+        /// opened under a key held here (or the store does not sign).
         verified: bool,
     },
     /// The pending envelope `held` was applied (or refused for good): drop
@@ -578,17 +578,13 @@ fn apply_park(txn: &mut persist_storage::WriteTxn, park: Park) -> Result<(), Wri
             if covered {
                 return Ok(());
             }
-            // What this one replaces: if verified, whatever it outranks; if
-            // not, only what it outranks among the unverified envelopes
-            // claiming the same signer (the versions of one not yet known
-            // member's writes, so they do not pile up).
-            let signer = |bytes: &[u8]| Envelope::parse(bytes).ok().map(|e| e.header.signer);
-            let own_signer = signer(&envelope);
-            for p in &parked {
-                let replaced = (verified || (!p.verified && signer(&p.envelope) == own_signer))
-                    && precedence_of(p).map_or(true, |other| lww::wins(precedence, other));
-                if replaced {
-                    txn.unpark(&p.held)?;
+            // A verified one replaces what it outranks. An unverified one
+            // replaces nothing: it may be a forgery.
+            if verified {
+                for p in &parked {
+                    if precedence_of(p).map_or(true, |other| lww::wins(precedence, other)) {
+                        txn.unpark(&p.held)?;
+                    }
                 }
             }
             txn.park(&locator, &envelope, verified)?;

@@ -317,9 +317,10 @@ fn held(f: &Fixture) -> Vec<Vec<u8>> {
     page.into_iter().map(|p| p.envelope).collect()
 }
 
-/// An envelope held unverified (its signer not known yet) may be a relay's
-/// forgery: it must not keep out the genuine one, whatever its precedence
-/// and whichever comes first. A verified one replaces what it outranks.
+/// An envelope held unverified (its signer not known yet, its epoch key
+/// not held) may be a relay's forgery: it must not keep out or replace the
+/// genuine one, whatever its precedence and whichever comes first. A
+/// verified one replaces what it outranks.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_unverified_held_envelope_never_displaces_a_verified_one() {
     let f = fixture().await;
@@ -345,17 +346,19 @@ async fn an_unverified_held_envelope_never_displaces_a_verified_one() {
         .unwrap();
     park(&f, vec![keep(&genuine, true)]).await.unwrap().unwrap();
     let now = held(&f);
-    // The later forgery replaced the earlier one (both unverified, claiming
-    // the same signer); the genuine one is held beside it.
-    assert_eq!(now.len(), 2, "{now:?}");
-    assert!(now.contains(&genuine.row.envelope) && now.contains(&forged[1]));
+    // Unverified ones replace nothing, not even each other.
+    assert_eq!(now.len(), 3, "{now:?}");
+    assert!(now.contains(&genuine.row.envelope));
 
-    // Released by bytes: dropping the forgery leaves the genuine one.
+    // Released by bytes: dropping the forgeries leaves the genuine one.
     park(
         &f,
-        vec![Park::Release {
-            held: Held::of(&genuine.locator, &forged[1]),
-        }],
+        forged
+            .iter()
+            .map(|bytes| Park::Release {
+                held: Held::of(&genuine.locator, bytes),
+            })
+            .collect(),
     )
     .await
     .unwrap()

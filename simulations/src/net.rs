@@ -23,13 +23,13 @@
 //!
 //! # A forging relay
 //! In half the runs (drawn from the seed, on its own stream) the relay
-//! also forges while the run's faults are on: in front of a seeded share
-//! of the entries it serves, it puts one it made up for the same locator
-//! and sequence number — the genuine envelope with one bit flipped
+//! also forges while the run's faults are on: in front of or right after a
+//! seeded share of the entries it serves, it puts one it made up for the
+//! same locator and sequence number — the genuine envelope with one bit flipped
 //! (header, ciphertext, tag or signature alike), cut short, another
 //! locator's envelope moved here, or an older envelope of this locator
-//! replayed. Genuine entries always follow, so a device that refuses every
-//! forgery still converges. The forgeries (all but replays, which are
+//! replayed. The genuine entries are all served too, so a device that
+//! refuses every forgery still converges. The forgeries (all but replays, which are
 //! genuine bytes that last-write-wins must order) are kept for the
 //! `tampered_never_applied` checker, which looks for them among every
 //! device's stored and held rows at the end.
@@ -198,7 +198,7 @@ impl Forger {
     fn new(seed: u64) -> Self {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         rng.set_stream(FORGER_STREAM);
-        let percent = if rng.next_u32() % 2 == 0 {
+        let percent = if rng.next_u32().is_multiple_of(2) {
             5 + rng.next_u32() % 21
         } else {
             0
@@ -218,7 +218,7 @@ impl Forger {
         (self.rng.next_u64() % n.max(1) as u64) as usize
     }
 
-    /// `entries` with forgeries put in front of some, as served now.
+    /// `entries` with forgeries put beside some, as served now.
     fn serve(&mut self, entries: Vec<LogEntry>) -> Vec<LogEntry> {
         let on = self.active && self.percent > 0;
         let mut out = Vec::with_capacity(entries.len());
@@ -228,9 +228,22 @@ impl Forger {
                     let j = (i + 1 + self.below(entries.len() - 1)) % entries.len();
                     &entries[j].envelope
                 });
+                // In front of the genuine entry or right after it: a
+                // forgery must neither keep it out nor replace it.
+                let after = self.rng.next_u32().is_multiple_of(2);
                 if let Some(forgery) = self.forge(entry, other) {
-                    out.push(forgery);
+                    if after {
+                        out.push(entry.clone());
+                        out.push(forgery);
+                    } else {
+                        out.push(forgery);
+                        out.push(entry.clone());
+                    }
+                } else {
+                    out.push(entry.clone());
                 }
+            } else {
+                out.push(entry.clone());
             }
             let kept = self.served.entry(entry.locator).or_default();
             if kept.last() != Some(&entry.envelope) {
@@ -239,7 +252,6 @@ impl Forger {
                     kept.remove(0);
                 }
             }
-            out.push(entry.clone());
         }
         out
     }

@@ -116,10 +116,11 @@ const INVITE_AGE_STEPS_MAX: u64 = 12;
 const QUIESCE_ROUNDS_MAX: usize = 12;
 /// Genuine held envelopes a device may have. Per locator (a path, a
 /// device's announcement, a revocation's record) one verified envelope (it
-/// replaces those it outranks and keeps out those it does not), and one
-/// per signer it does not know yet (at most every other device), whose
-/// envelopes it cannot verify. A forgery whose signer no member knows may
-/// be held besides (see [`crate::net::SimNet::forged_signers`]).
+/// replaces those it outranks and keeps out those it does not), and some
+/// it cannot check yet (from a signer it does not know, under a key it
+/// lacks), which replace nothing: as many as there are devices besides.
+/// A forgery whose signer no member knows may be held besides (see
+/// [`crate::net::SimNet::forged_signers`]).
 fn held_bound(devices: usize, revocations: usize) -> u64 {
     ((SYNC_PATHS.len() + devices + revocations) * devices) as u64
 }
