@@ -179,14 +179,7 @@ fn an_invite_pairs_a_new_device_which_then_syncs_both_ways() {
 
     // The code works once: a third device is turned away, by A itself
     // (online through `sync --watch`), and nothing is left behind.
-    let mut watch = a.spawn("sync", &["--watch"]);
-    let watch_lines = lines(&mut watch);
-    assert!(
-        watch_lines
-            .recv_timeout(SETTLE)
-            .unwrap()
-            .starts_with("pushed ")
-    );
+    let (watch, _lines) = online(&a);
     let c = Sandbox::new();
     let out = accept(&c, &code, &["--timeout", "2m"]).expect(USAGE);
     assert!(out.stderr.contains("already used"), "{out:#?}");
@@ -235,14 +228,7 @@ fn an_invite_made_without_waiting_is_answered_by_a_later_sync_watch() {
     assert!(!out.stderr.contains(code), "{out:#?}");
 
     // A sync --watch on the inviter answers it.
-    let mut watch = a.spawn("sync", &["--watch"]);
-    let watch_lines = lines(&mut watch);
-    assert!(
-        watch_lines
-            .recv_timeout(SETTLE)
-            .unwrap()
-            .starts_with("pushed ")
-    );
+    let (watch, _lines) = online(&a);
     accept(&b, code, &["--name", "tablet"]).expect(OK);
     interrupt(&watch);
     let (code_watch, stderr) = finished(watch);
@@ -512,14 +498,7 @@ fn invite_accept_completes_a_join_that_failed_after_storing_its_keys() {
         let out = a.run("invite create", &["--no-wait", "--json"]).expect(OK);
         codes.push(out.json()["code"].as_str().unwrap().to_owned());
     }
-    let mut watch = a.spawn("sync", &["--watch"]);
-    let watch_lines = lines(&mut watch);
-    assert!(
-        watch_lines
-            .recv_timeout(SETTLE)
-            .unwrap()
-            .starts_with("pushed ")
-    );
+    let (watch, _lines) = online(&a);
 
     let b = Sandbox::new();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -555,4 +534,19 @@ fn invite_accept_completes_a_join_that_failed_after_storing_its_keys() {
     assert_eq!(code_watch, OK, "{stderr}");
     let list = a.run("device list", &[]).expect(OK).stdout;
     assert_eq!(list.lines().count(), 2, "b is a member once: {list}");
+}
+
+/// Keeps `device` online to answer invites (`sync --watch`), once its
+/// first round has pushed; interrupt the child to stop it. Its output
+/// goes on arriving on the receiver, which must live as long.
+fn online(device: &Sandbox) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
+    let mut watch = device.spawn("sync", &["--watch"]);
+    let watch_lines = lines(&mut watch);
+    assert!(
+        watch_lines
+            .recv_timeout(SETTLE)
+            .unwrap()
+            .starts_with("pushed ")
+    );
+    (watch, watch_lines)
 }
