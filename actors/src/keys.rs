@@ -180,6 +180,17 @@ impl KeySet {
             .map_or(0, |c| c.epochs.values().map(Vec::len).sum())
     }
 
+    /// Keys held beyond one per epoch: those of concurrent rotations to an
+    /// epoch number this device also holds a key of.
+    pub fn concurrent_key_count(&self) -> usize {
+        self.crypto.as_ref().map_or(0, |c| {
+            c.epochs
+                .values()
+                .map(|keys| keys.len().saturating_sub(1))
+                .sum()
+        })
+    }
+
     /// The epoch new writes are sealed under (0 for plain stores).
     pub fn current_epoch(&self) -> Epoch {
         self.crypto.as_ref().map_or(Epoch(0), |c| c.current)

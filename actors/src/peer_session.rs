@@ -325,6 +325,9 @@ pub struct SessionState {
     /// and the wall-clock time then.
     retried_with: (usize, usize),
     retried_at_ms: u64,
+    /// Concurrent rotations' keys held when this session last looked (see
+    /// [`SessionState::retry_pending`]).
+    concurrent_keys: usize,
     forwarder: Option<tokio::task::JoinHandle<()>>,
     /// The connection attempt in progress, if any.
     connecting: Option<tokio::task::JoinHandle<()>>,
@@ -366,6 +369,7 @@ impl Actor for PeerSession {
             }
         });
         myself.cast(PeerMsg::Connect)?;
+        let concurrent_keys = args.keys.current().concurrent_key_count();
         Ok(SessionState {
             args,
             rng,
@@ -386,6 +390,7 @@ impl Actor for PeerSession {
             waiters: Vec::new(),
             retried_with: (0, 0),
             retried_at_ms: 0,
+            concurrent_keys,
             forwarder: Some(forwarder),
             connecting: None,
         })
@@ -979,8 +984,28 @@ impl SessionState {
 
     /// Re-examines pending envelopes if keys or members changed since the
     /// last look, or [`PENDING_RETRY_INTERVAL_MS`] passed.
+    ///
+    /// A concurrent rotation's key that arrived since the last look also
+    /// starts the log over: an envelope from a signer this device did not
+    /// know yet that no key held here opened was refused, and may be under
+    /// that key. A new member's announcement sealed under its own
+    /// concurrent key is one, and without it this device would never learn
+    /// the member (simulation seed 56, a late joiner rotating at the same
+    /// time as another member).
     async fn retry_pending(&mut self) -> Result<(), String> {
         let keys = self.args.keys.current();
+        let concurrent = keys.concurrent_key_count();
+        if concurrent > self.concurrent_keys && self.committing.is_none() && !self.pull_inflight {
+            self.concurrent_keys = concurrent;
+            if self.pull_cursor > 0 {
+                tracing::info!(
+                    from = self.pull_cursor,
+                    "sync: a concurrent rotation's key arrived; pulling the whole log again \
+                     for envelopes no key here opened before"
+                );
+                self.pull_cursor = 0;
+            }
+        }
         let known = (keys.members.len(), keys.key_count());
         let now = self.args.clock.now_ms();
         let due = now >= self.retried_at_ms.saturating_add(PENDING_RETRY_INTERVAL_MS);

@@ -412,3 +412,17 @@ fn bug_seed_236_a_revocation_learned_before_its_device_is_dropped() {
         );
     }
 }
+
+/// Regression (seed 56): the late joiner and another member rotated to
+/// epoch 2 at once, each under its own key. Device 1 refused the joiner's
+/// envelopes, its announcement among them, since no key it held opened
+/// them and it did not know the signer; when the joiner's key reached it
+/// later, nothing brought those envelopes back, so it never learned the
+/// member and held the joiner's later writes for good. A concurrent
+/// rotation's key now makes a device pull the whole log again.
+#[test]
+fn bug_seed_56_an_announcement_under_a_concurrent_key_is_pulled_again() {
+    let outcome = harness::run(&SimConfig::sync(56)).unwrap_or_else(|f| panic!("{f}"));
+    let fired = |kind: &str| outcome.faults.get(kind).copied().unwrap_or_default();
+    assert_eq!(fired("late_join"), 1, "{:?}", outcome.faults);
+}
