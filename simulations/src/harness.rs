@@ -565,7 +565,7 @@ async fn run_sync_on(
     let closed = cluster.close_all().await;
     let mut summary = outcome.map_err(FailureKind::Sync)?;
     closed.map_err(FailureKind::Close)?;
-    sync::check_closed(&cluster, &mut summary).map_err(FailureKind::Sync)?;
+    sync::check_closed(&workload, &cluster, &mut summary).map_err(FailureKind::Sync)?;
     Ok(summary)
 }
 
