@@ -537,8 +537,11 @@ async fn run_sync_on(
         revocation_races: config.revocation_races,
         // Not over QUIC yet: with them on there, a run whose join timed
         // out dialling a relay that was down (`--net quic --seed 1 --steps
-        // 60`, three runs, three trace hashes) replays differently, from
-        // a source of nondeterminism not found yet.
+        // 60`, three runs, three trace hashes) replays differently. Tasks
+        // waiting on one tokio `watch` wake in an order tokio's own RNG
+        // picks, seeded from the OS unless the runtime gets `rng_seed`
+        // (`--cfg tokio_unstable`): the relay sessions then pull, and the
+        // network draws, in another order.
         late_joins: config.late_joins && config.net == NetProfile::Memory,
         fault: config.sync_fault,
     };
